@@ -1,0 +1,70 @@
+"""Layers shared by every model family: norms, timestep embedding, rotary embedding, attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim with a learned scale; statistics in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
+def timestep_embedding(sigma: torch.Tensor, dim: int = 256, factor: float = 1000.0, max_period: float = 10000.0):
+    """Sinusoidal embedding of sigma in [0, 1], cosine half first, float32: `[B] -> [B, dim]`."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+    args = (factor * sigma.float())[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """`linear_2(silu(linear_1(x)))`, the diffusers `TimestepEmbedding` layout."""
+
+    def __init__(self, in_dim: int, dim: int, bias: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim, bias=bias)
+        self.linear_2 = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def rope_frequencies(positions: torch.Tensor, axes_dims: tuple[int, ...], theta: float = 10000.0) -> torch.Tensor:
+    """Rotary table for integer positions `[S, n_axes]` -> complex64 `[S, sum(axes_dims) // 2]`.
+
+    Axis i uses `axes_dims[i] // 2` frequencies `theta ** (-2k / dim)`; pairs are interleaved (2k, 2k+1) in the head.
+    """
+    parts = []
+    for axis, dim in enumerate(axes_dims):
+        inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float32).div(dim))
+        angles = positions[:, axis].float()[:, None] * inv[None].to(positions.device)
+        parts.append(torch.polar(torch.ones_like(angles), angles))
+    return torch.cat(parts, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of `x` `[B, S, H, D]` by complex `freqs` `[S, D/2]`, in float32."""
+    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs[:, None, :]
+    return torch.view_as_real(rotated).flatten(3).type_as(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention on `[B, S, H, D]` tensors; `mask` is boolean (True = may attend)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
