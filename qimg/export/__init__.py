@@ -1,0 +1,5 @@
+"""Output writers: PNG with parameters, and layer stacks (PSD, OpenRaster, PPTX, ZIP)."""
+
+from qimg.export.layers import composite, export_layers, read_layers
+
+__all__ = ["composite", "export_layers", "read_layers"]
