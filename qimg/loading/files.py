@@ -1,0 +1,119 @@
+"""Find a model folder (a path or a repo id in the local Hugging Face cache) and read its JSON files.
+
+qimg never downloads anything: a repo id is only looked up in the local cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import qimg
+from qimg.errors import CheckpointError
+
+MODEL_INDEX = "model_index.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def default_model_path() -> Path:
+    """Where the embedded tiny model lives inside the package."""
+    return Path(qimg.__file__).parent / "tiny" / "weights" / "qimg-tiny"
+
+
+def hf_cache_dir() -> Path:
+    """The local HF hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """Return the folder holding `model_index.json` for a folder path, a cached repo id, or None (embedded tiny model)."""
+    if model is None:
+        folder = default_model_path()
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"the embedded tiny model is not present at {folder}; pass a model folder or a cached repo id"
+            )
+        return _check_folder(folder)
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"model path is not a folder: {path}")
+        return _check_folder(path)
+    if isinstance(model, str) and _REPO_ID.match(text):
+        found = _from_hf_cache(text)
+        if found is not None:
+            return found
+        cache = hf_cache_dir()
+        raise CheckpointError(
+            f"model {text!r} is neither a folder nor a repo id in the local Hugging Face cache "
+            f"(searched {cache / _repo_folder_name(text)}; cache dirs: $HF_HUB_CACHE, else $HF_HOME/hub, "
+            f"else ~/.cache/huggingface/hub). qimg never downloads: fetch it first, e.g. "
+            f"`huggingface-cli download {text}`, or pass the path of a diffusers-layout folder containing {MODEL_INDEX}"
+        )
+    raise CheckpointError(f"model folder not found: {path.absolute()}")
+
+
+def _check_folder(folder: Path) -> Path:
+    if not (folder / MODEL_INDEX).is_file():
+        raise CheckpointError(f"not a diffusers-layout model folder: {folder / MODEL_INDEX} is missing")
+    return folder
+
+
+def _repo_folder_name(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def _from_hf_cache(repo_id: str) -> Path | None:
+    repo = hf_cache_dir() / _repo_folder_name(repo_id)
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    snapshot = None
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        candidate = snapshots / ref.read_text().strip()
+        if candidate.is_dir():
+            snapshot = candidate
+    if snapshot is None:
+        candidates = [p for p in snapshots.iterdir() if p.is_dir()]
+        if not candidates:
+            return None
+        snapshot = max(candidates, key=lambda p: p.stat().st_mtime)
+    if not (snapshot / MODEL_INDEX).is_file():
+        raise CheckpointError(
+            f"cached snapshot of {repo_id!r} is incomplete: {snapshot / MODEL_INDEX} is missing "
+            f"(finish the download or pass a model folder)"
+        )
+    return snapshot
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object from `path`; CheckpointError names the file and, for bad JSON, the position."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"invalid JSON in {path} at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_model_index(folder: str | os.PathLike) -> dict:
+    """Read `model_index.json` of a diffusers-layout folder."""
+    return read_json(Path(folder) / MODEL_INDEX)
