@@ -66,6 +66,9 @@ class Qwen3VLConditioner:
     @classmethod
     def load(cls, folder: Path, *, dtype: torch.dtype, device) -> "Qwen3VLConditioner":
         from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         for sub in ("text_encoder", "processor"):
             if not (folder / sub).is_dir():
