@@ -1,0 +1,492 @@
+"""Train qimg-tiny (the Qwen-Image 2.x architecture at a tiny config) from scratch on CPU on the synthetic world.
+
+Stages, each resumable from `WORK/state-<stage>.pt`:
+  vae     the 2.x VAE on 64x64 crops of world renders (RGBA), reconstruction loss;
+  latents latent statistics (written into the VAE config) and a cached pool of scenes and edit pairs;
+  dit     the transformer and the Qwen3-VL condition encoder together, flow matching, t2i and edits;
+  export  the diffusers-layout folder that `qimg.load` reads like any real checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
+from qimg.models.vae21 import VAE21, VAE21Config
+from qimg.tiny import world
+
+SEED = 1234
+IMAGE_TOKENS = 64  # 128x128 at 16x
+VAE_STEPS = 2500
+DIT_STEPS = 8000
+POOL_PAIRS = 12000  # edit pairs; sources and targets also serve text-to-image
+VAE = dict(base_dim=8, decoder_base_dim=16, z_dim=32, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
+           temperal_downsample=(False, True, True, True), in_channels=4, out_channels=4)
+DIT = dict(num_layers=6, attention_head_dim=32, num_attention_heads=6, axes_dims_rope=(8, 12, 12), in_channels=32,
+           out_channels=32, context_in_dim=128, mlp_ratio=3)
+TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, mrope=[8, 4, 4])
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+             "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9, "base_image_seq_len": 256,
+             "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential",
+             "invert_sigmas": False, "stochastic_sampling": False, "use_karras_sigmas": False,
+             "use_exponential_sigmas": False, "use_beta_sigmas": False}
+DEFAULTS = {"default_resolution": 128, "default_steps": 20, "default_cfg": 1.0}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+def rgba_tensor(arrays) -> torch.Tensor:
+    """uint8 `[B, H, W, 3|4]` arrays -> `[B, 4, H, W]` in [-1, 1] (opaque alpha added for RGB)."""
+    x = torch.from_numpy(np.stack(arrays)).float() / 127.5 - 1
+    if x.shape[-1] == 3:
+        x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def curriculum_scene(rng: random.Random, progress: float) -> world.Scene:
+    """Mostly one object early, uniform 1-3 objects after 30% of training; held-out scenes never appear."""
+    weights = [1.0, min(1.0, progress / 0.3), min(1.0, progress / 0.3)]
+    while True:
+        n = rng.choices([1, 2, 3], weights=[max(w, 0.05) for w in weights])[0]
+        scene = world.random_scene(rng, n_objects=n)
+        if not world.is_held_out(scene):
+            return scene
+
+
+def corpus(n: int = 4000, seed: int = 0) -> list[str]:
+    """Text the tokenizer is trained on: templates and world prompts/edits, without the quoted words' letters
+    merged (the words are 2-3 random capitals, so each capital stays one token)."""
+    from qimg.models.conditioner import SYSTEM_21
+
+    rng = random.Random(seed)
+    texts = [SYSTEM_21, "system user assistant", "Picture 1: Picture 2:"]
+    for _ in range(n):
+        scene = world.random_scene(rng)
+        texts.append(world.prompt(scene))
+        texts.append(world.paraphrase(scene, rng))
+        texts.append(world.random_edit(scene, rng)[0])
+    return [_mask_words(t) for t in texts]
+
+
+def _mask_words(text: str) -> str:
+    import re
+
+    return re.sub(r'"[A-Z]{2,3}"', '" "', text)
+
+
+# -- model construction ---------------------------------------------------------------------------------------
+def build_tokenizer():
+    from qimg.tiny.tokenizer import qwen_tokenizer, train_bpe
+
+    return qwen_tokenizer(*train_bpe(corpus(), vocab_size=600))
+
+
+def build_processor(tokenizer):
+    from transformers import Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from qimg.models.conditioner import image_only
+    from qimg.tiny.tokenizer import CHAT_TEMPLATE
+
+    ip = Qwen2VLImageProcessorPil(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32,
+                                  max_pixels=32 * 32 * 1024)
+    return image_only(Qwen3VLProcessor)(image_processor=ip, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def build_text_encoder(tokenizer, seed: int = SEED):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    t = TEXT
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=t["hidden_size"],
+                         intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
+                         num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
+                         head_dim=t["head_dim"], max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": t["mrope"],
+                                          "mrope_interleaved": True},
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=t["hidden_size"],
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(config)
+
+
+def vae_config(mean=None, std=None) -> VAE21Config:
+    z = VAE["z_dim"]
+    return VAE21Config(**VAE, latents_mean=tuple(mean or [0.0] * z), latents_std=tuple(std or [1.0] * z))
+
+
+# -- stage: VAE -----------------------------------------------------------------------------------------------
+def train_vae(work: Path, deadline: float, seed: int = SEED) -> bool:
+    path = work / "state-vae.pt"
+    torch.manual_seed(seed)
+    vae = VAE21(vae_config()).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    step, rng = 0, random.Random(seed)
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, rng = state["step"], state["rng"]
+    if step >= VAE_STEPS:
+        return True
+    log(f"vae: step {step}/{VAE_STEPS}")
+    losses = []
+    while step < VAE_STEPS and time.time() < deadline:
+        lr = 2e-3 * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * step / VAE_STEPS)) * 0.9 + 0.1)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        crops = []
+        for _ in range(16):
+            img = world.render_array(world.random_scene(rng))
+            y, x = rng.randrange(0, 65, 16), rng.randrange(0, 65, 16)
+            crops.append(img[y:y + 64, x:x + 64])
+        x = rgba_tensor(crops)
+        z = vae._encode(x)
+        out = vae._decode(z)
+        loss = F.l1_loss(out, x) + F.mse_loss(out, x) + 1e-4 * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % 100 == 0:
+            psnr = -10 * math.log10(F.mse_loss(out.detach() / 2, x / 2).item() + 1e-12)
+            log(f"vae: step {step}/{VAE_STEPS} loss {np.mean(losses):.4f} psnr {psnr:.1f} dB lr {lr:.2e}")
+            losses = []
+        if step % 500 == 0:
+            _save(path, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    _save(path, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    return step >= VAE_STEPS
+
+
+def _save(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_vae(work: Path) -> VAE21:
+    state = torch.load(work / "state-vae.pt", weights_only=False)
+    stats = work / "latent-stats.json"
+    mean = std = None
+    if stats.exists():
+        data = json.loads(stats.read_text())
+        mean, std = data["mean"], data["std"]
+    vae = VAE21(vae_config(mean, std))
+    vae.load_state_dict(state["model"])
+    return vae.eval().requires_grad_(False)
+
+
+# -- stage: latent pool -----------------------------------------------------------------------------------------
+def build_pool(work: Path, deadline: float, seed: int = SEED) -> bool:
+    path = work / "pool.pt"
+    if path.exists():
+        return True
+    vae = load_vae(work)
+    rng = random.Random(seed + 1)
+    pairs, sources, targets = [], [], []
+    log(f"latents: encoding {POOL_PAIRS} edit pairs")
+    with torch.inference_mode():
+        while len(pairs) < POOL_PAIRS:
+            batch_pairs = []
+            while len(batch_pairs) < 64:
+                progress = len(pairs) / POOL_PAIRS
+                src = curriculum_scene(rng, 0.3 + progress)  # the pool covers all object counts
+                instruction, tgt = world.random_edit(src, rng)
+                if world.is_held_out(tgt):
+                    continue
+                batch_pairs.append((src, instruction, tgt))
+            imgs = [world.render_array(s) for s, _, _ in batch_pairs] + [world.render_array(t) for _, _, t in batch_pairs]
+            z = vae._encode(rgba_tensor(imgs))
+            sources.append(z[:64].half())
+            targets.append(z[64:].half())
+            pairs.extend(batch_pairs)
+            if len(pairs) % 3200 == 0:
+                log(f"latents: {len(pairs)}/{POOL_PAIRS}")
+    src_z, tgt_z = torch.cat(sources), torch.cat(targets)
+    both = torch.cat([src_z, tgt_z]).float()
+    mean = both.mean(dim=(0, 2, 3)).tolist()
+    std = both.std(dim=(0, 2, 3)).tolist()
+    (work / "latent-stats.json").write_text(json.dumps({"mean": mean, "std": std}))
+    scenes = [(s, i, t) for s, i, t in pairs]
+    torch.save({"src": src_z, "tgt": tgt_z, "pairs": scenes}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    log("latents: done")
+    return True
+
+
+# -- stage: transformer + condition encoder ---------------------------------------------------------------------
+class Conditioning:
+    """Batched, equal-length condition encoding for training (the inference path encodes one prompt at a time)."""
+
+    def __init__(self, processor, text_encoder):
+        from qimg.models.conditioner import SYSTEM_21, Qwen3VLConditioner
+
+        self.processor, self.model = processor, text_encoder
+        self.template = Qwen3VLConditioner.template
+        sys_tokens = processor.apply_chat_template(
+            [{"role": "system", "content": [{"type": "text", "text": SYSTEM_21}]}], tokenize=True, return_dict=False)
+        self.drop_idx = len(sys_tokens[0])
+        self.pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.norm = text_encoder.model.language_model.norm
+
+    def length(self, prompt: str, n_images: int) -> int:
+        return len(self.processor.tokenizer(self.template(n_images).format(prompt)).input_ids)
+
+    def __call__(self, prompts: list[str], images=None):
+        kwargs = {"text": [self.template(1 if images else 0).format(p) for p in prompts], "padding": True,
+                  "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = images
+        inputs = self.processor(**kwargs)
+        if not bool(inputs.attention_mask.all()):
+            raise ValueError("training batches must hold prompts of equal token length")
+        captured = {}
+        handle = self.norm.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0]))
+        try:
+            fwd = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                           "mm_token_type_ids") if k in inputs}
+            self.model.model(**fwd)
+        finally:
+            handle.remove()
+        states = captured["x"][:, self.drop_idx:]
+        slots = inputs.input_ids[0, self.drop_idx:] == self.pad_id
+        return states, slots
+
+
+def equal_length_batch(cond: Conditioning, candidates: list, size: int, n_images: int) -> list:
+    """The largest group of candidates (prompt first) sharing one token length, at most `size` of them."""
+    groups: dict[int, list] = {}
+    for cand in candidates:
+        groups.setdefault(cond.length(cand[0], n_images), []).append(cand)
+    best = max(groups.values(), key=len)
+    return best[:size]
+
+
+def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32) -> bool:
+    path = work / "state-dit.pt"
+    pool = torch.load(work / "pool.pt", weights_only=False)
+    stats = json.loads((work / "latent-stats.json").read_text())
+    mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
+    src = (pool["src"].float() - mean) / std
+    tgt = (pool["tgt"].float() - mean) / std
+    pairs = pool["pairs"]
+    tokenizer = _load_or_build_tokenizer(work)
+    processor = build_processor(tokenizer)
+    text_encoder = build_text_encoder(tokenizer, seed).train()
+    torch.manual_seed(seed)
+    model = QwenImage21Transformer(QwenImage21Config(**DIT)).train()
+    _init_dit(model)
+    params = list(model.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = {k: v.detach().clone() for k, v in _all_state(model, text_encoder).items()}
+    step, rng = 0, random.Random(seed + 2)
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        model.load_state_dict(state["model"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        ema, step, rng = state["ema"], state["step"], state["rng"]
+    if step >= DIT_STEPS:
+        return True
+    cond = Conditioning(processor, text_encoder)
+    log(f"dit: step {step}/{DIT_STEPS}, {sum(p.numel() for p in model.parameters()):,} transformer and "
+        f"{sum(p.numel() for p in text_encoder.parameters()):,} encoder parameters")
+    losses: dict[str, list] = {"t2i": [], "edit": []}
+    started = time.time()
+    while step < DIT_STEPS and time.time() < deadline:
+        progress = step / DIT_STEPS
+        lr = 5e-4 * min(1.0, (step + 1) / 500) * (0.5 * (1 + math.cos(math.pi * progress)) * 0.95 + 0.05)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        task = "edit" if rng.random() < 0.4 else "t2i"
+        loss = _dit_step(model, cond, rng, task, src, tgt, pairs, batch, progress)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for k, v in _all_state(model, text_encoder).items():
+                if v.dtype.is_floating_point:
+                    ema[k].lerp_(v.detach(), 1 - decay)
+        step += 1
+        losses[task].append(loss.item())
+        if step % 50 == 0:
+            rate = 50 / max(time.time() - started, 1e-6)
+            started = time.time()
+            log(f"dit: step {step}/{DIT_STEPS} t2i {np.mean(losses['t2i'] or [0]):.4f} "
+                f"edit {np.mean(losses['edit'] or [0]):.4f} lr {lr:.2e} {rate:.2f} it/s")
+            losses = {"t2i": [], "edit": []}
+        if step % 500 == 0:
+            _save(path, model=model.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(),
+                  ema=ema, step=step, rng=rng)
+    _save(path, model=model.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(), ema=ema,
+          step=step, rng=rng)
+    return step >= DIT_STEPS
+
+
+def _init_dit(model: QwenImage21Transformer) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                torch.nn.init.normal_(p, std=0.02)
+        model.proj_out.weight.zero_()
+        model.modulation[1].weight.mul_(0.1)
+
+
+def _all_state(model, text_encoder) -> dict:
+    return {**{f"dit.{k}": v for k, v in model.state_dict().items()},
+            **{f"te.{k}": v for k, v in text_encoder.state_dict().items()}}
+
+
+def _load_or_build_tokenizer(work: Path):
+    from qimg.tiny.tokenizer import qwen_tokenizer
+
+    path = work / "tokenizer.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return qwen_tokenizer(data["vocab"], data["merges"])
+    from qimg.tiny.tokenizer import train_bpe
+
+    vocab, merges = train_bpe(corpus(), vocab_size=600)
+    path.write_text(json.dumps({"vocab": vocab, "merges": merges}))
+    return qwen_tokenizer(vocab, merges)
+
+
+def _dit_step(model, cond, rng, task, src, tgt, pairs, batch, progress) -> torch.Tensor:
+    n_pool = len(pairs)
+    candidates = []
+    for _ in range(batch * 3):
+        i = rng.randrange(n_pool)
+        s, instruction, t = pairs[i]
+        if task == "t2i":
+            use_target = rng.random() < 0.5
+            scene = t if use_target else s
+            if len(scene.objects) > 1 and rng.random() > min(1.0, 0.2 + progress / 0.3):
+                continue  # curriculum: few multi-object scenes early on
+            text = world.prompt(scene) if rng.random() < 0.5 else world.paraphrase(scene, rng)
+            candidates.append((text, i, use_target))
+        else:
+            candidates.append((instruction, i, True))
+    chosen = equal_length_batch(cond, candidates, batch, 1 if task == "edit" else 0)
+    # for CFG, drop the text of a whole batch at a time (a shorter prompt would change the batch's token length)
+    prompts = [c[0] for c in chosen] if rng.random() > 0.1 else [" "] * len(chosen)
+    idx = torch.tensor([c[1] for c in chosen])
+    if task == "t2i":
+        x0 = torch.stack([tgt[i] if use_t else src[i] for (_, i, use_t) in chosen])
+        states, slots = cond(prompts)
+        cond_tokens, cond_shapes = [], []
+    else:
+        x0 = tgt[idx]
+        images = [world.render(pairs[i][0]) for i in idx.tolist()]
+        states, slots = cond(prompts, images)
+        cond_tokens, cond_shapes = [src[idx].flatten(2).transpose(1, 2)], [(8, 8)]
+    b = x0.shape[0]
+    x0 = x0.flatten(2).transpose(1, 2)
+    sigma = torch.sigmoid(torch.randn(b) * 1.0)
+    noise = torch.randn_like(x0)
+    xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+    prefix = model.encode_prefix(states, slots, cond_tokens, cond_shapes)
+    v = model.denoise(xt, sigma, prefix, (8, 8))
+    return F.mse_loss(v, noise - x0)
+
+
+# -- stage: export ----------------------------------------------------------------------------------------------
+def export(work: Path, out: Path, use_ema: bool = True) -> Path:
+    """Write the trained model as a diffusers-layout folder (float16 weights) at `out`, atomically."""
+    import shutil
+
+    from qimg.loading.weights import save_state_dict
+
+    state = torch.load(work / "state-dit.pt", weights_only=False)
+    tokenizer = _load_or_build_tokenizer(work)
+    processor = build_processor(tokenizer)
+    text_encoder = build_text_encoder(tokenizer)
+    dit_sd, te_sd = state["model"], state["text_encoder"]
+    if use_ema:
+        dit_sd = {k[4:]: v for k, v in state["ema"].items() if k.startswith("dit.")}
+        te_sd = {k[3:]: v for k, v in state["ema"].items() if k.startswith("te.")}
+    text_encoder.load_state_dict(te_sd)
+    vae = load_vae(work)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("transformer", "vae", "scheduler"):
+        (tmp / sub).mkdir(parents=True)
+    half = lambda sd: {k: v.half().contiguous() if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
+    save_state_dict(half(dit_sd), tmp / "transformer" / "diffusion_pytorch_model.safetensors")
+    _write_config(tmp / "transformer", "QwenImage21Transformer2DModel", QwenImage21Config(**DIT))
+    save_state_dict(half(vae.state_dict()), tmp / "vae" / "diffusion_pytorch_model.safetensors")
+    _write_config(tmp / "vae", "AutoencoderKLQwenImage21", vae.config)
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    text_encoder.half().save_pretrained(tmp / "text_encoder")
+    processor.save_pretrained(tmp / "processor")
+    cfg_path = tmp / "processor" / "processor_config.json"
+    if cfg_path.exists():
+        data = json.loads(cfg_path.read_text())
+        data["processor_class"] = "Qwen3VLProcessor"
+        cfg_path.write_text(json.dumps(data, indent=2))
+    index = {"_class_name": "QwenImage21Pipeline", "_diffusers_version": "0.42.1",
+             "processor": ["transformers", "Qwen3VLProcessor"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
+             "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKLQwenImage21"], "sample_sigmas": None,
+             "_qimg": {**DEFAULTS, "name": "qimg-tiny", "trained_steps": state["step"]}}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def _write_config(folder: Path, class_name: str, cfg) -> None:
+    data = {"_class_name": class_name, "_diffusers_version": "0.42.1", **dataclasses.asdict(cfg)}
+    (folder / "config.json").write_text(json.dumps(data, indent=2))
+
+
+def default_out() -> Path:
+    return Path(__file__).parent / "weights" / "qimg-tiny"
+
+
+def run(minutes: float, work: Path, out: Path | None, stages=("vae", "latents", "dit", "export")) -> bool:
+    """Run the stages in order for at most `minutes`; returns True when training is complete."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + minutes * 60
+    if "vae" in stages and not train_vae(work, deadline):
+        return False
+    if "latents" in stages and not build_pool(work, deadline):
+        return False
+    done = train_dit(work, deadline) if "dit" in stages else True
+    if "export" in stages and (work / "state-dit.pt").exists():
+        path = export(work, out or default_out())
+        log(f"exported {path}")
+    return done
+
+
+def length_histogram(cond: Conditioning, texts: list[str]) -> Counter:
+    return Counter(cond.length(t, 0) for t in texts)
