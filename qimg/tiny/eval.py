@@ -1,0 +1,113 @@
+"""`qimg tiny eval`: score the tiny models on held-out scenes with the programmatic checker."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from qimg.export.atomic import atomic_write
+from qimg.tiny import checker, world
+
+
+def mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def eval_t2i(pipe, scenes, steps=None, cfg=None) -> tuple[dict, list]:
+    rows, samples, seconds = [], [], []
+    for i, scene in enumerate(scenes):
+        text = world.prompt(scene)
+        start = time.perf_counter()
+        image = pipe.generate(text, seed=i, steps=steps, cfg=cfg)[0]
+        seconds.append(time.perf_counter() - start)
+        score = checker.score_t2i(image, scene)
+        rows.append(score)
+        samples.append((image, text, score["exact"]))
+    objects = [o for r in rows for o in r["objects"]]
+    by_count = {}
+    for n in (1, 2, 3):
+        subset = [r["exact"] for r, s in zip(rows, scenes) if len(s.objects) == n]
+        by_count[str(n)] = mean(subset)
+    return {
+        "n": len(rows),
+        "exact": mean(r["exact"] for r in rows),
+        "exact_by_objects": by_count,
+        "colour": mean(o["colour"] for o in objects),
+        "shape": mean(o["shape"] for o in objects),
+        "size": mean(o["size"] for o in objects),
+        "position": mean(o["position"] for o in objects),
+        "background": mean(r["background"] for r in rows),
+        "word_exact": mean(r["word_exact"] for r in rows),
+        "words": sum(r["word_exact"] is not None for r in rows),
+        "seconds_per_image": mean(seconds),
+    }, samples
+
+
+def eval_edits(pipe, scenes, rng: random.Random, steps=None, cfg=None) -> tuple[dict, list]:
+    rows, samples, seconds, kinds = [], [], [], []
+    for i, source in enumerate(scenes):
+        instruction, target = world.random_edit(source, rng)
+        src_img = world.render(source)
+        start = time.perf_counter()
+        out = pipe.generate(instruction, images=[src_img], seed=i, steps=steps, cfg=cfg)[0]
+        seconds.append(time.perf_counter() - start)
+        score = checker.score_edit(src_img, out, source, target)
+        rows.append(score)
+        kinds.append(world.parse_edit(instruction).kind)
+        samples.append((out, instruction, score["satisfied"]))
+    by_kind = {k: mean(r["satisfied"] for r, kk in zip(rows, kinds) if kk == k) for k in sorted(set(kinds))}
+    return {
+        "n": len(rows),
+        "satisfied": mean(r["satisfied"] for r in rows),
+        "satisfied_by_kind": by_kind,
+        "untouched_psnr": mean(r["untouched_psnr"] for r in rows),
+        "seconds_per_image": mean(seconds),
+    }, samples
+
+
+def grid(samples, path: Path, columns: int = 6) -> None:
+    """A PNG grid of samples with their prompts and the checker's verdict."""
+    font = ImageFont.truetype(str(world.FONT_PATH.parent / "DejaVuSans-Bold.ttf"), 9)
+    cell_w, cell_h = 128, 128 + 40
+    rows = (len(samples) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (image, text, ok) in enumerate(samples):
+        x, y = (k % columns) * cell_w, (k // columns) * cell_h
+        canvas.paste(image.convert("RGB"), (x, y))
+        words, lines, line = text.split(), [], ""
+        for word in words:
+            if draw.textlength(f"{line} {word}", font=font) > cell_w - 4:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        lines.append(line)
+        colour = (0, 120, 0) if ok else (190, 0, 0)
+        draw.text((x + 2, y + 129), ("[OK] " if ok else "[X] ") + "\n".join(lines[:3]), fill=colour, font=font)
+    with atomic_write(path) as handle:
+        canvas.save(handle, format="PNG")
+
+
+def evaluate(pipe, n: int = 200, out: Path = Path("eval"), steps=None, cfg=None, seed: int = 0,
+             tasks=("t2i", "edit")) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = world.held_out(n, seed=seed)
+    result = {"model": pipe.describe(), "held_out_scenes": n, "steps": steps, "cfg": cfg}
+    samples = []
+    if "t2i" in tasks:
+        result["t2i"], s = eval_t2i(pipe, scenes, steps, cfg)
+        samples += s[:18]
+    if "edit" in tasks:
+        result["edit"], s = eval_edits(pipe, scenes, random.Random(seed), steps, cfg)
+        samples += s[:12]
+    with atomic_write(out / "eval.json", "w") as handle:
+        json.dump(result, handle, indent=2)
+    grid(samples, out / "samples.png")
+    return result
