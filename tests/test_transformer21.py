@@ -91,3 +91,23 @@ def test_slot_mismatch_is_a_clear_error():
     slot_mask, _ = layout([3, (2, 2), 2])
     with pytest.raises(ValueError, match="more than the 0 condition images"):
         ours.encode_prefix(torch.randn(1, len(slot_mask), 24), slot_mask)
+
+
+def test_checkpoint_contract():
+    """At the official config (meta device), exactly the official keys, shapes and dtypes."""
+    from tests.contracts import read_contract, state_contract
+
+    config, keys = read_contract("keys_QwenImage21Transformer2DModel.txt")
+    cfg = QwenImage21Config.from_dict(config)
+    assert cfg == QwenImage21Config()  # the defaults are the official config
+    with torch.device("meta"):
+        model = QwenImage21Transformer(cfg)
+    assert state_contract(model) == keys
+    assert sum(p.numel() for p in model.parameters()) == 7115124736
+
+
+def test_unknown_config_key_is_named():
+    from qimg.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="use_magic"):
+        QwenImage21Config.from_dict({**TINY, "use_magic": True})

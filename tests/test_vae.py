@@ -15,7 +15,7 @@ from qimg.errors import CheckpointError, InputError
 from qimg.models.tiling import tile_starts
 from qimg.models.vae import VAE, VAEConfig
 from tests.reference import perturb
-from tests.test_vae21 import read_contract, state_contract
+from tests.contracts import read_contract, state_contract
 
 TINY = dict(base_dim=8, z_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True])
 

@@ -26,10 +26,10 @@ from safetensors.torch import load_file
 
 from qimg.errors import CheckpointError, InputError
 from qimg.models.tiling import resolve_tile, tile_starts, tiled
+from tests.contracts import read_contract, state_contract
 from qimg.models.vae21 import VAE21, VAE21Config
 from tests.reference import perturb
 
-CONTRACTS = Path("/work/shared/contracts")
 TINY = dict(base_dim=8, decoder_base_dim=12, z_dim=16, dim_mult=[1, 2, 4, 4, 4], num_res_blocks=1,
             temperal_downsample=[False, True, True, True])
 
@@ -80,24 +80,6 @@ def test_parity(tmp_path, channels):
     std = torch.tensor(ref.config.latents_std).view(1, -1, 1, 1)
     assert torch.equal(ours.normalize(z), (z - mean) / std)
     assert ours.scale_factor == 16 and ours.z_dim == 16
-
-
-def read_contract(name):
-    path = CONTRACTS / name
-    if not path.exists():
-        pytest.skip(f"{path} not available")
-    lines = path.read_text().splitlines()
-    config = json.loads(next(line for line in lines if line.startswith("# config="))[len("# config="):])
-    keys = {}
-    for line in lines:
-        if line and not line.startswith("#"):
-            key, shape, dtype = line.split("\t")
-            keys[key] = (json.loads(shape), dtype)
-    return config, keys
-
-
-def state_contract(module):
-    return {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in module.state_dict().items()}
 
 
 def test_contract():
