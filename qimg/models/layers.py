@@ -25,11 +25,19 @@ class RMSNorm(nn.Module):
         return x * self.weight
 
 
-def timestep_embedding(sigma: torch.Tensor, dim: int = 256, factor: float = 1000.0, max_period: float = 10000.0):
-    """Sinusoidal embedding of sigma in [0, 1], cosine half first, float32: `[B] -> [B, dim]`."""
+def timestep_embedding(sigma: torch.Tensor, dim: int = 256, factor: float = 1000.0, max_period: float = 10000.0,
+                       scale_last: bool = False):
+    """Sinusoidal embedding of sigma in [0, 1], cosine half first, float32: `[B] -> [B, dim]`.
+
+    The argument is `(factor * sigma) * freq`, or `factor * (sigma * freq)` with `scale_last` (the rounding order of
+    diffusers' `Timesteps(scale=factor)`, used by Qwen-Image v1).
+    """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
-    args = (factor * sigma.float())[:, None] * freqs[None]
+    if scale_last:
+        args = factor * (sigma.float()[:, None] * freqs[None])
+    else:
+        args = (factor * sigma.float())[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
