@@ -1,0 +1,317 @@
+"""OpenAI Images API (`/v1/images/generations`, `/v1/images/edits`) and qimg's `/v1/images/layers`.
+
+Every accepted request becomes a job (its id in the `x-qimg-job-id` header); the handler waits for it (or streams
+it with `stream=true`). Requests refused before a job exists (bad JSON/form, bad upload, full queue) carry no job id.
+
+qimg extras (the official client sends them with `extra_body`): `seed`, `steps` (or `num_inference_steps`),
+`negative_prompt`, `guidance_scale` (or `true_cfg_scale`). `quality`, `moderation`, `style`, `user` and
+`input_fidelity` are accepted and ignored. `mask` is refused: Qwen-Image edits are instruction-based, so the
+change is described in the prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from qimg.serve import runner
+from qimg.serve.errors import bad_request, error_response, from_exception, validation_error
+from qimg.serve.store import SUCCEEDED, new_job_id
+from qimg.serve.uploads import check_prompt, decode_image, parse_size
+from qimg.serve.worker import Task
+
+router = APIRouter()
+
+JOB_HEADER = "x-qimg-job-id"
+USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
+         "total_tokens": 0}
+KEEPALIVE_S = 15.0
+
+
+class ImageOptions(BaseModel):
+    """Fields shared by generations and edits (OpenAI's, then qimg's extras)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompt: str
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = "auto"
+    quality: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: str | None = None
+    style: str | None = None
+    user: str | None = None
+    stream: bool | None = False
+    partial_images: int | None = Field(None, ge=0, le=3)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    steps: int | None = Field(None, ge=1, le=1000)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    negative_prompt: str | None = None
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    true_cfg_scale: float | None = Field(None, ge=0, le=100)
+
+
+class GenerationRequest(ImageOptions):
+    pass
+
+
+class EditRequest(ImageOptions):
+    input_fidelity: str | None = None
+
+
+class LayersRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = None
+    layers: int = Field(4, ge=1)
+    resolution: int | None = Field(None, ge=32, le=4096)
+    prompt: str | None = None
+    steps: int | None = Field(None, ge=1, le=1000)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    format: Literal["psd", "ora", "pptx", "zip", "json"] = "json"
+    response_format: Literal["url", "b64_json"] | None = None
+    user: str | None = None
+
+
+def services(request: Request):
+    return request.app.state.services
+
+
+def base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def validate(model, data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err.errors()) from None
+
+
+def image_spec(req: ImageOptions, limits, images=()) -> tuple[runner.ImageSpec, dict]:
+    prompt = check_prompt(req.prompt, limits)
+    negative = check_prompt(req.negative_prompt, limits, required=False, param="negative_prompt")
+    if req.n > limits.max_n:
+        raise bad_request(f"n is {req.n}; the limit is {limits.max_n}", param="n")
+    width, height = parse_size(req.size)
+    fmt = req.output_format or "png"
+    background = None if req.background in (None, "auto") else req.background
+    if background == "transparent" and fmt == "jpeg":
+        raise bad_request("background 'transparent' needs output_format 'png' or 'webp'", param="background")
+    steps = req.steps if req.steps is not None else req.num_inference_steps
+    cfg = req.guidance_scale if req.guidance_scale is not None else req.true_cfg_scale
+    spec = runner.ImageSpec(prompt=prompt, images=list(images), width=width, height=height, steps=steps,
+                            seed=req.seed, negative_prompt=negative, cfg=cfg, n=req.n,
+                            output=runner.OutputOptions(fmt, req.output_compression, background))
+    params = {"prompt": prompt, "negative_prompt": negative, "n": req.n, "size": req.size or "auto",
+              "steps": steps, "seed": req.seed, "guidance_scale": cfg, "output_format": fmt,
+              "output_compression": req.output_compression, "background": req.background or "auto",
+              "response_format": req.response_format or "b64_json", "stream": bool(req.stream),
+              "partial_images": req.partial_images or 0, "images": len(images)}
+    return spec, params
+
+
+def entry(stored: runner.Stored, response_format: str, url_base: str) -> dict:
+    if response_format == "url":
+        return {"url": f"{url_base}/v1/files/{stored.record.id}", "revised_prompt": None}
+    return {"b64_json": stored.b64(), "revised_prompt": None}
+
+
+def images_body(result: runner.ImagesResult, req: ImageOptions, url_base: str) -> dict:
+    fmt = req.output_format or "png"
+    return {"created": int(time.time()),
+            "data": [entry(s, req.response_format or "b64_json", url_base) for s in result.images],
+            "background": "transparent" if req.background == "transparent" else "opaque",
+            "output_format": fmt, "quality": req.quality if req.quality in ("low", "medium", "high") else "auto",
+            "size": f"{result.width}x{result.height}", "usage": USAGE}
+
+
+def sse(event: str, data: dict | str) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"event: {event}\ndata: {text}\n\n"
+
+
+async def next_event(sub):
+    """The next event, or None after KEEPALIVE_S without one."""
+    try:
+        return await asyncio.wait_for(sub.queue.get(), KEEPALIVE_S)
+    except asyncio.TimeoutError:
+        return None
+
+
+async def run_job(request: Request, task: Task, respond, *, stream: bool = False, partials: int = 0,
+                  prefix: str = "image_generation", stream_meta: dict | None = None):
+    svc = services(request)
+    sub = svc.bus.subscribe(task.job_id, partials=partials if stream else 0)
+    try:
+        svc.worker.submit(task)
+    except BaseException:
+        svc.bus.unsubscribe(sub)
+        raise
+    headers = {JOB_HEADER: task.job_id}
+    if stream:
+        return StreamingResponse(stream_job(svc, sub, prefix, stream_meta or {}), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+    try:
+        while True:
+            event = await sub.queue.get()
+            if event["type"] == "done":
+                break
+    finally:
+        svc.bus.unsubscribe(sub)
+    if event["status"] == SUCCEEDED:
+        return JSONResponse(respond(event["outcome"]), headers=headers)
+    return error_response(from_exception(event["outcome"]), headers=headers)
+
+
+async def stream_job(svc, sub, prefix: str, meta: dict):
+    """OpenAI's image streaming: `<prefix>.partial_image` events, then `<prefix>.completed` per image."""
+    try:
+        while True:
+            event = await next_event(sub)
+            if event is None:
+                yield ": keep-alive\n\n"
+                continue
+            if event["type"] == "partial":
+                yield sse(f"{prefix}.partial_image", {
+                    "type": f"{prefix}.partial_image", "b64_json": event["b64_json"],
+                    "partial_image_index": event["index"], "created_at": int(time.time()), "size": event["size"],
+                    **meta})
+            elif event["type"] == "done":
+                if event["status"] == SUCCEEDED:
+                    result = event["outcome"]
+                    for stored in result.images:
+                        yield sse(f"{prefix}.completed", {
+                            "type": f"{prefix}.completed", "b64_json": stored.b64(), "created_at": int(time.time()),
+                            "size": f"{result.width}x{result.height}", **meta, "usage": USAGE})
+                else:
+                    err = from_exception(event["outcome"])
+                    yield sse("error", {"type": "error", **err.body()})
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        svc.bus.unsubscribe(sub)
+
+
+def stream_meta(req: ImageOptions) -> dict:
+    return {"quality": req.quality if req.quality in ("low", "medium", "high") else "auto",
+            "background": "transparent" if req.background == "transparent" else "opaque",
+            "output_format": req.output_format or "png"}
+
+
+@router.post("/v1/images/generations")
+async def generations(req: GenerationRequest, request: Request):
+    svc = services(request)
+    model = svc.models.pick(req.model, "generate")
+    spec, params = image_spec(req, svc.settings.limits)
+    task = Task(new_job_id(), "generate", model, spec, params)
+    url_base = base_url(request)
+    return await run_job(request, task, lambda result: images_body(result, req, url_base), stream=bool(req.stream),
+                         partials=req.partial_images or 0, prefix="image_generation", stream_meta=stream_meta(req))
+
+
+async def read_form(request: Request, limits, file_fields: tuple[str, ...]):
+    """(scalar fields, {file field: [UploadFile]}); repeated scalars and files in scalar fields are refused."""
+    form = await request.form(max_files=limits.max_images * 2 + 2, max_fields=64,
+                              max_part_size=limits.max_prompt_chars * 4 + 4096)
+    scalars, files = {}, {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            base = key[:-2] if key.endswith("[]") else key
+            if base not in file_fields:
+                raise bad_request(f"unexpected file in field {key!r}; files go in {', '.join(file_fields)}",
+                                  param=key)
+            files.setdefault(base, []).append(value)
+        else:
+            if key.endswith("[]") and key[:-2] in file_fields or key in file_fields:
+                raise bad_request(f"{key!r} must be an uploaded file (multipart/form-data), not text", param=key)
+            if key in scalars:
+                raise bad_request(f"parameter {key!r} is given more than once", param=key)
+            scalars[key] = value
+    return form, scalars, files
+
+
+async def read_upload(upload: UploadFile, label: str, limits, param: str):
+    data = await upload.read(limits.max_image_bytes + 1)
+    return decode_image(data, label, limits, param=param)
+
+
+@router.post("/v1/images/edits")
+async def edits(request: Request):
+    svc = services(request)
+    limits = svc.settings.limits
+    form, scalars, files = await read_form(request, limits, ("image", "mask"))
+    try:
+        req = validate(EditRequest, scalars)
+        if files.get("mask"):
+            raise bad_request("mask is not supported: Qwen-Image edits follow the instruction in the prompt; describe "
+                              "the region to change there instead of sending a mask", param="mask",
+                              code="mask_not_supported")
+        uploads = files.get("image", [])
+        if not uploads:
+            raise bad_request("missing required parameter: 'image' (1 to "
+                              f"{limits.max_images} image files as 'image' or 'image[]')", param="image")
+        if len(uploads) > limits.max_images:
+            raise bad_request(f"too many images: {len(uploads)} given, at most {limits.max_images}", param="image",
+                              code="too_many_images")
+        decoded = [await read_upload(u, f"image {i + 1} ({u.filename or 'unnamed'})", limits, "image")
+                   for i, u in enumerate(uploads)]
+    finally:
+        await form.close()
+    model = svc.models.pick(req.model, "edit")
+    spec, params = image_spec(req, limits, [d.image for d in decoded])
+    task = Task(new_job_id(), "edit", model, spec, params, inputs=decoded)
+    url_base = base_url(request)
+    return await run_job(request, task, lambda result: images_body(result, req, url_base), stream=bool(req.stream),
+                         partials=req.partial_images or 0, prefix="image_edit", stream_meta=stream_meta(req))
+
+
+@router.post("/v1/images/layers")
+async def layers(request: Request):
+    """Decompose one picture into RGBA layers (bottom to top), optionally exported as PSD, ORA, PPTX or ZIP.
+
+    Answer: OpenAI's envelope with one `data` entry per layer (PNG, `b64_json` or `url`), plus `file` (the
+    exported stack: id, url, bytes) when `format` is not "json".
+    """
+    svc = services(request)
+    limits = svc.settings.limits
+    form, scalars, files = await read_form(request, limits, ("image",))
+    try:
+        req = validate(LayersRequest, scalars)
+        uploads = files.get("image", [])
+        if len(uploads) != 1:
+            raise bad_request(f"layers takes exactly one 'image' file, got {len(uploads)}", param="image")
+        upload = await read_upload(uploads[0], f"image ({uploads[0].filename or 'unnamed'})", limits, "image")
+    finally:
+        await form.close()
+    if req.layers > limits.max_layers:
+        raise bad_request(f"layers is {req.layers}; the limit is {limits.max_layers}", param="layers")
+    prompt = check_prompt(req.prompt, limits, required=False)
+    model = svc.models.pick(req.model, "layers")
+    spec = runner.LayersSpec(upload.image, layers=req.layers, resolution=req.resolution, prompt=prompt,
+                             steps=req.steps, seed=req.seed, format=req.format)
+    params = {"prompt": prompt, "layers": req.layers, "resolution": req.resolution, "steps": req.steps,
+              "seed": req.seed, "format": req.format, "response_format": req.response_format or "b64_json",
+              "images": 1}
+    task = Task(new_job_id(), "layers", model, spec, params, inputs=[upload])
+    url_base = base_url(request)
+
+    def respond(result: runner.LayersResult) -> dict:
+        return {"created": int(time.time()),
+                "data": [{**entry(s, req.response_format or "b64_json", url_base), "index": i}
+                         for i, s in enumerate(result.layers)],
+                "background": "transparent", "output_format": "png", "size": f"{result.width}x{result.height}",
+                "file": result.export.to_json(url_base) if result.export else None}
+
+    return await run_job(request, task, respond)

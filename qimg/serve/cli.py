@@ -1,0 +1,125 @@
+"""`qimg serve`: the HTTP server (FastAPI + uvicorn). Registered by `qimg.cli_extra`."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from qimg.errors import InputError
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def parse_models(values: list[str]) -> dict[str, str | None]:
+    """`--model PATH|REPO_ID|NAME=PATH` (repeatable) -> {name: source}; none -> the embedded tiny model."""
+    from qimg.serve.settings import DEFAULT_MODEL_NAME
+
+    if not values:
+        return {DEFAULT_MODEL_NAME: None}
+    models: dict[str, str | None] = {}
+    for value in values:
+        name, sep, source = value.partition("=")
+        if not sep:
+            source = value
+            path = Path(value).expanduser()
+            name = path.name if path.exists() else value
+        name, source = name.strip(), source.strip()
+        if not name or not source:
+            raise InputError(f"--model {value!r}: expected PATH, REPO_ID or NAME=PATH")
+        if name in models:
+            raise InputError(f"--model: the name {name!r} is used twice; name them with NAME=PATH")
+        models[name] = None if source in ("tiny", DEFAULT_MODEL_NAME) and not Path(source).exists() else source
+    return models
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_keys(args) -> tuple[str, ...]:
+    keys = list(args.api_key or [])
+    if os.environ.get("QIMG_API_KEYS"):
+        keys += [k.strip() for k in os.environ["QIMG_API_KEYS"].split(",")]
+    for path in args.api_key_file or []:
+        try:
+            keys += [line.strip() for line in Path(path).read_text().splitlines()]
+        except OSError as err:
+            raise InputError(f"--api-key-file {path}: {err}") from None
+    return tuple(k for k in keys if k and not k.startswith("#"))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the HTTP server (OpenAI Images API, layers, jobs, web page)",
+                       description="Serve models over HTTP: OpenAI-compatible /v1/images/generations and "
+                                   "/v1/images/edits, /v1/images/layers, /v1/jobs, and a web page at /.")
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
+                   help="checkpoint folder or cached repo id, optionally named (repeatable; default: embedded "
+                        "qimg-tiny). The first model that does a task is the default for it")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", default=None,
+                   help="jobs database and stored files (default $QIMG_DATA_DIR or ~/.local/share/qimg/serve)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (repeatable; also $QIMG_API_KEYS, comma-separated)")
+    p.add_argument("--api-key-file", action="append", default=[], metavar="FILE", help="keys, one per line")
+    p.add_argument("--max-queue", type=int, default=16, metavar="N",
+                   help="jobs that may wait behind the running one; more get HTTP 429 (default 16)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from this origin (repeatable; default: same origin only)")
+    p.add_argument("--lazy", action="store_true", help="load each model on its first job instead of at start")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None)
+    p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image file (default 32)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="most pixels in an uploaded image")
+    p.add_argument("--max-prompt-chars", type=int, default=32000)
+    p.add_argument("--allow-remote-without-key", action="store_true",
+                   help="allow a non-loopback --host with no API key (refused otherwise)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(handler=run)
+
+
+def settings_from_args(args):
+    from qimg.serve.settings import Limits, Settings, default_data_dir
+
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be 1..65535, got {args.port}")
+    if args.max_queue < 0:
+        raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
+    keys = read_keys(args)
+    if not keys and not is_loopback(args.host) and not args.allow_remote_without_key:
+        raise InputError(f"--host {args.host} is reachable from other machines: set --api-key (or "
+                         f"$QIMG_API_KEYS), or pass --allow-remote-without-key")
+    max_upload = int(args.max_upload_mb * 1024 * 1024)
+    limits = Limits(max_image_bytes=max_upload, max_request_bytes=max(max_upload * 11, 16 * 1024 * 1024),
+                    max_image_pixels=args.max_pixels, max_prompt_chars=args.max_prompt_chars)
+    return Settings(models=parse_models(args.model), host=args.host, port=args.port,
+                    data_dir=Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(),
+                    api_keys=keys, max_queue=args.max_queue, cors_origins=tuple(args.cors_origin),
+                    preload=not args.lazy, dtype=args.dtype, device=args.device, limits=limits)
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from qimg.serve.app import create_app
+    except ModuleNotFoundError as err:
+        raise InputError(f"qimg serve needs {err.name!r}: pip install 'qimg[serve]'") from None
+    settings = settings_from_args(args)
+    try:
+        app = create_app(settings)
+    except RuntimeError as err:
+        raise InputError(str(err)) from None
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"qimg serve: http://{shown}:{settings.port}/  models: {', '.join(settings.models)}  "
+          f"data: {settings.data_dir}  auth: {'on' if settings.api_keys else 'off'}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+    return 0

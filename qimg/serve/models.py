@@ -1,0 +1,106 @@
+"""The models a server serves, by name: checkpoints are loaded with `qimg.load` once and kept.
+
+A model's tasks come from its pipeline's `describe()["tasks"]` once loaded ("generate", "edit", "layers").
+Loading happens on the worker thread only (never in a request handler).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from qimg.serve.errors import ApiError, bad_request
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    source: str | None  # what `qimg.load` gets: a folder, a cached repo id, or None (the embedded tiny model)
+    pipeline: object | None = None
+    state: str = "not loaded"  # "not loaded", "loading", "loaded", "error"
+    error: str | None = None
+    loaded_at: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def tasks(self) -> list[str] | None:
+        if self.pipeline is None:
+            return None
+        try:
+            return list(self.pipeline.describe().get("tasks", []))
+        except Exception:  # a describe() that fails must not break listing
+            return []
+
+    def to_json(self) -> dict:
+        out = {"id": self.name, "object": "model", "created": int(self.loaded_at or 0), "owned_by": "qimg",
+               "state": self.state, "tasks": self.tasks, "error": self.error}
+        if self.pipeline is not None:
+            try:
+                out["details"] = {k: v for k, v in self.pipeline.describe().items() if k != "tasks"}
+            except Exception:
+                pass
+        return out
+
+
+class ModelRegistry:
+    def __init__(self, sources: dict[str, str | None], *, dtype=None, device=None,
+                 pipelines: dict[str, object] | None = None):
+        self.dtype, self.device = dtype, device
+        self._entries: dict[str, ModelEntry] = {}
+        for name, source in sources.items():
+            self._entries[name] = ModelEntry(name, source)
+        for name, pipe in (pipelines or {}).items():  # ready-made pipeline objects (embedding, tests)
+            self._entries[name] = ModelEntry(name, None, pipe, "loaded", loaded_at=time.time())
+        if not self._entries:
+            raise ValueError("a server needs at least one model")
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def get(self, name: str) -> ModelEntry | None:
+        return self._entries.get(name)
+
+    def pick(self, name: str | None, task: str) -> str:
+        """The model a request runs on: the named one, else the first one known (or not yet known) to do `task`."""
+        if name not in (None, "", "auto"):
+            entry = self._entries.get(name)
+            if entry is None:
+                raise bad_request(f"model {name!r} is not served here; available: {', '.join(self._entries)}",
+                                  param="model", code="model_not_found")
+            if entry.tasks is not None and task not in entry.tasks:
+                raise bad_request(f"model {name!r} does not do {task!r} (it does: {', '.join(entry.tasks) or 'nothing'})",
+                                  param="model", code="unsupported_task")
+            return name
+        known = [e for e in self._entries.values() if e.tasks is not None and task in e.tasks]
+        unknown = [e for e in self._entries.values() if e.tasks is None and e.state != "error"]
+        if known:
+            return known[0].name
+        if unknown:
+            return unknown[0].name
+        broken = [e for e in self._entries.values() if e.state == "error"]
+        if broken:
+            raise ApiError(503, f"model {broken[0].name!r} could not be loaded: {broken[0].error}",
+                           type="server_error", code="model_error")
+        raise bad_request(f"no model on this server does {task!r}; models: "
+                          + ", ".join(f"{e.name} ({', '.join(e.tasks or []) or e.state})" for e in self.entries()),
+                          param="model", code="unsupported_task")
+
+    def load(self, name: str):
+        """The pipeline of `name`, loading it if needed (worker thread); raises the loading error."""
+        import qimg
+
+        entry = self._entries[name]
+        with entry.lock:
+            if entry.pipeline is None:
+                entry.state, entry.error = "loading", None
+                try:
+                    entry.pipeline = qimg.load(entry.source, dtype=self.dtype, device=self.device)
+                except BaseException as err:
+                    entry.state, entry.error = "error", str(err)
+                    raise
+                entry.state, entry.loaded_at = "loaded", time.time()
+            return entry.pipeline

@@ -1,0 +1,95 @@
+"""API keys and the request body limit, as one pure ASGI middleware (streaming responses pass untouched).
+
+With keys set, every route needs `Authorization: Bearer <key>` (compared with `hmac.compare_digest`) except the
+page itself (`/`, `/static/...`, `/favicon.ico`) and `/health`. Missing or wrong keys get HTTP 401 in OpenAI's
+error shape. A body larger than `max_request_bytes` gets HTTP 413 (from Content-Length before reading, or while
+reading a chunked body).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from qimg.serve.errors import ApiError, error_body
+
+PUBLIC = ("/", "/health", "/favicon.ico")
+PUBLIC_PREFIXES = ("/static/",)
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC or path.startswith(PUBLIC_PREFIXES)
+
+
+def key_matches(header: str | None, keys: tuple[str, ...]) -> bool:
+    if not header:
+        return False
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    token_b = token.strip().encode()
+    ok = False
+    for key in keys:  # compare with every key, so timing tells nothing about which one matched
+        ok |= hmac.compare_digest(token_b, key.encode())
+    return ok
+
+
+class BodyTooLarge(ApiError):
+    """Raised from `receive`, so the app's ApiError handler answers 413 (the middleware does if it cannot)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than {limit:,} bytes", code="request_too_large")
+
+
+async def _send_error(send, status: int, message: str, type: str, code: str, extra_headers=()) -> None:
+    body = json.dumps(error_body(message, type, None, code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *extra_headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    def __init__(self, app, *, api_keys: tuple[str, ...], max_request_bytes: int):
+        self.app, self.api_keys, self.max_bytes = app, tuple(api_keys), max_request_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_keys and not is_public(scope.get("path", "")) and scope.get("method") != "OPTIONS":
+            if not key_matches(headers.get("authorization"), self.api_keys):
+                missing = "authorization" not in headers
+                message = ("this server needs an API key: send 'Authorization: Bearer <key>'" if missing
+                           else "the API key is not valid")
+                return await _send_error(send, 401, message, "authentication_error",
+                                         "missing_api_key" if missing else "invalid_api_key",
+                                         [(b"www-authenticate", b"Bearer")])
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _send_error(send, 413, f"the request body is {int(length):,} bytes; the limit is "
+                                                f"{self.max_bytes:,}", "invalid_request_error", "request_too_large")
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await _send_error(send, 413, f"the request body is larger than {self.max_bytes:,} bytes",
+                                  "invalid_request_error", "request_too_large")

@@ -1,0 +1,61 @@
+"""Server settings: one frozen object built by the CLI (or a test) and handed to `create_app`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "qimg-tiny"
+
+
+def default_data_dir() -> Path:
+    """$QIMG_DATA_DIR, else $XDG_DATA_HOME/qimg/serve, else ~/.local/share/qimg/serve."""
+    if os.environ.get("QIMG_DATA_DIR"):
+        return Path(os.environ["QIMG_DATA_DIR"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base).expanduser() / "qimg" / "serve"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; everything beyond is refused with HTTP 400 (413 for the body size)."""
+
+    max_request_bytes: int = 128 * 1024 * 1024  # whole HTTP body
+    max_image_bytes: int = 32 * 1024 * 1024  # one uploaded file
+    max_image_pixels: int = 4096 * 4096  # decoded pixels of one uploaded image (checked from the header)
+    max_images: int = 10  # images in one edit request
+    max_prompt_chars: int = 32000
+    max_n: int = 10
+    max_layers: int = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    """`models` maps a served name to a checkpoint (a folder, a cached repo id, or None for the embedded tiny model).
+
+    `preload`: load every model in the worker thread when the server starts (jobs wait in the queue meanwhile);
+    with False a model is loaded by the first job that uses it. Either way a model stays loaded.
+    `max_queue`: jobs that may wait for the worker (the running one not counted); one more gets HTTP 429.
+    """
+
+    models: dict[str, str | None] = field(default_factory=lambda: {DEFAULT_MODEL_NAME: None})
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = field(default_factory=default_data_dir)
+    api_keys: tuple[str, ...] = ()
+    max_queue: int = 16
+    cors_origins: tuple[str, ...] = ()
+    preload: bool = True
+    dtype: str | None = None
+    device: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    preview_interval: float = 0.5  # seconds between live previews sent to /v1/jobs/{id}/events
+    preview_side: int = 256  # longest side of those previews
+
+    def __post_init__(self):
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "api_keys", tuple(k for k in self.api_keys if k))
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be >= 0")

@@ -1,0 +1,78 @@
+"""`FileStore` on a local folder: `<root>/<file id>.<ext>`, written with `qimg.export.atomic.atomic_write`.
+
+Names on disk are made here from a server-generated id and a fixed extension; a client's text never reaches a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from qimg.export.atomic import atomic_write
+from qimg.serve.store import FILE_ID, FileRecord, FileStore, JobStore, new_file_id
+
+log = logging.getLogger("qimg.serve")
+
+EXTENSIONS = {".png", ".jpg", ".webp", ".psd", ".ora", ".pptx", ".zip", ".json"}
+
+
+class DiskFileStore(FileStore):
+    def __init__(self, root: str | Path, index: JobStore):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = self.root.resolve()
+        self.index = index
+
+    def _new(self, ext: str) -> tuple[str, str]:
+        if ext not in EXTENSIONS:
+            raise ValueError(f"unsupported stored file extension {ext!r}")
+        file_id = new_file_id()
+        return file_id, file_id + ext
+
+    def _record(self, file_id, name, mime, job_id, role, index) -> FileRecord:
+        record = FileRecord(file_id, job_id, role, name, mime, (self.root / name).stat().st_size, index, time.time())
+        self.index.add_file(record)
+        return record
+
+    def put_bytes(self, data: bytes, *, ext: str, mime: str, job_id: str | None, role: str,
+                  index: int = 0) -> FileRecord:
+        file_id, name = self._new(ext)
+        with atomic_write(self.root / name) as handle:
+            handle.write(data)
+        return self._record(file_id, name, mime, job_id, role, index)
+
+    def put_with(self, write: Callable[[Path], None], *, ext: str, mime: str, job_id: str | None, role: str,
+                 index: int = 0) -> FileRecord:
+        file_id, name = self._new(ext)
+        write(self.root / name)
+        return self._record(file_id, name, mime, job_id, role, index)
+
+    def path(self, file_id: str) -> tuple[FileRecord, Path] | None:
+        if not isinstance(file_id, str) or not FILE_ID.fullmatch(file_id):
+            return None
+        record = self.index.get_file(file_id)
+        if record is None:
+            return None
+        path = (self.root / record.name)
+        if path.is_symlink() or not path.is_file() or path.resolve().parent != self.root:
+            return None
+        return record, path
+
+    def sweep(self, drop_jobs: list[str] = ()) -> int:
+        removed = 0
+        if drop_jobs:
+            dropped = self.index.files_of_jobs(list(drop_jobs), ("output", "layer", "export"))
+            self.index.delete_files([r.id for r in dropped])
+        known = self.index.all_file_names()
+        for entry in os.scandir(self.root):
+            if entry.is_file(follow_symlinks=False) and entry.name not in known:
+                # temporaries of interrupted atomic writes (".<name>.*.tmp") and files whose row was never written
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError as err:
+                    log.warning("could not remove %s: %s", entry.path, err)
+        return removed

@@ -1,0 +1,237 @@
+"""The worker: one thread that runs jobs one at a time (one accelerator, one job), in arrival order.
+
+Admission is bounded: at most `max_queue` jobs wait (the running one not counted); `submit` raises HTTP 429 with
+a Retry-After estimate beyond that. Cancelling a queued job drops it; cancelling a running one sets its stop flag,
+which the pipeline checks between denoising steps (`should_stop`), so it ends with status "cancelled".
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from qimg.serve import runner
+from qimg.serve.errors import ApiError, from_exception
+from qimg.serve.events import EventBus
+from qimg.serve.models import ModelRegistry
+from qimg.serve.settings import Settings
+from qimg.serve.store import CANCELLED, FAILED, RUNNING, SUCCEEDED, FileStore, JobStore
+from qimg.serve.uploads import queue_full
+
+log = logging.getLogger("qimg.serve")
+
+STOPPED_RUNNING = "the server shut down while this job was running"
+STOPPED_QUEUED = "the server shut down before this job started"
+
+
+@dataclass
+class Task:
+    job_id: str
+    kind: str  # "generate", "edit", "layers"
+    model: str
+    spec: Any  # runner.ImageSpec or runner.LayersSpec
+    params: dict  # what is recorded in the job row
+    inputs: list = None  # uploads.Upload objects stored as the job's "input" files
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: JobStore, files: FileStore, models: ModelRegistry, bus: EventBus):
+        self.settings, self.store, self.files, self.models, self.bus = settings, store, files, models, bus
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._pending: dict[str, Task] = {}
+        self._lock = threading.Lock()
+        self._running: str | None = None
+        self._stop_flags: dict[str, threading.Event] = {}
+        self._stopping = threading.Event()
+        self._durations: collections.deque[float] = collections.deque(maxlen=20)
+        self._thread: threading.Thread | None = None
+        self.loading = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="qimg-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        with self._lock:
+            waiting = list(self._pending)
+            self._pending.clear()
+            for flag in self._stop_flags.values():
+                flag.set()
+        for job_id in waiting:
+            self.store.finish(job_id, FAILED, error=STOPPED_QUEUED, error_type="server_shutdown")
+            self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": FAILED,
+                                      "outcome": ApiError(503, STOPPED_QUEUED, code="server_shutdown")})
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- admission ---------------------------------------------------------------------------------------------
+    def submit(self, task: Task):
+        """Create the job row and queue it; raises HTTP 429 (with Retry-After) when the queue is full."""
+        if self._stopping.is_set():
+            raise ApiError(503, "the server is shutting down", code="server_shutdown")
+        with self._lock:
+            if len(self._pending) >= self.settings.max_queue:
+                raise queue_full(self._retry_after())
+            job = self.store.create(task.job_id, task.kind, task.model, task.params)
+            try:
+                for i, upload in enumerate(task.inputs or []):
+                    self.files.put_bytes(upload.data, ext=upload.ext, mime=upload.mime, job_id=task.job_id,
+                                         role="input", index=i)
+            except BaseException as err:
+                self.store.finish(task.job_id, FAILED, error=f"could not store the inputs: {err}",
+                                  error_type="server_error")
+                raise
+            self._pending[task.job_id] = task
+        self._queue.put(task.job_id)
+        return job
+
+    def _retry_after(self) -> int:
+        """Seconds until a slot is likely free: the mean recent job time times the jobs ahead (lock held)."""
+        mean = sum(self._durations) / len(self._durations) if self._durations else 5.0
+        return max(1, min(3600, math.ceil(mean * max(1, len(self._pending)))))
+
+    def cancel(self, job_id: str, reason: str = "cancelled by request") -> str:
+        """'cancelled' (it was queued), 'stopping' (it is running: it stops before its next step) or its status."""
+        with self._lock:
+            if job_id in self._pending and self.store.cancel_queued(job_id, reason):
+                self._pending.pop(job_id, None)
+                self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": CANCELLED,
+                                          "outcome": InterruptedError(reason)})
+                return CANCELLED
+            flag = self._stop_flags.get(job_id)
+            if flag is not None:
+                flag.set()
+                return "stopping"
+        job = self.store.get(job_id)
+        return job.status if job else "unknown"
+
+    def state(self) -> dict:
+        with self._lock:
+            return {"waiting": len(self._pending), "running": self._running, "max_queue": self.settings.max_queue,
+                    "loading_models": self.loading}
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        if self.settings.preload:
+            self.loading = True
+            for entry in self.models.entries():
+                if self._stopping.is_set():
+                    break
+                try:
+                    self.models.load(entry.name)
+                except Exception as err:  # reported by /health and /v1/models; jobs using it fail with it
+                    log.error("model %s could not be loaded: %s", entry.name, err)
+            self.loading = False
+        while not self._stopping.is_set():
+            job_id = self._queue.get()
+            if job_id is None or self._stopping.is_set():
+                break
+            with self._lock:
+                task = self._pending.pop(job_id, None)
+                if task is None:  # cancelled while queued
+                    continue
+                if not self.store.mark_running(job_id):
+                    continue
+                self._running = job_id
+                flag = self._stop_flags[job_id] = threading.Event()
+            try:
+                self._run(task, flag)
+            except Exception:  # never let the loop die
+                log.exception("job %s crashed the worker loop", job_id)
+            finally:
+                with self._lock:
+                    self._running = None
+                    self._stop_flags.pop(job_id, None)
+
+    def _run(self, task: Task, flag: threading.Event) -> None:
+        job_id = task.job_id
+        self.bus.publish(job_id, {"type": "status", "job_id": job_id, "status": RUNNING})
+        started = time.perf_counter()
+        try:
+            pipe = self.models.load(task.model)
+            tasks = self.models.get(task.model).tasks
+            if tasks is not None and task.kind not in tasks:
+                raise ApiError(400, f"model {task.model!r} does not do {task.kind!r} "
+                                    f"(it does: {', '.join(tasks) or 'nothing'})", param="model")
+            progress = Progress(self, task)
+            run = runner.run_layers if task.kind == "layers" else runner.run_images
+            result = run(pipe, task.spec, job_id=job_id, files=self.files, progress=progress,
+                         should_stop=flag.is_set)
+        except BaseException as err:  # noqa: BLE001 - every failure becomes the job's status
+            stopping = self._stopping.is_set()
+            if isinstance(err, InterruptedError) and not stopping:
+                status, message, kind = CANCELLED, f"cancelled by request ({err})", "cancelled"
+            elif isinstance(err, InterruptedError):
+                status, message, kind = FAILED, STOPPED_RUNNING, "server_shutdown"
+                err = ApiError(503, STOPPED_RUNNING, code="server_shutdown")
+            else:
+                api = from_exception(err)
+                status, message, kind = FAILED, api.message, api.type
+                if api.status >= 500:
+                    log.error("job %s failed", job_id, exc_info=err)
+            self.store.finish(job_id, status, error=message, error_type=kind)
+            self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": status, "outcome": err})
+            if not isinstance(err, Exception):
+                raise
+            return
+        self._durations.append(time.perf_counter() - started)
+        self.store.finish(job_id, SUCCEEDED, result=result.summary())
+        self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": SUCCEEDED, "outcome": result})
+
+
+class Progress:
+    """The pipeline's progress callback for one job: publishes step events, previews and partial images."""
+
+    def __init__(self, worker: Worker, task: Task):
+        self.worker, self.task, self.bus = worker, task, worker.bus
+        self.settings = worker.settings
+        self.last_preview = 0.0
+        self.partial_steps: list[int] | None = None
+        self.partial_index = 0
+
+    def _partials(self, total: int) -> list[int]:
+        k = min(self.bus.partials_wanted(self.task.job_id), 3, max(total - 1, 0))
+        # evenly spaced steps before the last one (the last one's image is the result itself)
+        return sorted({max(1, round(total * (i + 1) / (k + 1))) for i in range(k)} - {total})
+
+    def __call__(self, event) -> None:
+        job_id = self.task.job_id
+        payload = {"type": "progress", "job_id": job_id, "stage": event.stage, "step": event.step,
+                   "total": event.total, "elapsed": round(event.elapsed, 3),
+                   "eta": None if event.eta is None else round(event.eta, 3)}
+        if event.stage == "denoise":
+            if self.partial_steps is None:
+                self.partial_steps = self._partials(event.total)
+            now = time.perf_counter()
+            want_partial = event.step in self.partial_steps
+            want_preview = (self.bus.wants_previews(job_id) and event.step < event.total
+                            and now - self.last_preview >= self.settings.preview_interval)
+            image = None
+            if (want_partial or want_preview) and event.preview is not None:
+                try:
+                    image = event.preview()
+                except Exception as err:  # a preview must never fail the job
+                    log.warning("preview failed for %s: %s", job_id, err)
+            if image is not None and want_preview:
+                payload["preview"] = runner.preview_b64(image, self.settings.preview_side)
+                self.last_preview = now
+            self.bus.publish(job_id, payload)
+            if image is not None and want_partial:
+                options = getattr(self.task.spec, "output", None) or runner.OutputOptions()
+                data = runner.encode_image(image, options)
+                self.bus.publish(job_id, {"type": "partial", "job_id": job_id, "index": self.partial_index,
+                                          "b64_json": base64.b64encode(data).decode("ascii"),
+                                          "size": f"{image.width}x{image.height}"})
+                self.partial_index += 1
+            return
+        self.bus.publish(job_id, payload)
