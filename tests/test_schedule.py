@@ -70,11 +70,12 @@ def test_unknown_scheduler_key_is_named():
 def test_euler_integrates_a_straight_flow():
     # For x_t = (1 - t) x0 + t eps the exact velocity is eps - x0; Euler is exact for a straight line.
     x0, eps = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    x0_true = x0
     sigmas = torch.tensor([1.0, 0.7, 0.3, 0.0])
     seen = []
-    out = euler(lambda x, s: eps - x0, eps.clone(), sigmas, progress=lambda i, n, x: seen.append((i, n)))
+    out = euler(lambda x, s: eps - x0, eps.clone(), sigmas, progress=lambda i, n, x, x0: seen.append((i, n, torch.allclose(x0, x0_true, atol=1e-6))))
     assert torch.allclose(out, x0, atol=1e-6)
-    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert seen == [(1, 3, True), (2, 3, True), (3, 3, True)]  # the estimate is exact for a straight flow
 
 
 def test_cfg_combine_and_renorm():

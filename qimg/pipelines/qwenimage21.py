@@ -102,9 +102,9 @@ class QwenImage21Pipeline:
         velocity = self._velocity(cond, cond_tokens, cond_shapes, (h, w), n, use_kv_cache)
         uncond = self._velocity(neg, cond_tokens, cond_shapes, (h, w), n, use_kv_cache) if neg else None
 
-        def on_step(step, total, latents):
+        def on_step(step, total, latents, denoised):
             report(ProgressEvent("denoise", step, total, clock(), latents,
-                                 preview=lambda: self.decode(latents, h, w, background)[0]))
+                                 preview=lambda: self.decode(denoised[:1], h, w, background)[0]))
 
         x = euler(velocity, x, sigma_t, uncond=uncond, cfg=cfg, progress=on_step, should_stop=should_stop)
         report(ProgressEvent("decode", 0, 1, clock()))

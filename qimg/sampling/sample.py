@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Progress = Callable[[int, int, torch.Tensor], None]
+Progress = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, renorm: bool = False) -> torch.Tensor:
@@ -27,7 +27,8 @@ def euler(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor, *, uncond: 
     """Integrate from `sigmas[0]` to `sigmas[-1]` with Euler steps; the update is done in float32.
 
     Each step's model sigma is `(sigma * 1000) / 1000`, rounded as the reference rounds the timestep it feeds its model.
-    `progress(step, total, x)` is called after every step; `should_stop()` lets a caller cancel between steps.
+    `progress(step, total, x, denoised)` is called after every step with the new sample and the step's estimate of
+    the clean sample (`x - sigma * v`, what a preview should show); `should_stop()` lets a caller cancel between steps.
     """
     total = len(sigmas) - 1
     for i in range(total):
@@ -37,7 +38,9 @@ def euler(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor, *, uncond: 
         v = velocity(x, sigma)
         if uncond is not None:
             v = cfg_combine(v, uncond(x, sigma), cfg, renorm)
+        if progress is not None:
+            denoised = (x.float() - sigmas[i] * v.float()).to(v.dtype)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(v.dtype)
         if progress is not None:
-            progress(i + 1, total, x)
+            progress(i + 1, total, x, denoised)
     return x
