@@ -1,7 +1,8 @@
 """OpenAI Images API (`/v1/images/generations`, `/v1/images/edits`) and qimg's `/v1/images/layers`.
 
-Every accepted request becomes a job (its id in the `x-qimg-job-id` header); the handler waits for it (or streams
-it with `stream=true`). Requests refused before a job exists (bad JSON/form, bad upload, full queue) carry no job id.
+Every accepted request becomes a job (its id in the `x-qimg-job-id` header); the handler waits for it, streams
+it (`stream=true`), or, with the header `Prefer: respond-async`, answers 202 with the queued job at once (the web
+page does that, then follows `/v1/jobs/{id}/events`). Requests refused before a job exists (bad JSON/form, bad upload, full queue) carry no job id.
 
 qimg extras (the official client sends them with `extra_body`): `seed`, `steps` (or `num_inference_steps`),
 `negative_prompt`, `guidance_scale` (or `true_cfg_scale`). `quality`, `moderation`, `style`, `user` and
@@ -150,6 +151,11 @@ async def next_event(sub):
         return None
 
 
+def wants_async(request: Request) -> bool:
+    """`Prefer: respond-async` (RFC 7240): answer 202 with the queued job at once; follow it on /v1/jobs/{id}."""
+    return any(p.strip().lower() == "respond-async" for p in request.headers.get("prefer", "").split(","))
+
+
 async def run_job(request: Request, task: Task, respond, *, stream: bool = False, partials: int = 0,
                   prefix: str = "image_generation", stream_meta: dict | None = None):
     svc = services(request)
@@ -160,6 +166,11 @@ async def run_job(request: Request, task: Task, respond, *, stream: bool = False
         svc.bus.unsubscribe(sub)
         raise
     headers = {JOB_HEADER: task.job_id}
+    if wants_async(request):
+        svc.bus.unsubscribe(sub)
+        job = svc.store.get(task.job_id)
+        return JSONResponse(job.to_json(base_url(request), svc.bus.progress(job.id)), status_code=202,
+                            headers={**headers, "location": f"/v1/jobs/{task.job_id}"})
     if stream:
         return StreamingResponse(stream_job(svc, sub, prefix, stream_meta or {}), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -315,3 +326,45 @@ async def layers(request: Request):
                 "file": result.export.to_json(url_base) if result.export else None}
 
     return await run_job(request, task, respond)
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[str] = Field(min_length=1, max_length=64)
+    format: Literal["psd", "ora", "pptx", "zip"]
+    names: list[str] | None = None
+
+
+@router.post("/v1/images/layers/export")
+async def export_stack(req: ExportRequest, request: Request):
+    """Write stored layer PNGs (file ids, bottom to top: a reordered or filtered stack) as one PSD/ORA/PPTX/ZIP."""
+    from starlette.concurrency import run_in_threadpool
+
+    from qimg.serve.store import FILE_ID
+
+    svc = services(request)
+    limits = svc.settings.limits
+    if req.names is not None and (len(req.names) != len(req.layers) or any(len(n) > 200 for n in req.names)):
+        raise bad_request("names must give one name (at most 200 characters) per layer", param="names")
+    paths = []
+    for i, file_id in enumerate(req.layers):
+        found = svc.files.path(file_id) if FILE_ID.fullmatch(file_id) else None
+        if found is None or found[0].role not in ("layer", "output") or found[0].mime != "image/png":
+            raise bad_request(f"layers[{i}] is not a stored layer or output PNG: {file_id!r}", param="layers")
+        paths.append(found)
+
+    def work():
+        from qimg.export import export_layers
+
+        images = [decode_image(path.read_bytes(), f"layer {i}", limits).image for i, (_, path) in enumerate(paths)]
+        mime, ext = runner.LAYER_FORMATS[req.format]
+        try:
+            return svc.files.put_with(lambda out: export_layers(images, out, req.names), ext=ext, mime=mime,
+                                      job_id=paths[0][0].job_id, role="export")
+        except ModuleNotFoundError as err:
+            raise bad_request(f"format {req.format!r} needs the package {err.name!r}: install qimg with the export "
+                              f"extra (pip install 'qimg[export]')") from None
+
+    record = await run_in_threadpool(work)
+    return record.to_json(base_url(request))

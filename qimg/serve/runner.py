@@ -73,10 +73,11 @@ class ImagesResult:
     height: int
     seed: int | None
     seconds: float | None
+    steps: int | None = None
 
     def summary(self) -> dict:
         return {"width": self.width, "height": self.height, "seed": self.seed, "seconds": self.seconds,
-                "n": len(self.images)}
+                "steps": self.steps, "n": len(self.images)}
 
 
 @dataclass
@@ -134,7 +135,7 @@ def run_images(pipe, spec: ImageSpec, *, job_id: str, files: FileStore, progress
         data = encode_image(image, spec.output, params)
         stored.append(Stored(files.put_bytes(data, ext=ext, mime=mime, job_id=job_id, role="output", index=i), data))
     meta = (out[0].info.get("qimg") or {}) if out else {}
-    return ImagesResult(stored, out[0].width, out[0].height, meta.get("seed"), meta.get("seconds"))
+    return ImagesResult(stored, out[0].width, out[0].height, meta.get("seed"), meta.get("seconds"), meta.get("steps"))
 
 
 def run_layers(pipe, spec: LayersSpec, *, job_id: str, files: FileStore, progress: Callable,

@@ -70,25 +70,35 @@ class GuardMiddleware:
             return await _send_error(send, 413, f"the request body is {int(length):,} bytes; the limit is "
                                                 f"{self.max_bytes:,}", "invalid_request_error", "request_too_large")
         seen = 0
-        started = False
+        started = exceeded = replaced = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise BodyTooLarge(self.max_bytes)
             return message
 
-        async def tracking_send(message):
-            nonlocal started
+        async def guarded_send(message):
+            # Whatever the app answers after the limit was hit (frameworks may wrap the error as a parse
+            # error), the client gets the 413.
+            nonlocal started, replaced
             if message["type"] == "http.response.start":
                 started = True
+                if exceeded:
+                    replaced = True
+                    await _send_error(send, 413, f"the request body is larger than {self.max_bytes:,} bytes",
+                                      "invalid_request_error", "request_too_large")
+                    return
+            elif replaced:
+                return
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except BodyTooLarge:
             if not started:
                 await _send_error(send, 413, f"the request body is larger than {self.max_bytes:,} bytes",
