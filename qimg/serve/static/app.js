@@ -400,7 +400,7 @@ async function refreshHistory() {
     for (const job of jobs) {
       const li = document.createElement("li");
       li.dataset.jobId = job.id; li.dataset.status = job.status; li.dataset.kind = job.kind;
-      const shown = job.outputs[0] || job.inputs[0];
+      const shown = job.kind === "layers" ? job.inputs[0] : (job.outputs[0] || job.inputs[0]);
       if (shown && job.status === "succeeded") {
         const img = document.createElement("img"); img.alt = job.params.prompt || job.kind;
         img.className = "checker";
