@@ -121,3 +121,147 @@ class Qwen3VLConditioner:
         finally:
             handle.remove()
         return captured["x"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Qwen-Image v1 family (Qwen-Image, 2512, Edit, Edit-2509/2511, Layered): Qwen2.5-VL-7B-Instruct
+
+T2I_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+_EDIT_SYSTEM = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new image "
+    "that meets the user's requirements while maintaining consistency with the original input where appropriate."
+    "<|im_end|>\n<|im_start|>user\n")
+EDIT_TEMPLATE = _EDIT_SYSTEM + IMAGE_SLOT + "{}<|im_end|>\n<|im_start|>assistant\n"  # Edit (2508): one image
+EDIT_PLUS_TEMPLATE = _EDIT_SYSTEM + "{}<|im_end|>\n<|im_start|>assistant\n"  # Edit-2509/2511: "Picture N: " slots
+PICTURE = "Picture {}: " + IMAGE_SLOT
+# Leading template tokens dropped from the states. Fixed counts, calibrated by the reference on Qwen's vocabulary
+# (the system turn plus "<|im_start|>user\n"); with another vocabulary the same count is dropped anyway.
+T2I_DROP = 34
+EDIT_DROP = 64
+CAPTION_MAX_NEW_TOKENS = 512
+# Layered's captioning prompts, exactly as the reference pipeline holds them (its line breaks included).
+CAPTION_PROMPTS = {
+    "en": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n# Image Annotator\n"
+        "You are a professional\nimage annotator. Please write an image caption based on the input image:\n"
+        "1. Write the caption using natural,\ndescriptive language without structured formats or rich text.\n"
+        "2. Enrich caption details by including: \n - Object\nattributes, such as quantity, color, shape, size, "
+        "material, state, position, actions, and so on\n - Vision Relations\nbetween objects, such as spatial "
+        "relations, functional relations, possessive relations, attachment relations, action\nrelations, comparative "
+        "relations, causal relations, and so on\n - Environmental details, such as weather, lighting,\ncolors, "
+        "textures, atmosphere, and so on\n - Identify the text clearly visible in the image, without translation or\n"
+        "explanation, and highlight it in the caption with quotation marks\n3. Maintain authenticity and accuracy:\n"
+        " - Avoid\ngeneralizations\n - Describe all visible information in the image, while do not add information "
+        "not explicitly shown in\nthe image\n" + IMAGE_SLOT + "<|im_end|>\n<|im_start|>assistant\n"),
+    "zh": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n# 图像标注器\n"
+        "你是一个专业的图像标注器。请基于输入图像，撰写图注:\n1.\n使用自然、描述性的语言撰写图注，不要使用结构化形式或富文本形式。\n"
+        "2. 通过加入以下内容，丰富图注细节：\n - 对象的属性：如数量、颜色、形状、大小、位置、材质、状态、动作等\n -\n"
+        "对象间的视觉关系：如空间关系、功能关系、动作关系、从属关系、比较关系、因果关系等\n - 环境细节：例如天气、光照、颜色、纹理、气氛等\n"
+        " - 文字内容：识别图像中清晰可见的文字，不做翻译和解释，用引号在图注中强调\n3.\n保持真实性与准确性：\n - 不要使用笼统的描述\n -\n"
+        "描述图像中所有可见的信息，但不要加入没有在图像中出现的内容\n" + IMAGE_SLOT + "<|im_end|>\n<|im_start|>assistant\n"),
+}
+PROCESSOR_CLASSES = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+
+
+class Qwen25VLConditioner:
+    """Qwen-Image v1: Qwen2.5-VL's `hidden_states[-1]` (under transformers 5.x: after the final norm, as the reference
+    reads it) for the template's tokens after a fixed drop count.
+
+    `mrope`: give the VLM the processor's `mm_token_type_ids`, so image tokens get Qwen2.5-VL's 3D positions (what
+    the model computed under transformers 4.x, which the checkpoints were released with). The reference (diffusers
+    0.42.1) does not pass them, so under transformers 5.x its image tokens get plain sequential positions
+    (huggingface/diffusers#14194). Set `mrope = False` to reproduce the reference. Text-only prompts are the same
+    either way.
+    """
+
+    def __init__(self, model, tokenizer, processor=None, *, mrope: bool = True):
+        self.model, self.tokenizer, self.processor, self.mrope = model, tokenizer, processor, mrope
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    @classmethod
+    def load(cls, folder: Path, *, dtype: torch.dtype, device, processor: str | None = None,
+             mrope: bool = True) -> "Qwen25VLConditioner":
+        """`folder` holds `text_encoder/`, `tokenizer/` and (for image inputs) `processor/`; `processor` names the
+        transformers class from model_index.json (None: the folder has no processor)."""
+        import transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        needed = ("text_encoder", "tokenizer") + (("processor",) if processor else ())
+        for sub in needed:
+            if not (folder / sub).is_dir():
+                raise CheckpointError(f"missing component folder {folder / sub}")
+        if processor is not None and processor not in PROCESSOR_CLASSES:
+            raise CheckpointError(f"unsupported processor class {processor!r}; qimg runs {list(PROCESSOR_CLASSES)}")
+        try:
+            tokenizer = transformers.Qwen2Tokenizer.from_pretrained(str(folder / "tokenizer"))
+            proc = None
+            if processor is not None:
+                proc = image_only(getattr(transformers, processor)).from_pretrained(str(folder / "processor"))
+            model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder / "text_encoder"),
+                                                                                   dtype=dtype)
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"cannot load the Qwen2.5-VL condition encoder from {folder}: {err}") from err
+        return cls(model.to(device).eval().requires_grad_(False), tokenizer, proc, mrope=mrope)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def encode_text(self, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> Condition:
+        """Text-to-image (and Layered) conditioning: the t2i template through the tokenizer."""
+        inputs = self.tokenizer([T2I_TEMPLATE.format(prompt)], padding=True, return_tensors="pt")
+        return self._encode(inputs, T2I_DROP, max_tokens)
+
+    def encode_edit(self, prompt: str, images: list[Image.Image], *, plus: bool,
+                    max_tokens: int = MAX_PROMPT_TOKENS) -> Condition:
+        """Edit conditioning with the images as the VLM sees them (already resized). `plus` (Edit-2509/2511):
+        "Picture N: " slots for 1..N images; otherwise (Edit 2508) exactly one image in the template's slot."""
+        if self.processor is None:
+            raise CheckpointError("this checkpoint has no processor/ folder, so it cannot read condition images")
+        if plus:
+            text = EDIT_PLUS_TEMPLATE.format("".join(PICTURE.format(i + 1) for i in range(len(images))) + prompt)
+        else:
+            if len(images) != 1:
+                raise InputError(f"this edit model takes exactly 1 image, got {len(images)}")
+            text = EDIT_TEMPLATE.format(prompt)
+        inputs = self.processor(text=[text], images=list(images), padding=True, return_tensors="pt")
+        return self._encode(inputs, EDIT_DROP, max_tokens)
+
+    @torch.no_grad()
+    def _encode(self, inputs, drop: int, max_tokens: int) -> Condition:
+        keep = inputs["attention_mask"][0].bool()
+        ids = inputs["input_ids"][0][keep]
+        n_text = int((ids[drop:] != self.image_token_id).sum())
+        if n_text > max_tokens:
+            raise InputError(f"the prompt is {n_text} tokens after the template; the limit is {max_tokens}")
+        names = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
+        if self.mrope:
+            names.append("mm_token_type_ids")
+        forward = {k: inputs[k].to(self.device) for k in names if k in inputs}
+        # the base model: the same hidden states as the reference's full model, without computing vocabulary logits
+        states = self.model.model(**forward, output_hidden_states=True).hidden_states[-1]
+        states = states[0][keep.to(states.device)][drop:]
+        return Condition(states[None], (ids[drop:] == self.image_token_id).to(states.device))
+
+    @torch.no_grad()
+    def caption(self, image: Image.Image, language: str = "en") -> str:
+        """Layered's automatic prompt: the VLM describes `image` (greedy or as its generation config says)."""
+        if language not in CAPTION_PROMPTS:
+            raise InputError(f"caption language must be one of {sorted(CAPTION_PROMPTS)}, got {language!r}")
+        if self.processor is None:
+            raise CheckpointError("this checkpoint has no processor/ folder, so it cannot caption images")
+        inputs = self.processor(text=CAPTION_PROMPTS[language], images=image, padding=True,
+                                return_tensors="pt").to(self.device)
+        out = self.model.generate(**inputs, max_new_tokens=CAPTION_MAX_NEW_TOKENS)
+        new = [o[len(i):] for i, o in zip(inputs["input_ids"], out)]
+        text = self.processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+        return text.strip()

@@ -10,6 +10,10 @@ from qimg.loading.files import read_model_index, resolve_model
 # class name -> (module, class) of the qimg pipeline
 PIPELINES = {
     "QwenImage21Pipeline": ("qimg.pipelines.qwenimage21", "QwenImage21Pipeline"),
+    "QwenImagePipeline": ("qimg.pipelines.qwenimage", "QwenImagePipeline"),
+    "QwenImageEditPipeline": ("qimg.pipelines.qwenimage", "QwenImageEditPipeline"),
+    "QwenImageEditPlusPipeline": ("qimg.pipelines.qwenimage", "QwenImageEditPlusPipeline"),
+    "QwenImageLayeredPipeline": ("qimg.pipelines.layered", "QwenImageLayeredPipeline"),
 }
 
 

@@ -1,0 +1,93 @@
+"""`qimg layers IMAGE -o OUT.psd`: split an image into RGBA layers with a Qwen-Image-Layered checkpoint.
+
+Everything that can be checked without the model (output suffix and folder, the image, the layer count, the recurse
+index, the resolution) is checked before loading it; the stack is written atomically, so an error leaves no file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qimg.errors import InputError
+
+
+def parse_resolution(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resolution must be 640, 1024 or a multiple of 32, got {text!r}") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("layers", help="split an image into RGBA layers (Qwen-Image-Layered)",
+                       description="Decompose IMAGE into RGBA layers (bottom to top) and write them as a layered "
+                                   "file: .psd (Photoshop), .ora (OpenRaster), .pptx (PowerPoint) or .zip (PNGs).")
+    p.add_argument("image", help="input picture (any mode; transparency is kept)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.{psd,ora,pptx,zip}")
+    p.add_argument("--layers", type=int, default=4, metavar="N", help="number of layers, 2-10 (default 4)")
+    p.add_argument("--resolution", type=parse_resolution, default=None, metavar="640|1024|N",
+                   help="working size: about N*N pixels (default 640; smaller multiples of 32 for previews)")
+    p.add_argument("--prompt", default=None, help="description of the image (default: the model captions it)")
+    p.add_argument("--recurse", type=int, default=None, metavar="INDEX",
+                   help="split returned layer INDEX again and put its sub-layers in its place")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=None, help="true CFG scale (>1 turns guidance on; default 4)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--cfg-normalize", action="store_true", help="rescale guided predictions to the conditional norm")
+    p.add_argument("--caption-language", choices=["en", "zh"], default="en",
+                   help="language of the automatic caption when no --prompt is given")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from qimg.cli import model_args
+
+    model_args(p)
+    p.set_defaults(handler=run_layers)
+
+
+def check_layers_output(path: str) -> Path:
+    from qimg.export.layers import FORMATS
+
+    out = Path(path)
+    if out.suffix.lower() not in FORMATS:
+        raise InputError(f"output {path!r} has suffix {out.suffix or '(none)'!r}; use one of {list(FORMATS)}")
+    if not out.parent.exists():
+        raise InputError(f"output folder does not exist: {out.parent}")
+    return out
+
+
+def run_layers(args) -> int:
+    import qimg
+    from qimg.cli import ProgressBar, open_image
+    from qimg.export import export_layers
+    from qimg.pipelines.layered import MAX_LAYERS, MIN_LAYERS, check_resolution
+
+    out = check_layers_output(args.output)
+    if not MIN_LAYERS <= args.layers <= MAX_LAYERS:
+        raise InputError(f"--layers must be from {MIN_LAYERS} to {MAX_LAYERS}, got {args.layers}")
+    if args.recurse is not None and not 0 <= args.recurse < args.layers:
+        raise InputError(f"--recurse must be the index of a returned layer, 0 to {args.layers - 1}, "
+                         f"got {args.recurse}")
+    if args.resolution is not None:
+        check_resolution(args.resolution)
+    image = open_image(args.image)
+    pipe = qimg.load(args.model, dtype=args.dtype, device=args.device)
+    if "layers" not in pipe.describe().get("tasks", []):
+        raise InputError(f"the model {pipe.info.folder} ({pipe.describe()['pipeline']}) does not split images into "
+                         f"layers; use a Qwen-Image-Layered checkpoint (--model)")
+    bars = []
+
+    def progress(event):  # one bar per decomposition pass (two with --recurse)
+        if event.stage == "encode" and event.step == 0:
+            bars.append(ProgressBar(args.quiet, "layers" if not bars else f"layer {args.recurse}"))
+        bars[-1](event)
+
+    layers = pipe.layers(image, layers=args.layers, resolution=args.resolution, prompt=args.prompt,
+                         steps=args.steps, seed=args.seed, cfg=args.cfg, negative_prompt=args.negative_prompt,
+                         cfg_normalize=args.cfg_normalize, recurse=args.recurse, caption_language=args.caption_language,
+                         progress=progress)
+    export_layers(layers, out)
+    meta = layers[0].info["qimg"]
+    print(f"wrote {out.resolve()} ({len(layers)} layers, {meta['width']}x{meta['height']}, seed {meta['seed']}, "
+          f"{meta['seconds']:.2f} s)")
+    return 0
