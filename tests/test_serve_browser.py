@@ -94,6 +94,18 @@ def test_page_generate_history_layers(tmp_path, browser):
         assert "steps" in page.text_content("#error-text")
         page.click("#error-close")
 
+        # edit: one dropped image, instruction, before/after compare slider
+        page.click("#tab-edit")
+        page.set_input_files("#edit-files", str(picture))
+        assert page.locator("#edit-thumbs img").count() == 1
+        page.fill("#edit-prompt", "make it blue")
+        page.fill("#panel-edit input[name=steps]", "2")
+        page.click("#edit-run")
+        page.wait_for_selector("#edit-compare:not([hidden]) #compare-after[src^='blob:']", timeout=60000)
+        page.fill("#compare-range", "80")
+        assert "80%" in page.eval_on_selector("#compare-after", "e => e.style.clipPath")
+        page.screenshot(path=str(out / "serve-edit.png"))
+
         # layers: decompose, toggle, reorder, download the PSD
         page.click("#tab-layers")
         page.set_input_files("#layers-file", str(picture))

@@ -20,6 +20,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from qimg.serve import runner
@@ -161,7 +162,7 @@ async def run_job(request: Request, task: Task, respond, *, stream: bool = False
     svc = services(request)
     sub = svc.bus.subscribe(task.job_id, partials=partials if stream else 0)
     try:
-        svc.worker.submit(task)
+        await run_in_threadpool(svc.worker.submit, task)  # writes the input files: off the event loop
     except BaseException:
         svc.bus.unsubscribe(sub)
         raise
@@ -255,7 +256,7 @@ async def read_form(request: Request, limits, file_fields: tuple[str, ...]):
 
 async def read_upload(upload: UploadFile, label: str, limits, param: str):
     data = await upload.read(limits.max_image_bytes + 1)
-    return decode_image(data, label, limits, param=param)
+    return await run_in_threadpool(decode_image, data, label, limits, param)  # decoding is CPU work
 
 
 @router.post("/v1/images/edits")
@@ -339,8 +340,6 @@ class ExportRequest(BaseModel):
 @router.post("/v1/images/layers/export")
 async def export_stack(req: ExportRequest, request: Request):
     """Write stored layer PNGs (file ids, bottom to top: a reordered or filtered stack) as one PSD/ORA/PPTX/ZIP."""
-    from starlette.concurrency import run_in_threadpool
-
     from qimg.serve.store import FILE_ID
 
     svc = services(request)

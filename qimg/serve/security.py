@@ -27,10 +27,10 @@ def key_matches(header: str | None, keys: tuple[str, ...]) -> bool:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         return False
-    token_b = token.strip().encode()
+    token_b = token.strip().encode("latin-1")  # the header's bytes as sent (decoded as latin-1 by the server)
     ok = False
     for key in keys:  # compare with every key, so timing tells nothing about which one matched
-        ok |= hmac.compare_digest(token_b, key.encode())
+        ok |= hmac.compare_digest(token_b, key.encode("utf-8"))
     return ok
 
 
