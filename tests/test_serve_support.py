@@ -1,8 +1,9 @@
 """Helpers for the server tests (no tests here): the tiny checkpoint, live servers, a layers test double.
 
-`FakeLayered` is a TEST DOUBLE standing in for the Layered pipeline until that lands: it implements the agreed
-`layers(image, *, layers, resolution, prompt, steps, seed, progress, should_stop)` call (RGBA layers, bottom to
-top) with cheap arithmetic, reports progress and honours `should_stop`. The server's route code is the real one.
+`FakeLayered` is a TEST DOUBLE for the Layered pipeline: it implements the agreed `layers(image, *, layers,
+resolution, prompt, steps, seed, progress, should_stop)` call (RGBA layers, bottom to top) with cheap arithmetic
+(instant, and any layer count), reports progress and honours `should_stop`. The server's route code is the real
+one; tests/test_serve_layered.py runs the same route on the real QwenImageLayeredPipeline.
 """
 
 from __future__ import annotations
