@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qimg.errors import InputError
+from qimg.errors import CheckpointError, InputError
 from qimg.export import composite
 from qimg.pipelines import images as im
 from qimg.pipelines.base import Clock, Defaults, Progress, ProgressEvent, check_steps, make_generator
@@ -55,8 +55,6 @@ class QwenImageLayeredPipeline(QwenImageV1Pipeline):
     def check_configs(cls, tcfg, vcfg, folder):
         super().check_configs(tcfg, vcfg, folder)
         if not (tcfg.use_layer3d_rope and tcfg.use_additional_t_cond):
-            from qimg.errors import CheckpointError
-
             raise CheckpointError(f"{folder}: a Layered transformer needs use_layer3d_rope and use_additional_t_cond")
 
     def generate(self, prompt=None, **kwargs):
