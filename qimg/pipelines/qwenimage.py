@@ -21,8 +21,8 @@ from qimg.models.conditioner import Condition, Qwen25VLConditioner
 from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
 from qimg.pipelines import images as im
-from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_steps, make_generator,
-                                 pick_device, pick_dtype)
+from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_request, pick_device,
+                                 pick_dtype)
 from qimg.sampling.sample import euler
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas, mu_for_tokens
 
@@ -123,29 +123,14 @@ class QwenImageV1Pipeline:
         at about `vlm_image_area` (Edit-Plus; Edit shows the VLM its VAE-sized copy). `use_kv_cache` has no effect on
         v1 models. Each image carries its parameters in `image.info["qimg"]`.
         """
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        images = [im.check_image(img, i) for i, img in enumerate(images or [])]
-        self.check_images(images)
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
-            raise InputError(f"n must be an integer from 1 to 16, got {n!r}")
-        if background not in (None, "transparent", "opaque", "auto"):
-            raise InputError(f"background must be 'transparent', 'opaque' or 'auto', got {background!r}")
-        resolution = self.defaults.resolution if resolution is None else resolution
-        if not isinstance(resolution, int) or isinstance(resolution, bool) or not 32 <= resolution <= im.MAX_SIDE:
-            raise InputError(f"resolution must be an integer from 32 to {im.MAX_SIDE}, got {resolution!r}")
+        req = check_request(prompt, images, width=width, height=height, resolution=resolution, steps=steps,
+                            seed=seed, negative_prompt=negative_prompt, cfg=cfg, n=n, background=background,
+                            defaults=self.defaults, multiple=MULTIPLE, check_images=self.check_images,
+                            size_image=self.size_image)
         vae_area = check_area("vae_image_area", vae_image_area, self.vae_image_area)
         vlm_area = check_area("vlm_image_area", vlm_image_area, None)  # None: the variant's own choice
-        if images and (width is None or height is None):
-            first = self.size_image(images)
-            w, h = im.fit_area(resolution * resolution, first.width / first.height)
-            width, height = width or w, height or h
-        width, height = im.check_size(width or resolution, height or resolution, MULTIPLE)
-        steps = check_steps(self.defaults.steps if steps is None else steps)
-        cfg = self.defaults.cfg if cfg is None else float(cfg)
-        if cfg > 1 and negative_prompt is None:
-            negative_prompt = " "
-        generator, seed = make_generator(seed)
+        prompt, images, width, height, steps, cfg = req.prompt, req.images, req.width, req.height, req.steps, req.cfg
+        negative_prompt, generator, seed = req.negative_prompt, req.generator, req.seed
         clock = Clock()
         report = progress or (lambda event: None)
 

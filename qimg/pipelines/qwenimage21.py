@@ -14,8 +14,8 @@ from qimg.models.conditioner import Qwen3VLConditioner
 from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from qimg.models.vae21 import VAE21, VAE21Config
 from qimg.pipelines import images as im
-from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_steps, make_generator,
-                                 pick_device, pick_dtype)
+from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_request, pick_device,
+                                 pick_dtype)
 from qimg.sampling.sample import euler
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas, mu_for_tokens
 
@@ -57,27 +57,11 @@ class QwenImage21Pipeline:
 
         Each returned image carries its parameters in `image.info["qimg"]` (a dict).
         """
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        images = [im.check_image(img, i) for i, img in enumerate(images or [])]
-        if len(images) > MAX_IMAGES:
-            raise InputError(f"{len(images)} condition images given; the limit is {MAX_IMAGES}")
-        if not isinstance(n, int) or not 1 <= n <= 16:
-            raise InputError(f"n must be an integer from 1 to 16, got {n!r}")
-        if background not in (None, "transparent", "opaque", "auto"):
-            raise InputError(f"background must be 'transparent', 'opaque' or 'auto', got {background!r}")
-        resolution = self.defaults.resolution if resolution is None else resolution
-        if not isinstance(resolution, int) or not MULTIPLE <= resolution <= im.MAX_SIDE:
-            raise InputError(f"resolution must be an integer from {MULTIPLE} to {im.MAX_SIDE}, got {resolution!r}")
-        if images and (width is None or height is None):
-            w, h = im.fit_area(resolution * resolution, images[-1].width / images[-1].height)
-            width, height = width or w, height or h
-        width, height = im.check_size(width or resolution, height or resolution, MULTIPLE)
-        steps = check_steps(self.defaults.steps if steps is None else steps)
-        cfg = self.defaults.cfg if cfg is None else float(cfg)
-        if cfg > 1 and negative_prompt is None:
-            negative_prompt = " "
-        generator, seed = make_generator(seed)
+        req = check_request(prompt, images, width=width, height=height, resolution=resolution, steps=steps,
+                            seed=seed, negative_prompt=negative_prompt, cfg=cfg, n=n, background=background,
+                            defaults=self.defaults, multiple=MULTIPLE, check_images=self._check_images)
+        prompt, images, width, height, resolution = req.prompt, req.images, req.width, req.height, req.resolution
+        steps, cfg, negative_prompt, generator, seed = req.steps, req.cfg, req.negative_prompt, req.generator, req.seed
         clock = Clock()
         report = progress or (lambda event: None)
 
@@ -120,6 +104,11 @@ class QwenImage21Pipeline:
         return out
 
     # -- pieces ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_images(images: list) -> None:
+        if len(images) > MAX_IMAGES:
+            raise InputError(f"{len(images)} condition images given; the limit is {MAX_IMAGES}")
+
     def _encode_images(self, sized: list[Image.Image], n: int):
         tokens, shapes = [], []
         for img in sized:
