@@ -276,13 +276,21 @@ class Conditioning:
         return states, slots
 
 
-def equal_length_batch(cond: Conditioning, candidates: list, size: int, n_images: int) -> list:
-    """The largest group of candidates (prompt first) sharing one token length, at most `size` of them."""
-    groups: dict[int, list] = {}
-    for cand in candidates:
-        groups.setdefault(cond.length(cand[0], n_images), []).append(cand)
-    best = max(groups.values(), key=len)
-    return best[:size]
+def equal_length_batch(cond: Conditioning, draw, size: int, n_images: int, max_tries: int) -> list:
+    """Candidates (prompt first) all of one token length: the length of a first natural draw, then further draws
+    of that length, so lengths keep their natural frequencies while a batch needs no padding."""
+    first = draw()
+    while first is None:
+        first = draw()
+    length = cond.length(first[0], n_images)
+    chosen = [first]
+    for _ in range(max_tries):
+        if len(chosen) == size:
+            break
+        cand = draw()
+        if cand is not None and cond.length(cand[0], n_images) == length:
+            chosen.append(cand)
+    return chosen
 
 
 def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32) -> bool:
@@ -379,20 +387,20 @@ def _load_or_build_tokenizer(work: Path):
 
 def _dit_step(model, cond, rng, task, src, tgt, pairs, batch, progress) -> torch.Tensor:
     n_pool = len(pairs)
-    candidates = []
-    for _ in range(batch * 3):
+
+    def draw():
         i = rng.randrange(n_pool)
         s, instruction, t = pairs[i]
-        if task == "t2i":
-            use_target = rng.random() < 0.5
-            scene = t if use_target else s
-            if len(scene.objects) > 1 and rng.random() > min(1.0, 0.2 + progress / 0.3):
-                continue  # curriculum: few multi-object scenes early on
-            text = world.prompt(scene) if rng.random() < 0.5 else world.paraphrase(scene, rng)
-            candidates.append((text, i, use_target))
-        else:
-            candidates.append((instruction, i, True))
-    chosen = equal_length_batch(cond, candidates, batch, 1 if task == "edit" else 0)
+        if task == "edit":
+            return instruction, i, True
+        use_target = rng.random() < 0.5
+        scene = t if use_target else s
+        if len(scene.objects) > 1 and rng.random() > min(1.0, 0.2 + progress / 0.3):
+            return None  # curriculum: few multi-object scenes early on
+        text = world.prompt(scene) if rng.random() < 0.5 else world.paraphrase(scene, rng)
+        return text, i, use_target
+
+    chosen = equal_length_batch(cond, draw, batch, 1 if task == "edit" else 0, max_tries=20 * batch)
     # for CFG, drop the text of a whole batch at a time (a shorter prompt would change the batch's token length)
     prompts = [c[0] for c in chosen] if rng.random() > 0.1 else [" "] * len(chosen)
     idx = torch.tensor([c[1] for c in chosen])
