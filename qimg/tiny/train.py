@@ -146,7 +146,8 @@ def train_vae(work: Path, deadline: float, seed: int = SEED) -> bool:
     if path.exists():
         state = torch.load(path, weights_only=False)
         vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        if state["opt"] is not None:
+            opt.load_state_dict(state["opt"])
         step, rng = state["step"], state["rng"]
     if step >= VAE_STEPS:
         return True
@@ -316,7 +317,8 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32) ->
         state = torch.load(path, weights_only=False)
         model.load_state_dict(state["model"])
         text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["opt"])
+        if state["opt"] is not None:
+            opt.load_state_dict(state["opt"])
         ema, step, rng = state["ema"], state["step"], state["rng"]
     if step >= DIT_STEPS:
         return True
@@ -452,6 +454,7 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
     text_encoder.half().save_pretrained(tmp / "text_encoder")
     processor.save_pretrained(tmp / "processor")
+    (tmp / "tokenizer-bpe.json").write_text((work / "tokenizer.json").read_text())  # lets training resume
     cfg_path = tmp / "processor" / "processor_config.json"
     if cfg_path.exists():
         data = json.loads(cfg_path.read_text())
@@ -476,6 +479,35 @@ def _write_config(folder: Path, class_name: str, cfg) -> None:
     (folder / "config.json").write_text(json.dumps(data, indent=2))
 
 
+def resume_from_export(out: Path, work: Path) -> bool:
+    """Seed an empty work folder from a shipped export (weights only; optimizer state starts fresh), so training
+    resumes on a machine that only has the repository. Returns True when it did."""
+    from qimg.loading.files import read_json
+    from qimg.loading.weights import open_state_dict
+
+    index_path = out / "model_index.json"
+    if (work / "state-vae.pt").exists() or not index_path.exists():
+        return False
+    meta = read_json(index_path).get("_qimg", {})
+    vcfg = read_json(out / "vae" / "config.json")
+    (work / "latent-stats.json").write_text(json.dumps({"mean": vcfg["latents_mean"], "std": vcfg["latents_std"]}))
+    (work / "tokenizer.json").write_text((out / "tokenizer-bpe.json").read_text())
+    fp32 = lambda sd: {k: v.float().clone() for k, v in sd.items()}  # noqa: E731
+    vae_sd = fp32(open_state_dict(out / "vae"))
+    _save(work / "state-vae.pt", model=vae_sd, opt=None, step=VAE_STEPS, rng=random.Random(SEED))
+    dit_sd = fp32(open_state_dict(out / "transformer"))
+    te_sd = fp32(open_state_dict(out / "text_encoder", "model"))
+    tokenizer = _load_or_build_tokenizer(work)
+    te_keys = build_text_encoder(tokenizer).state_dict().keys()
+    te_sd = {k: te_sd[k] if k in te_sd else te_sd[k.replace("lm_head", "model.language_model.embed_tokens")]
+             for k in te_keys}
+    ema = {**{f"dit.{k}": v.clone() for k, v in dit_sd.items()}, **{f"te.{k}": v.clone() for k, v in te_sd.items()}}
+    _save(work / "state-dit.pt", model=dit_sd, text_encoder=te_sd, opt=None, ema=ema,
+          step=int(meta.get("trained_steps", 0)), rng=random.Random(SEED + 2))
+    log(f"resumed from {out} at step {meta.get('trained_steps', 0)} (optimizer state starts fresh)")
+    return True
+
+
 def default_out() -> Path:
     return Path(__file__).parent / "weights" / "qimg-tiny"
 
@@ -484,6 +516,7 @@ def run(minutes: float, work: Path, out: Path | None, stages=("vae", "latents", 
     """Run the stages in order for at most `minutes`; returns True when training is complete."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work.mkdir(parents=True, exist_ok=True)
+    resume_from_export(out or default_out(), work)
     deadline = time.time() + minutes * 60
     if "vae" in stages and not train_vae(work, deadline):
         return False
