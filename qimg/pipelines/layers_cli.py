@@ -46,14 +46,10 @@ def register(sub) -> None:
 
 
 def check_layers_output(path: str) -> Path:
+    from qimg.cli import check_output
     from qimg.export.layers import FORMATS
 
-    out = Path(path)
-    if out.suffix.lower() not in FORMATS:
-        raise InputError(f"output {path!r} has suffix {out.suffix or '(none)'!r}; use one of {list(FORMATS)}")
-    if not out.parent.exists():
-        raise InputError(f"output folder does not exist: {out.parent}")
-    return out
+    return check_output(path, tuple(FORMATS))
 
 
 def run_layers(args) -> int:
