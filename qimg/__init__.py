@@ -3,8 +3,11 @@
 __version__ = "0.1.0"
 
 
-def load(model=None, *, dtype=None, device=None):
-    """Load a pipeline from a diffusers-layout folder or a cached repo id (None: the embedded tiny model)."""
+def load(model=None, *, task=None, dtype=None, device=None):
+    """Load a pipeline from a diffusers-layout folder, a cached repo id or an embedded model's name.
+
+    With no model, the embedded tiny model for `task`: qimg-tiny-layered for "layers", else qimg-tiny.
+    """
     from qimg.pipelines.registry import load_pipeline
 
-    return load_pipeline(model, dtype=dtype, device=device)
+    return load_pipeline(model, task=task, dtype=dtype, device=device)

@@ -19,8 +19,9 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint folder or cached repo id (default: embedded qimg-tiny)")
+def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
+    p.add_argument("--model", default=None, help=f"checkpoint folder, cached repo id or embedded model name "
+                                                  f"(default: the embedded {default})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None)
 

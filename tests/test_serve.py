@@ -531,7 +531,10 @@ def test_cli_registers_serve_and_parses_options(tmp_path):
 
     folder = tmp_path / "my-model"
     folder.mkdir()
-    assert parse_models([]) == {"qimg-tiny": None}
+    from qimg.loading.files import embedded_model_path
+
+    layered = (embedded_model_path("qimg-tiny-layered") / "model_index.json").is_file()
+    assert parse_models([]) == {"qimg-tiny": None, **({"qimg-tiny-layered": "qimg-tiny-layered"} if layered else {})}
     assert parse_models([str(folder), "other=/x/y", "Qwen/Qwen-Image"]) == {
         "my-model": str(folder), "other": "/x/y", "Qwen/Qwen-Image": "Qwen/Qwen-Image"}
     with pytest.raises(InputError):

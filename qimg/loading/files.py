@@ -17,9 +17,20 @@ MODEL_INDEX = "model_index.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
-def default_model_path() -> Path:
-    """Where the embedded tiny model lives inside the package."""
-    return Path(qimg.__file__).parent / "tiny" / "weights" / "qimg-tiny"
+EMBEDDED = {"qimg-tiny": "generate and edit", "qimg-tiny-layered": "layers"}  # name -> what it does
+TASK_DEFAULTS = {"layers": "qimg-tiny-layered"}  # other tasks: qimg-tiny
+
+
+def embedded_model_path(name: str = "qimg-tiny") -> Path:
+    """Where an embedded tiny model lives inside the package."""
+    if name not in EMBEDDED:
+        raise CheckpointError(f"no embedded model named {name!r}; qimg embeds {sorted(EMBEDDED)}")
+    return Path(qimg.__file__).parent / "tiny" / "weights" / name
+
+
+def default_model_path(task: str | None = None) -> Path:
+    """The embedded model used when no model is named: qimg-tiny-layered for `task="layers"`, else qimg-tiny."""
+    return embedded_model_path(TASK_DEFAULTS.get(task or "", "qimg-tiny"))
 
 
 def hf_cache_dir() -> Path:
@@ -31,10 +42,11 @@ def hf_cache_dir() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
-    """Return the folder holding `model_index.json` for a folder path, a cached repo id, or None (embedded tiny model)."""
-    if model is None:
-        folder = default_model_path()
+def resolve_model(model: str | os.PathLike | None, task: str | None = None) -> Path:
+    """Return the folder holding `model_index.json` for a folder path, a cached repo id, an embedded model's name
+    ("qimg-tiny", "qimg-tiny-layered"), or None (the embedded model for `task`)."""
+    if model is None or (isinstance(model, str) and model in EMBEDDED and not Path(model).exists()):
+        folder = default_model_path(task) if model is None else embedded_model_path(model)
         if not folder.is_dir():
             raise CheckpointError(
                 f"the embedded tiny model is not present at {folder}; pass a model folder or a cached repo id"

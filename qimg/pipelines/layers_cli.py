@@ -41,7 +41,7 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     from qimg.cli import model_args
 
-    model_args(p)
+    model_args(p, default="qimg-tiny-layered")
     p.set_defaults(handler=run_layers)
 
 
@@ -67,7 +67,7 @@ def run_layers(args) -> int:
     if args.resolution is not None:
         check_resolution(args.resolution)
     image = open_image(args.image)
-    pipe = qimg.load(args.model, dtype=args.dtype, device=args.device)
+    pipe = qimg.load(args.model, task="layers", dtype=args.dtype, device=args.device)
     if "layers" not in pipe.describe().get("tasks", []):
         raise InputError(f"the model {pipe.info.folder} ({pipe.describe()['pipeline']}) does not split images into "
                          f"layers; use a Qwen-Image-Layered checkpoint (--model)")

@@ -24,8 +24,8 @@ def pipeline_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def load_pipeline(model=None, *, dtype=None, device=None):
-    folder = resolve_model(model)
+def load_pipeline(model=None, *, task=None, dtype=None, device=None):
+    folder = resolve_model(model, task)
     index = read_model_index(folder)
     name = index.get("_class_name")
     if not name:

@@ -14,10 +14,10 @@ LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 def parse_models(values: list[str]) -> dict[str, str | None]:
     """`--model PATH|REPO_ID|NAME=PATH` (repeatable) -> {name: source}; none -> the embedded tiny model."""
-    from qimg.serve.settings import DEFAULT_MODEL_NAME
+    from qimg.serve.settings import DEFAULT_MODEL_NAME, default_models
 
     if not values:
-        return {DEFAULT_MODEL_NAME: None}
+        return default_models()
     models: dict[str, str | None] = {}
     for value in values:
         name, sep, source = value.partition("=")
@@ -60,8 +60,8 @@ def register(sub) -> None:
                        description="Serve models over HTTP: OpenAI-compatible /v1/images/generations and "
                                    "/v1/images/edits, /v1/images/layers, /v1/jobs, and a web page at /.")
     p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
-                   help="checkpoint folder or cached repo id, optionally named (repeatable; default: embedded "
-                        "qimg-tiny). The first model that does a task is the default for it")
+                   help="checkpoint folder or cached repo id, optionally named (repeatable; default: the embedded "
+                        "qimg-tiny and qimg-tiny-layered). The first model that does a task is the default for it")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data-dir", default=None,

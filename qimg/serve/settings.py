@@ -7,6 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "qimg-tiny"
+LAYERED_MODEL_NAME = "qimg-tiny-layered"
+
+
+def default_models() -> dict[str, str | None]:
+    """The embedded models: qimg-tiny (generate, edit) and, when shipped, qimg-tiny-layered (layers)."""
+    from qimg.loading.files import embedded_model_path
+
+    models: dict[str, str | None] = {DEFAULT_MODEL_NAME: None}
+    if (embedded_model_path(LAYERED_MODEL_NAME) / "model_index.json").is_file():
+        models[LAYERED_MODEL_NAME] = LAYERED_MODEL_NAME
+    return models
 
 
 def default_data_dir() -> Path:
@@ -39,7 +50,7 @@ class Settings:
     `max_queue`: jobs that may wait for the worker (the running one not counted); one more gets HTTP 429.
     """
 
-    models: dict[str, str | None] = field(default_factory=lambda: {DEFAULT_MODEL_NAME: None})
+    models: dict[str, str | None] = field(default_factory=default_models)
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = field(default_factory=default_data_dir)

@@ -8,31 +8,39 @@ from pathlib import Path
 def register(sub) -> None:
     tiny = sub.add_parser("tiny", help="train or evaluate the embedded tiny models")
     cmds = tiny.add_subparsers(dest="tiny_command", required=True)
-    train = cmds.add_parser("train", help="train qimg-tiny from scratch on the synthetic world (resumable)")
+    train = cmds.add_parser("train", help="train a tiny model from scratch on the synthetic world (resumable)")
+    train.add_argument("--model", choices=["tiny", "layered"], default="tiny",
+                       help="tiny: qimg-tiny (2.x, text-to-image and edits); layered: qimg-tiny-layered")
     train.add_argument("--minutes", type=float, default=60.0, help="stop (and checkpoint) after this long")
     train.add_argument("--out", type=Path, default=None, help="where to export the trained model "
-                       "(default: the package's embedded qimg-tiny)")
-    train.add_argument("--work", type=Path, default=Path("runs/tiny"), help="checkpoints and caches")
+                       "(default: the package's embedded model)")
+    train.add_argument("--work", type=Path, default=None, help="checkpoints and caches (default: runs/tiny, "
+                       "runs/tiny-layered)")
     train.add_argument("--threads", type=int, default=None)
     train.set_defaults(handler=run_train)
     ev = cmds.add_parser("eval", help="score a model on held-out scenes of the synthetic world")
     ev.add_argument("--n", type=int, default=200, help="held-out scenes per task")
     ev.add_argument("--out", type=Path, default=Path("eval"), help="folder for eval.json and samples.png")
-    ev.add_argument("--model", default=None)
+    ev.add_argument("--model", default=None, help="for t2i and edit (default: qimg-tiny)")
+    ev.add_argument("--layered-model", default=None, help="for layers (default: qimg-tiny-layered)")
     ev.add_argument("--steps", type=int, default=None)
     ev.add_argument("--cfg", type=float, default=None)
-    ev.add_argument("--tasks", default="t2i,edit", help="comma-separated: t2i, edit")
+    ev.add_argument("--tasks", default="t2i,edit,layers", help="comma-separated: t2i, edit, layers")
     ev.set_defaults(handler=run_eval)
 
 
 def run_train(args) -> int:
     import torch
 
-    from qimg.tiny.train import run
+    if args.model == "layered":
+        from qimg.tiny.train_layered import run
+    else:
+        from qimg.tiny.train import run
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    done = run(args.minutes, args.work, args.out)
+    work = args.work or Path("runs/tiny" if args.model == "tiny" else "runs/tiny-layered")
+    done = run(args.minutes, work, args.out)
     print("training complete" if done else f"stopped after {args.minutes} minutes; run again to resume")
     return 0
 
@@ -44,9 +52,14 @@ def run_eval(args) -> int:
 
     if args.n < 1:
         raise InputError(f"--n must be at least 1, got {args.n}")
-    pipe = qimg.load(args.model)
-    result = evaluate(pipe, n=args.n, out=args.out, steps=args.steps, cfg=args.cfg, tasks=tuple(args.tasks.split(",")))
-    for task in ("t2i", "edit"):
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    unknown = set(tasks) - {"t2i", "edit", "layers"}
+    if unknown or not tasks:
+        raise InputError(f"--tasks takes t2i, edit, layers; got {args.tasks!r}")
+    pipe = qimg.load(args.model) if {"t2i", "edit"} & set(tasks) else None
+    layered = qimg.load(args.layered_model, task="layers") if "layers" in tasks else None
+    result = evaluate(pipe, n=args.n, out=args.out, steps=args.steps, cfg=args.cfg, tasks=tasks, layered=layered)
+    for task in ("t2i", "edit", "layers"):
         if task in result:
             print(task, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[task].items()})
     print(f"wrote {args.out / 'eval.json'} and {args.out / 'samples.png'}")

@@ -71,19 +71,63 @@ def eval_edits(pipe, scenes, rng: random.Random, steps=None, cfg=None) -> tuple[
     }, samples
 
 
+def eval_layers(pipe, scenes, steps=None, cfg=None) -> tuple[dict, list]:
+    """Decompose each held-out render into as many layers as it was built from (the model captions it itself)."""
+    rows, samples, seconds = [], [], []
+    for i, scene in enumerate(scenes):
+        truth = world.render_layers(scene)
+        start = time.perf_counter()
+        layers = pipe.layers(world.render(scene), layers=len(truth), seed=i, steps=steps, cfg=cfg)
+        seconds.append(time.perf_counter() - start)
+        score = checker.score_layers(layers, truth)
+        rows.append(score)
+        ok = score["mean_alpha_iou"] >= 0.85 and score["composite_psnr"] >= 30
+        if len(samples) < 2:
+            strip = Image.new("RGB", (128 * (len(layers) + 1), 128), "white")
+            strip.paste(world.render(scene), (0, 0))
+            for k, layer in enumerate(layers):
+                strip.paste(checkerboard(layer), (128 * (k + 1), 0))
+            text = f"input, then {len(layers)} layers: IoU {score['mean_alpha_iou']:.2f}, " \
+                   f"composite {score['composite_psnr']:.1f} dB"
+            samples.append((strip, text, ok))
+    return {
+        "n": len(rows),
+        "mean_alpha_iou": mean(r["mean_alpha_iou"] for r in rows),
+        "rgb_l1": mean(r["rgb_l1"] for r in rows),
+        "composite_psnr": mean(r["composite_psnr"] for r in rows),
+        "seconds_per_image": mean(seconds),
+    }, samples
+
+
+def checkerboard(layer: Image.Image, square: int = 8) -> Image.Image:
+    """An RGBA layer over a grey checkerboard, so transparency shows in the grid."""
+    yy, xx = np.mgrid[: layer.height, : layer.width]
+    board = np.where(((yy // square) + (xx // square)) % 2 == 0, 200, 150).astype(np.uint8)
+    base = Image.fromarray(np.stack([board] * 3, axis=-1)).convert("RGBA")
+    return Image.alpha_composite(base, layer.convert("RGBA")).convert("RGB")
+
+
 def grid(samples, path: Path, columns: int = 6) -> None:
     """A PNG grid of samples with their prompts and the checker's verdict."""
     font = ImageFont.truetype(str(world.FONT_PATH.parent / "DejaVuSans-Bold.ttf"), 9)
     cell_w, cell_h = 128, 128 + 40
-    rows = (len(samples) + columns - 1) // columns
+    slots, k = [], 0
+    for image, text, ok in samples:  # a wide sample (a layer strip) starts a row and spans several cells
+        span = max(1, image.width // cell_w)
+        if span > 1 or k % columns + span > columns:
+            k = -(-k // columns) * columns
+        slots.append(k)
+        k += span
+    rows = (k + columns - 1) // columns
     canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
-    for k, (image, text, ok) in enumerate(samples):
+    for k, (image, text, ok) in zip(slots, samples):
         x, y = (k % columns) * cell_w, (k // columns) * cell_h
         canvas.paste(image.convert("RGB"), (x, y))
+        width = max(cell_w, image.width)
         words, lines, line = text.split(), [], ""
         for word in words:
-            if draw.textlength(f"{line} {word}", font=font) > cell_w - 4:
+            if draw.textlength(f"{line} {word}", font=font) > width - 4:
                 lines.append(line)
                 line = word
             else:
@@ -96,10 +140,15 @@ def grid(samples, path: Path, columns: int = 6) -> None:
 
 
 def evaluate(pipe, n: int = 200, out: Path = Path("eval"), steps=None, cfg=None, seed: int = 0,
-             tasks=("t2i", "edit")) -> dict:
+             tasks=("t2i", "edit"), layered=None) -> dict:
+    """Score `pipe` (2.x: t2i, edit) and `layered` (a Layered pipeline: layers) on `n` held-out scenes per task."""
     out.mkdir(parents=True, exist_ok=True)
     scenes = world.held_out(n, seed=seed)
-    result = {"model": pipe.describe(), "held_out_scenes": n, "steps": steps, "cfg": cfg}
+    result = {"held_out_scenes": n, "steps": steps, "cfg": cfg}
+    if pipe is not None:
+        result["model"] = pipe.describe()
+    if layered is not None:
+        result["layered_model"] = layered.describe()
     samples = []
     if "t2i" in tasks:
         result["t2i"], s = eval_t2i(pipe, scenes, steps, cfg)
@@ -107,6 +156,9 @@ def evaluate(pipe, n: int = 200, out: Path = Path("eval"), steps=None, cfg=None,
     if "edit" in tasks:
         result["edit"], s = eval_edits(pipe, scenes, random.Random(seed), steps, cfg)
         samples += s[:12]
+    if "layers" in tasks:
+        result["layers"], s = eval_layers(layered, scenes, steps, cfg)
+        samples += s
     with atomic_write(out / "eval.json", "w") as handle:
         json.dump(result, handle, indent=2)
     grid(samples, out / "samples.png")

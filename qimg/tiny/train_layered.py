@@ -1,0 +1,498 @@
+"""Train qimg-tiny-layered (Qwen-Image-Layered at a tiny config) from scratch on CPU on the synthetic world.
+
+Stages, each resumable from `WORK/state-<stage>.pt`:
+  vae      the v1 RGBA VAE on 64x64 crops of world composites and single layers;
+  latents  latent statistics (written into the VAE config) and a cached pool of scenes with the latents of their
+           composite and of each layer (background, objects in reading order, word);
+  caption  the Qwen2.5-VL learns to caption renders with their canonical prompts (the pipeline captions its input
+           when no prompt is given), then stays frozen;
+  dit      the Layered transformer, flow matching on [composite, layer 1..L] conditioned on the composite's latents;
+  export   the diffusers-layout folder that `qimg.load` reads like the real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qimg.models.conditioner import CAPTION_PROMPTS, T2I_DROP, T2I_TEMPLATE
+from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
+from qimg.models.vae import VAE, VAEConfig
+from qimg.pipelines import images as im
+from qimg.tiny import world
+from qimg.tiny.train import SEED, _mask_words, _save, _write_config, curriculum_scene, log, rgba_tensor
+
+NAME = "qimg-tiny-layered"
+VAE_STEPS = 1500
+POOL_SCENES = 4000
+CAPTION_STEPS = 1200
+DIT_STEPS = 3000
+Z = 16
+VAE_CFG = dict(base_dim=16, z_dim=Z, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temperal_downsample=(False, True, True),
+               input_channels=4)
+DIT = dict(patch_size=2, in_channels=4 * Z, out_channels=Z, num_layers=4, attention_head_dim=32, num_attention_heads=4,
+           joint_attention_dim=128, axes_dims_rope=(8, 12, 12), use_additional_t_cond=True, use_layer3d_rope=True)
+TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            mrope=[4, 6, 6])
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+             "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9, "base_image_seq_len": 256,
+             "max_image_seq_len": 8192, "shift_terminal": None, "time_shift_type": "linear",
+             "invert_sigmas": False, "stochastic_sampling": False, "use_karras_sigmas": False,
+             "use_exponential_sigmas": False, "use_beta_sigmas": False}
+DEFAULTS = {"default_resolution": 128, "default_steps": 20, "default_cfg": 1.0}
+TOKENS = 64  # tokens per frame: 128x128 at 8x, 2x2 patches
+EXTRA_LAYER_P = 0.15  # sometimes one more layer than the scene has: it must come out empty
+
+
+def layer_scene(scene: world.Scene) -> world.Scene:
+    """The layer order the model learns: background, objects in reading (cell) order, then the word."""
+    return scene.canonical()
+
+
+def frames_of(scene: world.Scene) -> np.ndarray:
+    """uint8 `[1 + L, 128, 128, 4]`: the opaque composite, then the layers bottom to top."""
+    layers = world.layer_arrays(layer_scene(scene))
+    comp = world.render_array(scene)
+    comp = np.concatenate([comp, np.full(comp.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+    return np.concatenate([comp[None], layers])
+
+
+def layer_keys(scene: world.Scene) -> list:
+    """A cache key per layer of `frames_of(scene)[1:]` (None: the word layer, not cached)."""
+    s = layer_scene(scene)
+    return [("background", s.background)] + list(s.objects) + ([None] if s.word else [])
+
+
+# -- model construction ---------------------------------------------------------------------------------------
+def corpus(n: int = 4000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = [T2I_TEMPLATE, CAPTION_PROMPTS["en"], "system user assistant"]
+    for _ in range(n):
+        scene = world.random_scene(rng)
+        texts += [world.prompt(scene), world.paraphrase(scene, rng)]
+    return [_mask_words(t) for t in texts]
+
+
+def build_tokenizer():
+    from qimg.tiny.tokenizer import qwen_tokenizer, train_bpe
+
+    return qwen_tokenizer(*train_bpe(corpus(), vocab_size=600))
+
+
+def load_or_build_tokenizer(work: Path):
+    from qimg.tiny.tokenizer import qwen_tokenizer
+
+    path = work / "tokenizer.json"
+    if not path.exists():
+        from qimg.tiny.tokenizer import train_bpe
+
+        vocab, merges = train_bpe(corpus(), vocab_size=600)
+        path.write_text(json.dumps({"vocab": vocab, "merges": merges}))
+    data = json.loads(path.read_text())
+    return qwen_tokenizer(data["vocab"], data["merges"])
+
+
+def build_processor(tokenizer):
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from qimg.models.conditioner import image_only
+    from qimg.tiny.tokenizer import CHAT_TEMPLATE
+
+    patch, merge = 14, 2
+    ip = Qwen2VLImageProcessorPil(patch_size=patch, temporal_patch_size=2, merge_size=merge,
+                                  min_pixels=(patch * merge) ** 2, max_pixels=(patch * merge) ** 2 * 64)
+    return image_only(Qwen2VLProcessor)(image_processor=ip, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def build_text_encoder(tokenizer, seed: int = SEED):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    t = TEXT
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=t["hidden_size"],
+                         intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
+                         num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
+                         rms_norm_eps=1e-6, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": t["mrope"]},
+                         pad_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), bos_token_id=None),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=t["hidden_size"],
+                           window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():  # token identity must survive the random layers (see qimg.tiny.train.build_text_encoder)
+        model.model.language_model.embed_tokens.weight.normal_(std=1.0)
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    model.generation_config.do_sample = False
+    return model
+
+
+def vae_config(mean=None, std=None) -> VAEConfig:
+    return VAEConfig(**VAE_CFG, latents_mean=tuple(mean or [0.0] * Z), latents_std=tuple(std or [1.0] * Z))
+
+
+def load_vae(work: Path) -> VAE:
+    state = torch.load(work / "state-vae.pt", weights_only=False)
+    mean = std = None
+    if (work / "latent-stats.json").exists():
+        data = json.loads((work / "latent-stats.json").read_text())
+        mean, std = data["mean"], data["std"]
+    vae = VAE(vae_config(mean, std))
+    vae.load_state_dict(state["model"])
+    return vae.eval().requires_grad_(False)
+
+
+def _resume(path: Path, module, opt=None) -> dict:
+    if not path.exists():
+        return {}
+    state = torch.load(path, weights_only=False)
+    module.load_state_dict(state["model"])
+    if opt is not None and state.get("opt") is not None:
+        opt.load_state_dict(state["opt"])
+    return state
+
+
+def _lr(base: float, step: int, total: int, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(step / total, 1.0))) * 0.95 + 0.05)
+
+
+# -- stage: VAE -----------------------------------------------------------------------------------------------
+def train_vae(work: Path, deadline: float, seed: int = SEED) -> bool:
+    path = work / "state-vae.pt"
+    torch.manual_seed(seed)
+    vae = VAE(vae_config()).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    state = _resume(path, vae, opt)
+    step, rng = state.get("step", 0), state.get("rng", random.Random(seed))
+    if step >= VAE_STEPS:
+        return True
+    log(f"layered vae: step {step}/{VAE_STEPS}, {sum(p.numel() for p in vae.parameters()):,} parameters")
+    losses = []
+    while step < VAE_STEPS and time.time() < deadline:
+        for group in opt.param_groups:
+            group["lr"] = _lr(2e-3, step, VAE_STEPS, 100)
+        crops = []
+        for _ in range(16):
+            frames = frames_of(world.random_scene(rng))
+            img = frames[0] if rng.random() < 0.3 else frames[rng.randrange(1, len(frames))]
+            y, x = rng.randrange(0, 65, 8), rng.randrange(0, 65, 8)
+            crops.append(img[y:y + 64, x:x + 64])
+        x = rgba_tensor(crops)
+        z = vae._encode(x)
+        out = vae._decode(z)
+        loss = F.l1_loss(out, x) + F.mse_loss(out, x) + 1e-4 * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % 100 == 0:
+            psnr = -10 * math.log10(F.mse_loss(out.detach() / 2, x / 2).item() + 1e-12)
+            log(f"layered vae: step {step}/{VAE_STEPS} loss {np.mean(losses):.4f} psnr {psnr:.1f} dB")
+            losses = []
+        if step % 500 == 0:
+            _save(path, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    _save(path, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    return step >= VAE_STEPS
+
+
+# -- stage: latent pool -----------------------------------------------------------------------------------------
+def build_pool(work: Path, deadline: float, seed: int = SEED) -> bool:
+    path = work / "pool.pt"
+    if path.exists():
+        return True
+    vae = load_vae(work)
+    rng = random.Random(seed + 1)
+    scenes, latents = [], []
+    cache: dict = {}  # background and object layers repeat across scenes (8 + 432 kinds): encode each once
+    log(f"layered latents: encoding {POOL_SCENES} scenes")
+    with torch.inference_mode():
+        while len(scenes) < POOL_SCENES:
+            if time.time() > deadline:
+                return False
+            batch = [curriculum_scene(rng, 1.0) for _ in range(32)]
+            todo, where = [], []
+            for b, scene in enumerate(batch):
+                frames = frames_of(scene)
+                for f, key in enumerate([None] + layer_keys(scene)):
+                    if key is None or key not in cache:
+                        where.append((b, f, key))
+                        todo.append(frames[f])
+            z = vae._encode(rgba_tensor(todo)).half()
+            fresh: dict = {}
+            for (b, f, key), zi in zip(where, z):
+                fresh[(b, f)] = zi
+                if key is not None:
+                    cache[key] = zi
+            for b, scene in enumerate(batch):
+                keys = [None] + layer_keys(scene)
+                latents.append(torch.stack([fresh[(b, f)] if (b, f) in fresh else cache[k]
+                                            for f, k in enumerate(keys)]))
+            scenes.extend(batch)
+            if len(scenes) % 800 == 0:
+                log(f"layered latents: {len(scenes)}/{POOL_SCENES}")
+        empty = vae._encode(rgba_tensor([np.zeros((128, 128, 4), np.uint8)])).half()
+    both = torch.cat(latents).float()
+    mean, std = both.mean(dim=(0, 2, 3)).tolist(), both.std(dim=(0, 2, 3)).tolist()
+    (work / "latent-stats.json").write_text(json.dumps({"mean": mean, "std": std}))
+    _save(path, scenes=scenes, latents=latents, empty=empty[0])
+    log("layered latents: done")
+    return True
+
+
+# -- stage: captioner -------------------------------------------------------------------------------------------
+def _caption_batch(processor, scenes, rng):
+    """Inputs and labels for teacher-forced captioning: loss only on the caption and its end token."""
+    texts = [CAPTION_PROMPTS["en"] + (world.prompt(s)) + "<|im_end|>" for s in scenes]
+    images = [world.render(s) for s in scenes]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    prompt_len = len(processor(text=[CAPTION_PROMPTS["en"]], images=images[:1], return_tensors="pt").input_ids[0])
+    labels = inputs.input_ids.clone()
+    labels[:, :prompt_len] = -100
+    labels[inputs.attention_mask == 0] = -100
+    return inputs, labels
+
+
+def train_caption(work: Path, deadline: float, seed: int = SEED) -> bool:
+    path = work / "state-caption.pt"
+    tokenizer = load_or_build_tokenizer(work)
+    processor = build_processor(tokenizer)
+    model = build_text_encoder(tokenizer, seed).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    state = _resume(path, model, opt)
+    step, rng = state.get("step", 0), state.get("rng", random.Random(seed + 3))
+    if step >= CAPTION_STEPS:
+        return True
+    log(f"layered caption: step {step}/{CAPTION_STEPS}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    losses = []
+    processor.tokenizer.padding_side = "right"
+    while step < CAPTION_STEPS and time.time() < deadline:
+        for group in opt.param_groups:
+            group["lr"] = _lr(1e-3, step, CAPTION_STEPS, 100)
+        scenes = [curriculum_scene(rng, 1.0) for _ in range(16)]
+        inputs, labels = _caption_batch(processor, scenes, rng)
+        fwd = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                       "mm_token_type_ids") if k in inputs}
+        loss = model(**fwd, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % 50 == 0:
+            log(f"layered caption: step {step}/{CAPTION_STEPS} loss {np.mean(losses):.4f}")
+            losses = []
+        if step % 300 == 0:
+            _save(path, model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    _save(path, model=model.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    return step >= CAPTION_STEPS
+
+
+def load_text_encoder(work: Path):
+    tokenizer = load_or_build_tokenizer(work)
+    model = build_text_encoder(tokenizer)
+    model.load_state_dict(torch.load(work / "state-caption.pt", weights_only=False)["model"])
+    return tokenizer, model.eval().requires_grad_(False)
+
+
+def encode_prompts(tokenizer, model, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states `[B, S, D]` as the pipeline computes them (T2I template, first T2I_DROP tokens dropped), right
+    padded, and their mask."""
+    states = []
+    for p in prompts:
+        ids = tokenizer([T2I_TEMPLATE.format(p)], return_tensors="pt")
+        states.append(model.model(**ids, output_hidden_states=True).hidden_states[-1][0, T2I_DROP:])
+    n = max(s.shape[0] for s in states)
+    out = torch.zeros(len(states), n, states[0].shape[-1])
+    mask = torch.zeros(len(states), n, dtype=torch.bool)
+    for i, s in enumerate(states):
+        out[i, : s.shape[0]], mask[i, : s.shape[0]] = s, True
+    return out, mask
+
+
+# -- stage: transformer -----------------------------------------------------------------------------------------
+def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8) -> bool:
+    path = work / "state-dit.pt"
+    pool = torch.load(work / "pool.pt", weights_only=False)
+    stats = json.loads((work / "latent-stats.json").read_text())
+    mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
+    scenes, latents = pool["scenes"], [(z.float() - mean) / std for z in pool["latents"]]
+    empty = (pool["empty"].float()[None] - mean) / std
+    by_frames: dict[int, list[int]] = {}
+    for i, z in enumerate(latents):
+        by_frames.setdefault(z.shape[0], []).append(i)
+    tokenizer, text_encoder = load_text_encoder(work)
+    torch.manual_seed(seed)
+    model = QwenImageTransformer(QwenImageConfig(**DIT)).train()
+    with torch.no_grad():
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01, betas=(0.9, 0.99))
+    state = _resume(path, model, opt)
+    ema = state.get("ema") or {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step, rng = state.get("step", 0), state.get("rng", random.Random(seed + 2))
+    if step >= DIT_STEPS:
+        return True
+    log(f"layered dit: step {step}/{DIT_STEPS}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    losses, started = [], time.time()
+    while step < DIT_STEPS and time.time() < deadline:
+        for group in opt.param_groups:
+            group["lr"] = _lr(5e-4, step, DIT_STEPS, 200)
+        first = rng.randrange(len(latents))
+        group_ids = by_frames[latents[first].shape[0]]
+        idx = [first] + [rng.choice(group_ids) for _ in range(batch - 1)]
+        x0 = torch.stack([latents[i] for i in idx])  # [B, F, z, h, w]
+        if rng.random() < EXTRA_LAYER_P:
+            x0 = torch.cat([x0, empty[None].expand(len(idx), -1, -1, -1, -1)], dim=1)
+        loss = layered_loss(model, tokenizer, text_encoder, x0, [scenes[i] for i in idx], rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for k, v in model.state_dict().items():
+                ema[k].lerp_(v.detach(), 1 - decay)
+        step += 1
+        losses.append(loss.item())
+        if step % 50 == 0:
+            rate = 50 / max(time.time() - started, 1e-6)
+            started = time.time()
+            log(f"layered dit: step {step}/{DIT_STEPS} loss {np.mean(losses):.4f} {rate:.2f} it/s")
+            losses = []
+        if step % 250 == 0:
+            _save(path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step, rng=rng)
+    _save(path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step, rng=rng)
+    return step >= DIT_STEPS
+
+
+def layered_loss(model, tokenizer, text_encoder, x0: torch.Tensor, scenes, rng: random.Random) -> torch.Tensor:
+    """Flow-matching loss on all frames (composite first) with the composite's latents as the condition."""
+    b, frames = x0.shape[:2]
+    prompts = []
+    for s in scenes:
+        r = rng.random()
+        prompts.append(world.prompt(s) if r < 0.4 else world.paraphrase(s, rng) if r < 0.7 else " ")
+    with torch.no_grad():
+        states, mask = encode_prompts(tokenizer, text_encoder, prompts)
+    tokens = im.pack(x0.flatten(0, 1), 2).reshape(b, frames * TOKENS, -1)
+    cond = im.pack(x0[:, 0], 2)
+    sigma = torch.sigmoid(torch.randn(b))
+    noise = torch.randn_like(tokens)
+    xt = (1 - sigma[:, None, None]) * tokens + sigma[:, None, None] * noise
+    shapes = [(1, 8, 8)] * frames + [(1, 8, 8)]
+    flag = torch.zeros(b, dtype=torch.long)
+    v = model(torch.cat([xt, cond], dim=1), states, sigma, shapes, text_mask=mask, additional_t_cond=flag)
+    return F.mse_loss(v[:, : xt.shape[1]], noise - tokens)
+
+
+# -- stage: export ----------------------------------------------------------------------------------------------
+def export(work: Path, out: Path, use_ema: bool = True) -> Path:
+    import shutil
+
+    from qimg.loading.weights import save_state_dict
+
+    state = torch.load(work / "state-dit.pt", weights_only=False)
+    tokenizer, text_encoder = load_text_encoder(work)
+    processor = build_processor(tokenizer)
+    vae = load_vae(work)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("transformer", "vae", "scheduler"):
+        (tmp / sub).mkdir(parents=True)
+    half = lambda sd: {k: v.half().contiguous() if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
+    save_state_dict(half(state["ema"] if use_ema else state["model"]),
+                    tmp / "transformer" / "diffusion_pytorch_model.safetensors")
+    _write_config(tmp / "transformer", "QwenImageTransformer2DModel", QwenImageConfig(**DIT))
+    save_state_dict(half(vae.state_dict()), tmp / "vae" / "diffusion_pytorch_model.safetensors")
+    _write_config(tmp / "vae", "AutoencoderKLQwenImage", vae.config)
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    text_encoder.half().save_pretrained(tmp / "text_encoder")
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    processor.save_pretrained(tmp / "processor")
+    (tmp / "tokenizer-bpe.json").write_text((work / "tokenizer.json").read_text())  # lets training resume
+    cfg_path = tmp / "processor" / "processor_config.json"
+    if cfg_path.exists():
+        data = json.loads(cfg_path.read_text())
+        data["processor_class"] = "Qwen2VLProcessor"
+        cfg_path.write_text(json.dumps(data, indent=2))
+    index = {"_class_name": "QwenImageLayeredPipeline", "_diffusers_version": "0.42.1",
+             "processor": ["transformers", "Qwen2VLProcessor"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+             "tokenizer": ["transformers", "Qwen2Tokenizer"],
+             "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKLQwenImage"],
+             "_qimg": {**DEFAULTS, "name": NAME, "trained_steps": state["step"]}}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def resume_from_export(out: Path, work: Path) -> bool:
+    """Seed an empty work folder from a shipped export (weights only; optimizers start fresh)."""
+    from qimg.loading.files import read_json
+    from qimg.loading.weights import open_state_dict
+
+    if (work / "state-vae.pt").exists() or not (out / "model_index.json").exists():
+        return False
+    meta = read_json(out / "model_index.json").get("_qimg", {})
+    vcfg = read_json(out / "vae" / "config.json")
+    (work / "latent-stats.json").write_text(json.dumps({"mean": vcfg["latents_mean"], "std": vcfg["latents_std"]}))
+    (work / "tokenizer.json").write_text((out / "tokenizer-bpe.json").read_text())
+    fp32 = lambda sd: {k: v.float().clone() for k, v in sd.items()}  # noqa: E731
+    _save(work / "state-vae.pt", model=fp32(open_state_dict(out / "vae")), opt=None, step=VAE_STEPS,
+          rng=random.Random(SEED))
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    te = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out / "text_encoder"), dtype=torch.float32)
+    te_sd = {k: v.clone() for k, v in te.state_dict().items()}  # the saved file uses the checkpoint key layout
+    _save(work / "state-caption.pt", model=te_sd, opt=None, step=CAPTION_STEPS, rng=random.Random(SEED + 3))
+    dit_sd = fp32(open_state_dict(out / "transformer"))
+    _save(work / "state-dit.pt", model=dit_sd, opt=None, ema={k: v.clone() for k, v in dit_sd.items()},
+          step=int(meta.get("trained_steps", 0)), rng=random.Random(SEED + 2))
+    log(f"resumed from {out} at step {meta.get('trained_steps', 0)} (optimizer state starts fresh)")
+    return True
+
+
+def default_out() -> Path:
+    return Path(__file__).parent / "weights" / NAME
+
+
+STAGES = ("vae", "latents", "caption", "dit", "export")
+
+
+def run(minutes: float, work: Path, out: Path | None, stages=STAGES) -> bool:
+    """Run the stages in order for at most `minutes`; returns True when training is complete."""
+    work.mkdir(parents=True, exist_ok=True)
+    resume_from_export(out or default_out(), work)
+    deadline = time.time() + minutes * 60
+    if "vae" in stages and not train_vae(work, deadline):
+        return False
+    if "latents" in stages and not build_pool(work, deadline):
+        return False
+    if "caption" in stages and not train_caption(work, deadline):
+        return False
+    done = train_dit(work, deadline) if "dit" in stages else True
+    if "export" in stages and (work / "state-dit.pt").exists():
+        log(f"exported {export(work, out or default_out())}")
+    return done
