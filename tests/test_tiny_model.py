@@ -69,3 +69,39 @@ def test_training_resumes_from_the_shipped_export(tmp_path):
     T.build_text_encoder(T._load_or_build_tokenizer(tmp_path)).load_state_dict(state["text_encoder"])
     assert T.load_vae(tmp_path).config.latents_std == tuple(qimg.load().vae.config.latents_std)
     assert not T.resume_from_export(default_model_path(), tmp_path)  # never overwrites a work folder
+
+
+# -- qimg-tiny-layered ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_layered():
+    return qimg.load(task="layers")  # the embedded default for layers, through the same loader
+
+
+def test_layered_default_is_the_shipped_checkpoint(tiny_layered):
+    assert tiny_layered.info.folder == default_model_path("layers") != default_model_path()
+    assert tiny_layered.describe()["pipeline"] == "QwenImageLayeredPipeline"
+    assert qimg.load("qimg-tiny-layered").info.folder == tiny_layered.info.folder  # also by name
+    total = sum(p.stat().st_size for m in (default_model_path(), default_model_path("layers"))
+                for p in m.rglob("*") if p.is_file())
+    assert total < 40e6  # both tiny models together
+
+
+def test_layered_splits_a_held_out_scene(tiny_layered):
+    """The default path (the model captions the picture itself) gives the scene's layers back."""
+    scores = []
+    for i, scene in enumerate(world.held_out(4, seed=11)):
+        truth = world.render_layers(scene)
+        layers = tiny_layered.layers(world.render(scene), layers=len(truth), seed=i)
+        assert len(layers) == len(truth) and all(x.size == (128, 128) and x.mode == "RGBA" for x in layers)
+        assert layers[0].info["qimg"]["prompt"].strip()  # the caption it wrote
+        scores.append(checker.score_layers(layers, truth))
+    assert np.mean([s["mean_alpha_iou"] for s in scores]) > LAYERED_MIN_IOU
+    assert np.mean([s["composite_psnr"] for s in scores]) > LAYERED_MIN_PSNR
+
+
+def test_layers_command_on_the_default(tmp_path, capsys):
+    src = tmp_path / "in.png"
+    world.render(world.held_out(1, seed=2)[0]).save(src)
+    out = tmp_path / "layers.psd"
+    assert main(["layers", str(src), "-o", str(out), "--layers", "3", "--quiet"]) == 0
+    assert str(out.resolve()) in capsys.readouterr().out and out.stat().st_size > 0
