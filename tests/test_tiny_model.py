@@ -8,6 +8,10 @@ from qimg.cli import main
 from qimg.loading.files import default_model_path
 from qimg.tiny import checker, world
 
+# The shipped qimg-tiny-layered on 4 held-out scenes measured IoU 0.29 / composite 14.2 dB; a model trained for 2
+# steps measures 0.20 / 9.9 dB.
+LAYERED_MIN_IOU, LAYERED_MIN_PSNR = 0.25, 12.0
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -24,9 +28,10 @@ def test_default_is_the_shipped_checkpoint(tiny):
 def test_generates_pictures_the_checker_scores(tiny):
     """Held-out canonical prompts give 128x128 RGBA pictures, reproducible per seed, that the checker reads.
 
-    (Prompt following is measured by `qimg tiny eval`, not asserted here: the shipped model does not follow
-    prompts yet; see README.)"""
-    scenes = world.held_out(3, seed=7)
+    The shipped model gets the background of 99.5% of held-out prompts right (objects not yet; see README), so
+    the background is asserted; an untrained model gets about 1 in 8."""
+    scenes = world.held_out(4, seed=7)
+    backgrounds = []
     for i, scene in enumerate(scenes):
         image = tiny.generate(world.prompt(scene), seed=i)[0]
         assert image.size == (128, 128) and image.mode == "RGBA"
@@ -34,6 +39,8 @@ def test_generates_pictures_the_checker_scores(tiny):
         score = checker.score_t2i(image, scene)
         assert set(score) >= {"exact", "background", "objects", "word_exact"}
         assert len(score["objects"]) == len(scene.objects)
+        backgrounds.append(score["background"])
+    assert sum(backgrounds) >= 3, backgrounds
     again = tiny.generate(world.prompt(scenes[0]), seed=0)[0]
     first = tiny.generate(world.prompt(scenes[0]), seed=0)[0]
     assert np.array_equal(np.asarray(again), np.asarray(first))

@@ -28,7 +28,7 @@ from qimg.tiny import world
 SEED = 1234
 IMAGE_TOKENS = 64  # 128x128 at 16x
 VAE_STEPS = 2500
-DIT_STEPS = 5000
+DIT_STEPS = 7000
 POOL_PAIRS = 12000  # edit pairs; sources and targets also serve text-to-image
 VAE = dict(base_dim=8, decoder_base_dim=16, z_dim=32, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
            temperal_downsample=(False, True, True, True), in_channels=4, out_channels=4)
@@ -152,6 +152,18 @@ def cosine_lr(base: float, step: int, total: int, warmup: int, floor: float = 0.
     """Linear warm-up, then cosine decay to `floor * base` at `total` steps."""
     decay = 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
     return base * min(1.0, (step + 1) / warmup) * (decay * (1 - floor) + floor)
+
+
+def sample_sigmas(n: int, shift: float = 0.0) -> torch.Tensor:
+    """Training noise levels: a third logit-normal (centred at `shift`), a third uniform on [0, 1], a third in
+    [0.9, 1]. Samplers start at sigma = 1, where logit-normal alone almost never trains (P(sigma > 0.95) = 0.2%),
+    and near 1 only the prompt and the condition image tell the target: without these samples both tiny models
+    learned to denoise from x_t alone (a Layered model's x0 error from pure noise stayed at 0.88, no better than
+    ignoring its input image, while it was 0.13 at sigma 0.9)."""
+    pick = torch.randint(0, 3, (n,))
+    logit_normal = torch.sigmoid(torch.randn(n) + shift)
+    high = 0.9 + 0.1 * torch.rand(n)
+    return torch.where(pick == 0, logit_normal, torch.where(pick == 1, torch.rand(n), high))
 
 
 def optimizer_step(opt, loss: torch.Tensor, params: list) -> None:
@@ -454,7 +466,7 @@ def _dit_step(model, cond, rng, task, src, tgt, pairs, batch, progress) -> torch
         cond_tokens, cond_shapes = [src[idx].flatten(2).transpose(1, 2)], [(8, 8)]
     b = x0.shape[0]
     x0 = x0.flatten(2).transpose(1, 2)
-    sigma = torch.sigmoid(torch.randn(b) + SIGMA_SHIFT)
+    sigma = sample_sigmas(b, SIGMA_SHIFT)
     noise = torch.randn_like(x0)
     xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
     prefix = model.encode_prefix(states, slots, cond_tokens, cond_shapes)
