@@ -35,8 +35,8 @@ VAE_STEPS = 2000
 VAE_LR = 6e-4  # 2e-3 (what the 2.x VAE takes) stalls this one at ~15 dB
 POOL_SCENES = 4000
 CAPTION_STEPS = 500
-DIT_STEPS = 1500
-DIT_LR = 1e-3
+DIT_STEPS = 4000
+DIT_LR = 5e-4
 Z = 16
 VAE_CFG = dict(base_dim=16, z_dim=Z, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temperal_downsample=(False, True, True),
                input_channels=4)
@@ -318,7 +318,7 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8) -> 
     losses, started = [], time.time()
     while step < DIT_STEPS and time.time() < deadline:
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(DIT_LR, step, DIT_STEPS, 100)
+            group["lr"] = cosine_lr(DIT_LR, step, DIT_STEPS, 200)
         first = rng.randrange(len(latents))
         group_ids = by_frames[latents[first].shape[0]]
         idx = [first] + [rng.choice(group_ids) for _ in range(batch - 1)]
