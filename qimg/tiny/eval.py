@@ -75,16 +75,16 @@ def eval_layers(pipe, scenes, steps=None, cfg=None) -> tuple[dict, list]:
     """Decompose each held-out render into as many layers as it was built from (the model captions it itself)."""
     rows, samples, seconds = [], [], []
     for i, scene in enumerate(scenes):
-        truth = world.render_layers(scene)
+        truth, picture = world.render_layers(scene), world.render(scene)
         start = time.perf_counter()
-        layers = pipe.layers(world.render(scene), layers=len(truth), seed=i, steps=steps, cfg=cfg)
+        layers = pipe.layers(picture, layers=len(truth), seed=i, steps=steps, cfg=cfg)
         seconds.append(time.perf_counter() - start)
         score = checker.score_layers(layers, truth)
         rows.append(score)
         ok = score["mean_alpha_iou"] >= 0.85 and score["composite_psnr"] >= 30
         if len(samples) < 2:
             strip = Image.new("RGB", (128 * (len(layers) + 1), 128), "white")
-            strip.paste(world.render(scene), (0, 0))
+            strip.paste(picture, (0, 0))
             for k, layer in enumerate(layers):
                 strip.paste(checkerboard(layer), (128 * (k + 1), 0))
             text = f"input, then {len(layers)} layers: IoU {score['mean_alpha_iou']:.2f}, " \

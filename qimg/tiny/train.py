@@ -128,15 +128,24 @@ def build_text_encoder(tokenizer, seed: int = SEED):
         vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=t["hidden_size"],
                            num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
+        **vision_token_ids(tokenizer), tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config)
-    # With transformers' default std 0.02 the random encoder washes out token identity and the transformer never
-    # learns to use the text (overfit probe: loss with right vs shuffled prompts 0.6407 vs 0.6406 after 250 steps);
-    # embeddings at std 1 keep it (0.082 vs 1.778).
+    return widen_embeddings(Qwen3VLForConditionalGeneration(config))
+
+
+def vision_token_ids(tokenizer) -> dict:
+    """The special-token ids a Qwen-VL config names, from a tokenizer with Qwen's specials."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def widen_embeddings(model):
+    """Re-draw a fresh Qwen-VL's token embeddings at std ENCODER_EMBED_STD. With transformers' default std 0.02
+    the random encoder washes out token identity and the transformer never learns to use the text (overfit probe:
+    loss with right vs shuffled prompts 0.6407 vs 0.6406 after 250 steps); embeddings at std 1 keep it (0.082 vs
+    1.778)."""
     with torch.no_grad():
         model.model.language_model.embed_tokens.weight.normal_(std=ENCODER_EMBED_STD)
     return model
@@ -241,13 +250,17 @@ def _save(path: Path, **state) -> None:
 
 
 def load_vae(work: Path) -> VAE21:
+    return load_trained_vae(work, VAE21, vae_config)
+
+
+def load_trained_vae(work: Path, cls, config):
+    """The VAE stage's weights as `cls(config(mean, std))`, with the pool's latent statistics once written."""
     state = torch.load(work / "state-vae.pt", weights_only=False)
-    stats = work / "latent-stats.json"
     mean = std = None
-    if stats.exists():
-        data = json.loads(stats.read_text())
+    if (work / "latent-stats.json").exists():
+        data = json.loads((work / "latent-stats.json").read_text())
         mean, std = data["mean"], data["std"]
-    vae = VAE21(vae_config(mean, std))
+    vae = cls(config(mean, std))
     vae.load_state_dict(state["model"])
     return vae.eval().requires_grad_(False)
 
@@ -423,17 +436,19 @@ def _all_state(model, text_encoder) -> dict:
 
 
 def _load_or_build_tokenizer(work: Path):
-    from qimg.tiny.tokenizer import qwen_tokenizer
+    return cached_tokenizer(work, corpus)
+
+
+def cached_tokenizer(work: Path, texts):
+    """The work folder's BPE tokenizer (Qwen specials added), trained on `texts()` and saved there the first time."""
+    from qimg.tiny.tokenizer import qwen_tokenizer, train_bpe
 
     path = work / "tokenizer.json"
-    if path.exists():
-        data = json.loads(path.read_text())
-        return qwen_tokenizer(data["vocab"], data["merges"])
-    from qimg.tiny.tokenizer import train_bpe
-
-    vocab, merges = train_bpe(corpus(), vocab_size=600)
-    path.write_text(json.dumps({"vocab": vocab, "merges": merges}))
-    return qwen_tokenizer(vocab, merges)
+    if not path.exists():
+        vocab, merges = train_bpe(texts(), vocab_size=600)
+        path.write_text(json.dumps({"vocab": vocab, "merges": merges}))
+    data = json.loads(path.read_text())
+    return qwen_tokenizer(data["vocab"], data["merges"])
 
 
 def _dit_step(model, cond, rng, task, src, tgt, pairs, batch, progress) -> torch.Tensor:
@@ -541,19 +556,12 @@ def _write_config(folder: Path, class_name: str, cfg) -> None:
 def resume_from_export(out: Path, work: Path) -> bool:
     """Seed an empty work folder from a shipped export (weights only; optimizer state starts fresh), so training
     resumes on a machine that only has the repository. Returns True when it did."""
-    from qimg.loading.files import read_json
     from qimg.loading.weights import open_state_dict
 
-    index_path = out / "model_index.json"
-    if (work / "state-vae.pt").exists() or not index_path.exists():
+    meta = seed_vae_from_export(out, work, VAE_STEPS)
+    if meta is None:
         return False
-    meta = read_json(index_path).get("_qimg", {})
-    vcfg = read_json(out / "vae" / "config.json")
-    (work / "latent-stats.json").write_text(json.dumps({"mean": vcfg["latents_mean"], "std": vcfg["latents_std"]}))
-    (work / "tokenizer.json").write_text((out / "tokenizer-bpe.json").read_text())
     fp32 = lambda sd: {k: v.float().clone() for k, v in sd.items()}  # noqa: E731
-    vae_sd = fp32(open_state_dict(out / "vae"))
-    _save(work / "state-vae.pt", model=vae_sd, opt=None, step=VAE_STEPS, rng=random.Random(SEED))
     if meta.get("encoder_init") != ENCODER_INIT:
         log(f"resumed the VAE from {out}; its transformer and encoder predate {ENCODER_INIT} and start afresh")
         return True
@@ -568,6 +576,23 @@ def resume_from_export(out: Path, work: Path) -> bool:
           step=int(meta.get("trained_steps", 0)), rng=random.Random(SEED + 2))
     log(f"resumed from {out} at step {meta.get('trained_steps', 0)} (optimizer state starts fresh)")
     return True
+
+
+def seed_vae_from_export(out: Path, work: Path, vae_steps: int) -> dict | None:
+    """First half of resuming from an export: unless `work` already has a VAE stage (or `out` is no export), write
+    the export's VAE (float32, as a finished stage), latent statistics and BPE tokenizer into `work` and return
+    its `_qimg` metadata; else None."""
+    from qimg.loading.files import read_json
+    from qimg.loading.weights import open_state_dict
+
+    if (work / "state-vae.pt").exists() or not (out / "model_index.json").exists():
+        return None
+    vcfg = read_json(out / "vae" / "config.json")
+    (work / "latent-stats.json").write_text(json.dumps({"mean": vcfg["latents_mean"], "std": vcfg["latents_std"]}))
+    (work / "tokenizer.json").write_text((out / "tokenizer-bpe.json").read_text())
+    vae_sd = {k: v.float().clone() for k, v in open_state_dict(out / "vae").items()}
+    _save(work / "state-vae.pt", model=vae_sd, opt=None, step=vae_steps, rng=random.Random(SEED))
+    return read_json(out / "model_index.json").get("_qimg", {})
 
 
 def default_out() -> Path:

@@ -26,9 +26,9 @@ from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
 from qimg.pipelines import images as im
 from qimg.tiny import world
-from qimg.tiny.train import (SEED, _mask_words, _save, cosine_lr, curriculum_scene, fit_autoencoder,
-                              log, optimizer_step, resume_state, rgba_tensor, sample_sigmas,
-                              write_export)
+from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene,
+                              fit_autoencoder, load_trained_vae, log, optimizer_step, resume_state, rgba_tensor,
+                              sample_sigmas, seed_vae_from_export, vision_token_ids, widen_embeddings, write_export)
 
 NAME = "qimg-tiny-layered"
 VAE_STEPS = 2000
@@ -83,23 +83,8 @@ def corpus(n: int = 4000, seed: int = 0) -> list[str]:
     return [_mask_words(t) for t in texts]
 
 
-def build_tokenizer():
-    from qimg.tiny.tokenizer import qwen_tokenizer, train_bpe
-
-    return qwen_tokenizer(*train_bpe(corpus(), vocab_size=600))
-
-
 def load_or_build_tokenizer(work: Path):
-    from qimg.tiny.tokenizer import qwen_tokenizer
-
-    path = work / "tokenizer.json"
-    if not path.exists():
-        from qimg.tiny.tokenizer import train_bpe
-
-        vocab, merges = train_bpe(corpus(), vocab_size=600)
-        path.write_text(json.dumps({"vocab": vocab, "merges": merges}))
-    data = json.loads(path.read_text())
-    return qwen_tokenizer(data["vocab"], data["merges"])
+    return cached_tokenizer(work, corpus)
 
 
 def build_processor(tokenizer):
@@ -130,14 +115,10 @@ def build_text_encoder(tokenizer, seed: int = SEED):
         vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=t["hidden_size"],
                            window_size=56, fullatt_block_indexes=[1]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        **vision_token_ids(tokenizer), tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    with torch.no_grad():  # token identity must survive the random layers (see qimg.tiny.train.build_text_encoder)
-        model.model.language_model.embed_tokens.weight.normal_(std=1.0)
+    model = widen_embeddings(Qwen2_5_VLForConditionalGeneration(config))
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     model.generation_config.do_sample = False
@@ -149,14 +130,7 @@ def vae_config(mean=None, std=None) -> VAEConfig:
 
 
 def load_vae(work: Path) -> VAE:
-    state = torch.load(work / "state-vae.pt", weights_only=False)
-    mean = std = None
-    if (work / "latent-stats.json").exists():
-        data = json.loads((work / "latent-stats.json").read_text())
-        mean, std = data["mean"], data["std"]
-    vae = VAE(vae_config(mean, std))
-    vae.load_state_dict(state["model"])
-    return vae.eval().requires_grad_(False)
+    return load_trained_vae(work, VAE, vae_config)
 
 
 # -- stage: VAE -----------------------------------------------------------------------------------------------
@@ -395,24 +369,17 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
 
 def resume_from_export(out: Path, work: Path) -> bool:
     """Seed an empty work folder from a shipped export (weights only; optimizers start fresh)."""
-    from qimg.loading.files import read_json
     from qimg.loading.weights import open_state_dict
 
-    if (work / "state-vae.pt").exists() or not (out / "model_index.json").exists():
+    meta = seed_vae_from_export(out, work, VAE_STEPS)
+    if meta is None:
         return False
-    meta = read_json(out / "model_index.json").get("_qimg", {})
-    vcfg = read_json(out / "vae" / "config.json")
-    (work / "latent-stats.json").write_text(json.dumps({"mean": vcfg["latents_mean"], "std": vcfg["latents_std"]}))
-    (work / "tokenizer.json").write_text((out / "tokenizer-bpe.json").read_text())
-    fp32 = lambda sd: {k: v.float().clone() for k, v in sd.items()}  # noqa: E731
-    _save(work / "state-vae.pt", model=fp32(open_state_dict(out / "vae")), opt=None, step=VAE_STEPS,
-          rng=random.Random(SEED))
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     te = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out / "text_encoder"), dtype=torch.float32)
     te_sd = {k: v.clone() for k, v in te.state_dict().items()}  # the saved file uses the checkpoint key layout
     _save(work / "state-caption.pt", model=te_sd, opt=None, step=CAPTION_STEPS, rng=random.Random(SEED + 3))
-    dit_sd = fp32(open_state_dict(out / "transformer"))
+    dit_sd = {k: v.float().clone() for k, v in open_state_dict(out / "transformer").items()}
     _save(work / "state-dit.pt", model=dit_sd, opt=None, ema={k: v.clone() for k, v in dit_sd.items()},
           step=int(meta.get("trained_steps", 0)), rng=random.Random(SEED + 2))
     log(f"resumed from {out} at step {meta.get('trained_steps', 0)} (optimizer state starts fresh)")
