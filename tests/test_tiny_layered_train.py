@@ -29,17 +29,20 @@ def test_frames_are_the_composite_then_layers_in_reading_order():
     assert len(keys) == len(frames) - 1 and keys[0] == ("background", scene.background) and keys[-1] is None
     for key, layer in zip(keys[1:-1], frames[2:-1]):  # a cached object layer is the same whatever the scene
         alone = world.Scene("black" if key.colour != "black" else "white", (key,))
-        assert np.array_equal(world.layer_arrays(alone)[1], layer)
+        assert np.array_equal(L.frames_of(alone)[2], layer)
+    clear = frames[2:, ..., 3] == 0  # transparent pixels carry no colour, so an object layer is local
+    assert clear.any() and not frames[2:][clear].any()
+    assert np.array_equal(frames[2:][~clear], world.layer_arrays(L.layer_scene(scene))[1:][~clear])
 
 
 def test_vae_loss_falls():
     torch.manual_seed(0)
     vae = VAE(L.vae_config()).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(vae.parameters(), lr=L.VAE_LR)
     rng = random.Random(0)
     x = rgba_tensor([L.frames_of(world.random_scene(rng))[k][32:96, 32:96] for k in (0, 1, 2, 0)])
     losses = []
-    for _ in range(10):
+    for _ in range(20):
         loss = F.l1_loss(vae._decode(vae._encode(x)), x)
         opt.zero_grad()
         loss.backward()

@@ -35,7 +35,7 @@ VAE_STEPS = 2000
 VAE_LR = 6e-4  # 2e-3 (what the 2.x VAE takes) stalls this one at ~15 dB
 POOL_SCENES = 4000
 CAPTION_STEPS = 500
-DIT_STEPS = 4000
+DIT_STEPS = 3500
 DIT_LR = 5e-4
 Z = 16
 VAE_CFG = dict(base_dim=16, z_dim=Z, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temperal_downsample=(False, True, True),
@@ -51,6 +51,9 @@ SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timest
              "use_exponential_sigmas": False, "use_beta_sigmas": False}
 DEFAULTS = {"default_resolution": 128, "default_steps": 20, "default_cfg": 1.0}
 TOKENS = 64  # tokens per frame: 128x128 at 8x, 2x2 patches
+# Object and word layers differ from the empty layer only where they are (about 1/20 of the composite's loss
+# before weighting), so unweighted the transformer learns the composite and background first and the layers last.
+LAYER_WEIGHT = 4.0
 EXTRA_LAYER_P = 0.15  # sometimes one more layer than the scene has: it must come out empty
 
 
@@ -60,8 +63,14 @@ def layer_scene(scene: world.Scene) -> world.Scene:
 
 
 def frames_of(scene: world.Scene) -> np.ndarray:
-    """uint8 `[1 + L, 128, 128, 4]`: the opaque composite, then the layers bottom to top."""
-    layers = world.layer_arrays(layer_scene(scene))
+    """uint8 `[1 + L, 128, 128, 4]`: the opaque composite, then the layers bottom to top.
+
+    Fully transparent pixels are zeroed (the world fills them with the layer's colour). With the colour fill an
+    object layer's latents depend on the object's colour at every position, so the transformer had to find that
+    colour anywhere in the image; it never learned to (x0 error from pure noise stayed at the prior's). Zeroed, a
+    layer differs from the empty layer only where its object is, and the model learns it as a local copy."""
+    layers = world.layer_arrays(layer_scene(scene)).copy()
+    layers[1:][layers[1:, ..., 3] == 0] = 0
     comp = world.render_array(scene)
     comp = np.concatenate([comp, np.full(comp.shape[:2] + (1,), 255, np.uint8)], axis=-1)
     return np.concatenate([comp[None], layers])
@@ -345,7 +354,10 @@ def layered_loss(model, tokenizer, text_encoder, x0: torch.Tensor, scenes, rng: 
     shapes = [(1, 8, 8)] * frames + [(1, 8, 8)]
     flag = torch.zeros(b, dtype=torch.long)
     v = model(torch.cat([xt, cond], dim=1), states, sigma, shapes, text_mask=mask, additional_t_cond=flag)
-    return F.mse_loss(v[:, : xt.shape[1]], noise - tokens)
+    per_frame = (v[:, : xt.shape[1]] - (noise - tokens)).pow(2).reshape(b, frames, -1).mean(dim=(0, 2))
+    weight = torch.ones(frames)
+    weight[2:] = LAYER_WEIGHT
+    return (per_frame * weight).sum() / weight.sum()
 
 
 # -- stage: export ----------------------------------------------------------------------------------------------
