@@ -550,17 +550,14 @@ def _write_config(folder: Path, class_name: str, cfg) -> None:
 def resume_from_export(out: Path, work: Path) -> bool:
     """Seed an empty work folder from a shipped export (weights only; optimizer state starts fresh), so training
     resumes on a machine that only has the repository. Returns True when it did."""
-    from qimg.loading.weights import open_state_dict
-
     meta = seed_vae_from_export(out, work, VAE_STEPS)
     if meta is None:
         return False
-    fp32 = lambda sd: {k: v.float().clone() for k, v in sd.items()}  # noqa: E731
     if meta.get("encoder_init") != ENCODER_INIT:
         log(f"resumed the VAE from {out}; its transformer and encoder predate {ENCODER_INIT} and start afresh")
         return True
-    dit_sd = fp32(open_state_dict(out / "transformer"))
-    te_sd = fp32(open_state_dict(out / "text_encoder", "model"))
+    dit_sd = export_weights(out / "transformer")
+    te_sd = export_weights(out / "text_encoder", "model")
     tokenizer = _load_or_build_tokenizer(work)
     te_keys = build_text_encoder(tokenizer).state_dict().keys()
     te_sd = {k: te_sd[k] if k in te_sd else te_sd[k.replace("lm_head", "model.language_model.embed_tokens")]
@@ -577,16 +574,22 @@ def seed_vae_from_export(out: Path, work: Path, vae_steps: int) -> dict | None:
     the export's VAE (float32, as a finished stage), latent statistics and BPE tokenizer into `work` and return
     its `_qimg` metadata; else None."""
     from qimg.loading.files import read_json
-    from qimg.loading.weights import open_state_dict
 
     if (work / "state-vae.pt").exists() or not (out / "model_index.json").exists():
         return None
     vcfg = read_json(out / "vae" / "config.json")
     (work / "latent-stats.json").write_text(json.dumps({"mean": vcfg["latents_mean"], "std": vcfg["latents_std"]}))
     (work / "tokenizer.json").write_text((out / "tokenizer-bpe.json").read_text())
-    vae_sd = {k: v.float().clone() for k, v in open_state_dict(out / "vae").items()}
-    _save(work / "state-vae.pt", model=vae_sd, opt=None, step=vae_steps, rng=random.Random(SEED))
+    _save(work / "state-vae.pt", model=export_weights(out / "vae"), opt=None, step=vae_steps,
+          rng=random.Random(SEED))
     return read_json(out / "model_index.json").get("_qimg", {})
+
+
+def export_weights(folder: Path, base_name: str = "diffusion_pytorch_model") -> dict:
+    """An exported component's (float16) weights as owned float32 tensors, ready to train on."""
+    from qimg.loading.weights import open_state_dict
+
+    return {k: v.float().clone() for k, v in open_state_dict(folder, base_name).items()}
 
 
 def default_out() -> Path:

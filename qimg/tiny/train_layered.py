@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from qimg.models.conditioner import CAPTION_PROMPTS, T2I_DROP, T2I_TEMPLATE
 from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
@@ -27,8 +26,9 @@ from qimg.models.vae import VAE, VAEConfig
 from qimg.pipelines import images as im
 from qimg.tiny import world
 from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene,
-                              fit_autoencoder, load_trained_vae, log, optimizer_step, resume_state, rgba_tensor,
-                              sample_sigmas, seed_vae_from_export, vision_token_ids, widen_embeddings, write_export)
+                              export_weights, fit_autoencoder, load_trained_vae, log, optimizer_step, resume_state,
+                              rgba_tensor, sample_sigmas, seed_vae_from_export, vision_token_ids, widen_embeddings,
+                              write_export)
 
 NAME = "qimg-tiny-layered"
 VAE_STEPS = 2000
@@ -381,8 +381,6 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
 
 def resume_from_export(out: Path, work: Path) -> bool:
     """Seed an empty work folder from a shipped export (weights only; optimizers start fresh)."""
-    from qimg.loading.weights import open_state_dict
-
     meta = seed_vae_from_export(out, work, VAE_STEPS)
     if meta is None:
         return False
@@ -391,7 +389,7 @@ def resume_from_export(out: Path, work: Path) -> bool:
     te = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out / "text_encoder"), dtype=torch.float32)
     te_sd = {k: v.clone() for k, v in te.state_dict().items()}  # the saved file uses the checkpoint key layout
     _save(work / "state-caption.pt", model=te_sd, opt=None, step=CAPTION_STEPS, rng=random.Random(SEED + 3))
-    dit_sd = {k: v.float().clone() for k, v in open_state_dict(out / "transformer").items()}
+    dit_sd = export_weights(out / "transformer")
     _save(work / "state-dit.pt", model=dit_sd, opt=None, ema={k: v.clone() for k, v in dit_sd.items()},
           step=int(meta.get("trained_steps", 0)), rng=random.Random(SEED + 2))
     log(f"resumed from {out} at step {meta.get('trained_steps', 0)} (optimizer state starts fresh)")
