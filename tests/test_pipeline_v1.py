@@ -134,7 +134,7 @@ def test_describe_and_tasks(pipes):
 @pytest.mark.parametrize("name,kwargs,message", [
     ("t2i", dict(images=[Image.new("RGB", (32, 32))]), "text-to-image only; it takes no condition images"),
     ("edit", dict(), "edits an image: give exactly 1 image"),
-    ("edit", dict(images=[Image.new("RGB", (32, 32))] * 2), "edits exactly 1 image; got 2"),
+    ("edit", dict(images=[Image.new("RGB", (32, 32))] * 2), "2 condition images given; the limit is 1"),
     ("edit_plus", dict(), "give 1 to 3 images"),
     ("edit_plus", dict(images=[Image.new("RGB", (32, 32))] * 4), "4 condition images given; the limit is 3"),
     ("edit_plus", dict(images=["not an image"]), "image 1 is a str, not a picture"),

@@ -2,6 +2,7 @@
 short) run whose export loads through the normal loader and decomposes an image."""
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -90,12 +91,12 @@ def test_caption_and_transformer_losses_fall(tmp_path):
 def short_run(tmp_path_factory):
     """Every stage for a few steps, exported and loaded like a real checkpoint."""
     root = tmp_path_factory.mktemp("layered")
-    saved = L.VAE_STEPS, L.POOL_SCENES, L.CAPTION_STEPS, L.DIT_STEPS
-    L.VAE_STEPS, L.POOL_SCENES, L.CAPTION_STEPS, L.DIT_STEPS = 2, 32, 2, 2
+    saved = L.VAE_STEPS, L.POOL_SCENES, L.DECODER_STEPS, L.CAPTION_STEPS, L.DIT_STEPS
+    L.VAE_STEPS, L.POOL_SCENES, L.DECODER_STEPS, L.CAPTION_STEPS, L.DIT_STEPS = 2, 32, 2, 2, 2
     try:
         assert L.run(10, root / "work", root / "out")
     finally:
-        L.VAE_STEPS, L.POOL_SCENES, L.CAPTION_STEPS, L.DIT_STEPS = saved
+        L.VAE_STEPS, L.POOL_SCENES, L.DECODER_STEPS, L.CAPTION_STEPS, L.DIT_STEPS = saved
     return root
 
 
@@ -119,4 +120,8 @@ def test_training_resumes_from_an_export(short_run, tmp_path):
     tokenizer, vlm = L.load_text_encoder(tmp_path)
     assert len(tokenizer) == len(L.load_or_build_tokenizer(short_run / "work"))
     assert L.load_vae(tmp_path).config.latents_std == tuple(qimg.load(out).vae.config.latents_std)
+    decoder = torch.load(tmp_path / "state-decoder.pt", weights_only=False)  # the refined decoder counts as done
+    assert decoder["step"] == L.DECODER_STEPS and L.refine_decoder(tmp_path, time.time())
+    shipped = qimg.load(out).vae.state_dict()
+    assert all(torch.allclose(v, shipped[k].float()) for k, v in L.load_vae(tmp_path).state_dict().items())
     assert not L.resume_from_export(out, tmp_path)  # never overwrites a work folder

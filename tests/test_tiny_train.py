@@ -1,12 +1,17 @@
 """qimg-tiny training code: the losses fall on repeated batches, and the export loads through the normal loader."""
 
 import random
+import time
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 import qimg.tiny.train as T
+import qimg.tiny.train_layered as L
 from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
+from qimg.models.vae import VAE
 from qimg.models.vae21 import VAE21
 from qimg.tiny import world
 
@@ -26,6 +31,34 @@ def test_vae_loss_falls():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("module,vae_class", [(T, VAE21), (L, VAE)], ids=["tiny", "layered"])
+def test_decoder_stage_trains_the_decoder_only(module, vae_class, tmp_path, monkeypatch):
+    frames, masks = module._decoder_batch(random.Random(9))
+    assert len(frames) == len(masks) >= 4
+    for frame, mask in zip(frames, masks):  # the mask is exactly what is not background (or not empty)
+        assert mask.any() and len(np.unique(frame[~mask].reshape(-1, frame.shape[-1]), axis=0)) == 1
+    torch.manual_seed(0)
+    T._save(tmp_path / "state-vae.pt", model=vae_class(module.vae_config()).state_dict(), opt=None, step=0)
+    plain = module.load_vae(tmp_path)
+    x = T.rgba_tensor(frames)
+
+    def error(vae):
+        with torch.no_grad():
+            return F.l1_loss(vae._decode(vae._encode(x))[:, : x.shape[1]], x).item()
+
+    monkeypatch.setattr(module, "DECODER_STEPS", 10)
+    monkeypatch.setattr(T, "DECODER_LR", 1e-2)
+    assert module.refine_decoder(tmp_path, time.time() + 300)
+    refined = module.load_vae(tmp_path)
+    assert module.load_vae(tmp_path, refined=False).state_dict()["decoder.conv_out.weight"].equal(
+        plain.state_dict()["decoder.conv_out.weight"])
+    for name, value in refined.state_dict().items():  # the encoder, and so every latent, is unchanged
+        if not name.startswith(("decoder.", "post_quant_conv.")):
+            assert value.equal(plain.state_dict()[name]), name
+    assert not refined.state_dict()["decoder.conv_out.weight"].equal(plain.state_dict()["decoder.conv_out.weight"])
+    assert error(refined) < 0.9 * error(plain)
 
 
 def test_dit_loss_falls(tmp_path):

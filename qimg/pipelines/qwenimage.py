@@ -171,9 +171,17 @@ class QwenImageV1Pipeline:
 
     # -- per-variant hooks -------------------------------------------------------------------------------------
     def check_images(self, images: list[Image.Image]) -> None:
-        if images:
+        """The number of condition images against `max_images` (0: text-to-image only; else edits need 1+)."""
+        if not self.max_images and images:
             raise InputError(f"this model ({self.pipeline_class}) does text-to-image only; it takes no condition "
                              f"images (got {len(images)})")
+        if self.max_images and not images:
+            wanted = "an image: give exactly 1 image" if self.max_images == 1 else \
+                f"images: give 1 to {self.max_images} images"
+            raise InputError(f"this model ({self.pipeline_class}) edits {wanted} (text-to-image needs a "
+                             f"text-to-image model)")
+        if len(images) > self.max_images:
+            raise InputError(f"{len(images)} condition images given; the limit is {self.max_images}")
 
     def size_image(self, images: list[Image.Image]) -> Image.Image:
         """The image whose aspect the output takes when no size is given."""
@@ -233,13 +241,6 @@ class QwenImageEditPipeline(QwenImageV1Pipeline):
     max_images = 1
     needs_processor = True
 
-    def check_images(self, images):
-        if not images:
-            raise InputError(f"this model ({self.pipeline_class}) edits an image: give exactly 1 image "
-                             f"(text-to-image needs a text-to-image model)")
-        if len(images) != 1:
-            raise InputError(f"this model ({self.pipeline_class}) edits exactly 1 image; got {len(images)}")
-
     def conditioning(self, images, vae_area, vlm_area):
         image = rgb(images[0])
         vae_copy = resize_to_area(image, vae_area)
@@ -258,13 +259,6 @@ class QwenImageEditPlusPipeline(QwenImageV1Pipeline):
     tasks = ["edit"]
     max_images = 3
     needs_processor = True
-
-    def check_images(self, images):
-        if not images:
-            raise InputError(f"this model ({self.pipeline_class}) edits images: give 1 to {self.max_images} images "
-                             f"(text-to-image needs a text-to-image model)")
-        if len(images) > self.max_images:
-            raise InputError(f"{len(images)} condition images given; the limit is {self.max_images}")
 
     def size_image(self, images):
         return images[-1]

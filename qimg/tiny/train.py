@@ -28,6 +28,7 @@ from qimg.tiny import world
 SEED = 1234
 IMAGE_TOKENS = 64  # 128x128 at 16x
 VAE_STEPS = 2500
+DECODER_STEPS = 1200
 DIT_STEPS = 7000
 POOL_PAIRS = 12000  # edit pairs; sources and targets also serve text-to-image
 VAE = dict(base_dim=8, decoder_base_dim=16, z_dim=32, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
@@ -47,6 +48,10 @@ ENCODER_EMBED_STD = 1.0
 SIGMA_SHIFT = 0.7
 ENCODER_INIT = "embed-std-1"  # recorded in exports; older exports' transformer/encoder are not resumed
 DEFAULTS = {"default_resolution": 128, "default_steps": 20, "default_cfg": 1.0}
+DECODER_LR = 3e-4
+# The decoder stage weights pixels of (and 2 px around) objects and words this much more than plain ones: they are
+# a few percent of a frame, yet they are all the checker reads.
+OBJECT_WEIGHT = 8.0
 
 
 def log(msg: str) -> None:
@@ -220,6 +225,55 @@ def fit_autoencoder(vae, path: Path, deadline: float, *, steps: int, lr: float, 
     return step >= steps
 
 
+def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: str, seed: int) -> bool:
+    """Fine-tune a trained VAE's decoder with its encoder frozen, on whole frames `batches(rng) -> (uint8 arrays,
+    bool masks of their object and word pixels)`, resumable from `path`. The latents (the pool, their statistics,
+    the transformer trained on them) stay valid while what the decoder draws sharpens. The latents get a little
+    noise, as the transformer's never exactly match the encoder's."""
+    params = [p for key, p in vae.named_parameters() if key.startswith(("decoder.", "post_quant_conv."))]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=DECODER_LR, weight_decay=0.0)
+    state = resume_state(path, vae, opt)
+    step, rng = state.get("step", 0), state.get("rng", random.Random(seed))
+    if step >= steps:
+        return True
+    torch.manual_seed(seed + step)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+    log(f"{name}: step {step}/{steps}, {sum(p.numel() for p in params):,} parameters")
+    losses = []
+    while step < steps and time.time() < deadline:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(DECODER_LR, step, steps, 50)
+        frames, masks = batches(rng)
+        x = rgba_tensor(frames)
+        mask = torch.from_numpy(np.stack(masks)).float()[:, None]
+        weight = 1 + OBJECT_WEIGHT * F.max_pool2d(mask, 5, stride=1, padding=2)
+        with torch.no_grad():
+            z = vae._encode(x)
+            z = z + 0.1 * torch.rand(len(z), 1, 1, 1) * std * torch.randn_like(z)
+        out = vae._decode(z)
+        err = (out - x).abs() + (out - x).pow(2)
+        loss = (err * weight).sum() / (weight.sum() * x.shape[1])
+        optimizer_step(opt, loss, params)
+        step += 1
+        losses.append(loss.item())
+        if step % 100 == 0:
+            log(f"{name}: step {step}/{steps} loss {np.mean(losses):.4f}")
+            losses = []
+        if step % 300 == 0:
+            _save(path, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    _save(path, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+    return step >= steps
+
+
+def seed_decoder_from_export(out: Path, work: Path, meta: dict, steps: int) -> None:
+    """Resuming from an export whose VAE already has a refined decoder: mark the decoder stage done with it."""
+    if meta.get("decoder_steps") and not (work / "state-decoder.pt").exists():
+        _save(work / "state-decoder.pt", model=export_weights(out / "vae"), opt=None, step=steps,
+              rng=random.Random(SEED + 4))
+
+
 # -- stage: VAE -----------------------------------------------------------------------------------------------
 def _vae_crops(rng: random.Random) -> list[np.ndarray]:
     crops = []
@@ -237,19 +291,47 @@ def train_vae(work: Path, deadline: float, seed: int = SEED) -> bool:
                            crops=_vae_crops, name="vae", seed=seed)
 
 
+def _decoder_batch(rng: random.Random, n: int = 6) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Whole renders and their non-background pixels."""
+    frames, masks = [], []
+    for _ in range(n):
+        scene = curriculum_scene(rng, 1.0)
+        img = world.render_array(scene)
+        frames.append(img)
+        masks.append((img != np.asarray(world.COLOURS[scene.background], np.uint8)).any(axis=-1))
+    return frames, masks
+
+
+def refine_decoder(work: Path, deadline: float, seed: int = SEED) -> bool:
+    return fit_decoder(load_vae(work, refined=False), work / "state-decoder.pt", deadline, steps=DECODER_STEPS,
+                       batches=_decoder_batch, name="decoder", seed=seed + 4)
+
+
 def _save(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def load_vae(work: Path) -> VAE21:
-    return load_trained_vae(work, VAE21, vae_config)
+def load_vae(work: Path, refined: bool = True) -> VAE21:
+    """The trained VAE; with `refined`, its decoder from the decoder stage once that has run."""
+    return load_trained_vae(work, VAE21, vae_config, decoder_stage(work, refined))
 
 
-def load_trained_vae(work: Path, cls, config):
-    """The VAE stage's weights as `cls(config(mean, std))`, with the pool's latent statistics once written."""
-    state = torch.load(work / "state-vae.pt", weights_only=False)
+def decoder_stage(work: Path, refined: bool = True) -> str:
+    return "decoder" if refined and (work / "state-decoder.pt").exists() else "vae"
+
+
+def decoder_steps(work: Path) -> int:
+    """For the export's metadata: how many steps refined its decoder (0: none)."""
+    path = work / "state-decoder.pt"
+    return torch.load(path, weights_only=False)["step"] if path.exists() else 0
+
+
+def load_trained_vae(work: Path, cls, config, stage: str = "vae"):
+    """A VAE stage's weights (`state-<stage>.pt`) as `cls(config(mean, std))`, with the pool's latent statistics
+    once written."""
+    state = torch.load(work / f"state-{stage}.pt", weights_only=False)
     mean = std = None
     if (work / "latent-stats.json").exists():
         data = json.loads((work / "latent-stats.json").read_text())
@@ -502,7 +584,8 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
              "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
              "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
              "vae": ["diffusers", "AutoencoderKLQwenImage21"], "sample_sigmas": None,
-             "_qimg": {**DEFAULTS, "name": "qimg-tiny", "trained_steps": state["step"], "encoder_init": ENCODER_INIT}}
+             "_qimg": {**DEFAULTS, "name": "qimg-tiny", "trained_steps": state["step"], "encoder_init": ENCODER_INIT,
+                       "decoder_steps": decoder_steps(work)}}
     return write_export(out, work, index, SCHEDULER, text_encoder, processor, [
         ("transformer", dit_sd, QwenImage21Config(**DIT)), ("vae", vae.state_dict(), vae.config)])
 
@@ -553,6 +636,7 @@ def resume_from_export(out: Path, work: Path) -> bool:
     meta = seed_vae_from_export(out, work, VAE_STEPS)
     if meta is None:
         return False
+    seed_decoder_from_export(out, work, meta, DECODER_STEPS)
     if meta.get("encoder_init") != ENCODER_INIT:
         log(f"resumed the VAE from {out}; its transformer and encoder predate {ENCODER_INIT} and start afresh")
         return True
@@ -596,7 +680,7 @@ def default_out() -> Path:
     return Path(__file__).parent / "weights" / "qimg-tiny"
 
 
-def run(minutes: float, work: Path, out: Path | None, stages=("vae", "latents", "dit", "export")) -> bool:
+def run(minutes: float, work: Path, out: Path | None, stages=("vae", "latents", "decoder", "dit", "export")) -> bool:
     """Run the stages in order for at most `minutes`; returns True when training is complete."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work.mkdir(parents=True, exist_ok=True)
@@ -605,6 +689,8 @@ def run(minutes: float, work: Path, out: Path | None, stages=("vae", "latents", 
     if "vae" in stages and not train_vae(work, deadline):
         return False
     if "latents" in stages and not build_pool(work, deadline):
+        return False
+    if "decoder" in stages and not refine_decoder(work, deadline):
         return False
     done = train_dit(work, deadline) if "dit" in stages else True
     if "export" in stages and (work / "state-dit.pt").exists():

@@ -4,6 +4,7 @@ Stages, each resumable from `WORK/state-<stage>.pt`:
   vae      the v1 RGBA VAE on 64x64 crops of world composites and single layers;
   latents  latent statistics (written into the VAE config) and a cached pool of scenes with the latents of their
            composite and of each layer (background, objects in reading order, word);
+  decoder  the VAE's decoder fine-tuned on whole frames, encoder frozen (the latents stay valid);
   caption  the Qwen2.5-VL learns to caption renders with their canonical prompts (the pipeline captions its input
            when no prompt is given), then stays frozen;
   dit      the Layered transformer, flow matching on [composite, layer 1..L] conditioned on the composite's latents;
@@ -25,16 +26,17 @@ from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
 from qimg.pipelines import images as im
 from qimg.tiny import world
-from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene,
-                              export_weights, fit_autoencoder, load_trained_vae, log, optimizer_step, resume_state,
-                              rgba_tensor, sample_sigmas, seed_vae_from_export, vision_token_ids, widen_embeddings,
-                              write_export)
+from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene, decoder_stage,
+                              decoder_steps, export_weights, fit_autoencoder, fit_decoder, load_trained_vae, log,
+                              optimizer_step, resume_state, rgba_tensor, sample_sigmas, seed_decoder_from_export,
+                              seed_vae_from_export, vision_token_ids, widen_embeddings, write_export)
 
 NAME = "qimg-tiny-layered"
 VAE_STEPS = 2000
 VAE_LR = 6e-4  # 2e-3 (what the 2.x VAE takes) stalls this one at ~15 dB
 POOL_SCENES = 4000
 CAPTION_STEPS = 500
+DECODER_STEPS = 1200
 DIT_STEPS = 3500
 DIT_LR = 5e-4
 Z = 16
@@ -138,8 +140,9 @@ def vae_config(mean=None, std=None) -> VAEConfig:
     return VAEConfig(**VAE_CFG, latents_mean=tuple(mean or [0.0] * Z), latents_std=tuple(std or [1.0] * Z))
 
 
-def load_vae(work: Path) -> VAE:
-    return load_trained_vae(work, VAE, vae_config)
+def load_vae(work: Path, refined: bool = True) -> VAE:
+    """The trained VAE; with `refined`, its decoder from the decoder stage once that has run."""
+    return load_trained_vae(work, VAE, vae_config, decoder_stage(work, refined))
 
 
 # -- stage: VAE -----------------------------------------------------------------------------------------------
@@ -203,6 +206,29 @@ def build_pool(work: Path, deadline: float, seed: int = SEED) -> bool:
     _save(path, scenes=scenes, latents=latents, empty=empty[0])
     log("layered latents: done")
     return True
+
+
+# -- stage: decoder ---------------------------------------------------------------------------------------------
+def _decoder_batch(rng: random.Random, scenes: int = 2) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Whole frames (composites, object and word layers; a plain background teaches nothing) and a mask per frame
+    of the pixels that are not background or empty."""
+    frames, masks = [], []
+    for _ in range(scenes):
+        f = frames_of(curriculum_scene(rng, 1.0))
+        background = f[1, 0, 0, :3]
+        frames.append(f[0])
+        masks.append((f[0, ..., :3] != background).any(axis=-1))
+        for layer in f[2:]:
+            frames.append(layer)
+            masks.append(layer[..., 3] > 0)
+    return frames, masks
+
+
+def refine_decoder(work: Path, deadline: float, seed: int = SEED) -> bool:
+    """Decoding the true layers' latents scored alpha IoU 0.89 and composite PSNR 27.1 dB before this stage: a
+    ceiling on the whole model."""
+    return fit_decoder(load_vae(work, refined=False), work / "state-decoder.pt", deadline, steps=DECODER_STEPS,
+                       batches=_decoder_batch, name="layered decoder", seed=seed + 4)
 
 
 # -- stage: captioner -------------------------------------------------------------------------------------------
@@ -373,7 +399,8 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
              "tokenizer": ["transformers", "Qwen2Tokenizer"],
              "transformer": ["diffusers", "QwenImageTransformer2DModel"],
              "vae": ["diffusers", "AutoencoderKLQwenImage"],
-             "_qimg": {**DEFAULTS, "name": NAME, "trained_steps": state["step"]}}
+             "_qimg": {**DEFAULTS, "name": NAME, "trained_steps": state["step"],
+                       "decoder_steps": decoder_steps(work)}}
     weights = [("transformer", state["ema"] if use_ema else state["model"], QwenImageConfig(**DIT)),
                ("vae", vae.state_dict(), vae.config)]
     return write_export(out, work, index, SCHEDULER, text_encoder, build_processor(tokenizer), weights, tokenizer)
@@ -386,6 +413,7 @@ def resume_from_export(out: Path, work: Path) -> bool:
         return False
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    seed_decoder_from_export(out, work, meta, DECODER_STEPS)
     te = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out / "text_encoder"), dtype=torch.float32)
     te_sd = {k: v.clone() for k, v in te.state_dict().items()}  # the saved file uses the checkpoint key layout
     _save(work / "state-caption.pt", model=te_sd, opt=None, step=CAPTION_STEPS, rng=random.Random(SEED + 3))
@@ -400,7 +428,7 @@ def default_out() -> Path:
     return Path(__file__).parent / "weights" / NAME
 
 
-STAGES = ("vae", "latents", "caption", "dit", "export")
+STAGES = ("vae", "latents", "decoder", "caption", "dit", "export")
 
 
 def run(minutes: float, work: Path, out: Path | None, stages=STAGES) -> bool:
@@ -411,6 +439,8 @@ def run(minutes: float, work: Path, out: Path | None, stages=STAGES) -> bool:
     if "vae" in stages and not train_vae(work, deadline):
         return False
     if "latents" in stages and not build_pool(work, deadline):
+        return False
+    if "decoder" in stages and not refine_decoder(work, deadline):
         return False
     if "caption" in stages and not train_caption(work, deadline):
         return False
