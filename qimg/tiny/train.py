@@ -3,6 +3,7 @@
 Stages, each resumable from `WORK/state-<stage>.pt`:
   vae     the 2.x VAE on 64x64 crops of world renders (RGBA), reconstruction loss;
   latents latent statistics (written into the VAE config) and a cached pool of scenes and edit pairs;
+  decoder the VAE's decoder fine-tuned on whole renders, encoder frozen (the latents stay valid);
   dit     the transformer and the Qwen3-VL condition encoder together, flow matching, t2i and edits;
   export  the diffusers-layout folder that `qimg.load` reads like any real checkpoint.
 """
@@ -192,59 +193,60 @@ def resume_state(path: Path, module, opt=None) -> dict:
     return state
 
 
-def fit_autoencoder(vae, path: Path, deadline: float, *, steps: int, lr: float, warmup: int, floor: float,
-                    crops, name: str, seed: int) -> bool:
-    """Reconstruction training (L1 + MSE, a light latent penalty) on batches `crops(rng)` of uint8 RGBA arrays,
-    resumable from `path`; returns True once `steps` are done."""
-    params = list(vae.parameters())
+def fit_vae(vae, params: list, path: Path, deadline: float, *, steps: int, lr: float, warmup: int, floor: float,
+            batch_loss, name: str, seed: int, save_every: int) -> bool:
+    """The VAE stages' loop: AdamW on `params` with a cosine rate, `batch_loss(rng)` per step, progress every 100
+    steps, resumable from `path`; returns True once `steps` are done."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     state = resume_state(path, vae, opt)
     step, rng = state.get("step", 0), state.get("rng", random.Random(seed))
     if step >= steps:
         return True
+    torch.manual_seed(seed + step)
     log(f"{name}: step {step}/{steps}, {sum(p.numel() for p in params):,} parameters")
     losses = []
     while step < steps and time.time() < deadline:
         rate = cosine_lr(lr, step, steps, warmup, floor)
         for group in opt.param_groups:
             group["lr"] = rate
-        x = rgba_tensor(crops(rng))
-        z = vae._encode(x)
-        out = vae._decode(z)
-        loss = F.l1_loss(out, x) + F.mse_loss(out, x) + 1e-4 * z.pow(2).mean()
+        loss = batch_loss(rng)
         optimizer_step(opt, loss, params)
         step += 1
         losses.append(loss.item())
         if step % 100 == 0:
-            psnr = -10 * math.log10(F.mse_loss(out.detach() / 2, x / 2).item() + 1e-12)
-            log(f"{name}: step {step}/{steps} loss {np.mean(losses):.4f} psnr {psnr:.1f} dB lr {rate:.2e}")
+            log(f"{name}: step {step}/{steps} loss {np.mean(losses):.4f} lr {rate:.2e}")
             losses = []
-        if step % 500 == 0:
+        if step % save_every == 0:
             _save(path, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
     _save(path, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
     return step >= steps
 
 
+def fit_autoencoder(vae, path: Path, deadline: float, *, steps: int, lr: float, warmup: int, floor: float,
+                    crops, name: str, seed: int) -> bool:
+    """Reconstruction training (L1 + MSE, a light latent penalty) on batches `crops(rng)` of uint8 RGBA arrays."""
+
+    def batch_loss(rng):
+        x = rgba_tensor(crops(rng))
+        z = vae._encode(x)
+        out = vae._decode(z)
+        return F.l1_loss(out, x) + F.mse_loss(out, x) + 1e-4 * z.pow(2).mean()
+
+    return fit_vae(vae, list(vae.parameters()), path, deadline, steps=steps, lr=lr, warmup=warmup, floor=floor,
+                   batch_loss=batch_loss, name=name, seed=seed, save_every=500)
+
+
 def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: str, seed: int) -> bool:
     """Fine-tune a trained VAE's decoder with its encoder frozen, on whole frames `batches(rng) -> (uint8 arrays,
-    bool masks of their object and word pixels)`, resumable from `path`. The latents (the pool, their statistics,
-    the transformer trained on them) stay valid while what the decoder draws sharpens. The latents get a little
-    noise, as the transformer's never exactly match the encoder's."""
+    bool masks of their object and word pixels)`. The latents (the pool, their statistics, the transformer trained
+    on them) stay valid while what the decoder draws sharpens. The latents get a little noise, as the
+    transformer's never exactly match the encoder's."""
     params = [p for key, p in vae.named_parameters() if key.startswith(("decoder.", "post_quant_conv."))]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=DECODER_LR, weight_decay=0.0)
-    state = resume_state(path, vae, opt)
-    step, rng = state.get("step", 0), state.get("rng", random.Random(seed))
-    if step >= steps:
-        return True
-    torch.manual_seed(seed + step)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
-    log(f"{name}: step {step}/{steps}, {sum(p.numel() for p in params):,} parameters")
-    losses = []
-    while step < steps and time.time() < deadline:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(DECODER_LR, step, steps, 50)
+
+    def batch_loss(rng):
         frames, masks = batches(rng)
         x = rgba_tensor(frames)
         mask = torch.from_numpy(np.stack(masks)).float()[:, None]
@@ -254,17 +256,10 @@ def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: 
             z = z + 0.1 * torch.rand(len(z), 1, 1, 1) * std * torch.randn_like(z)
         out = vae._decode(z)
         err = (out - x).abs() + (out - x).pow(2)
-        loss = (err * weight).sum() / (weight.sum() * x.shape[1])
-        optimizer_step(opt, loss, params)
-        step += 1
-        losses.append(loss.item())
-        if step % 100 == 0:
-            log(f"{name}: step {step}/{steps} loss {np.mean(losses):.4f}")
-            losses = []
-        if step % 300 == 0:
-            _save(path, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
-    _save(path, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
-    return step >= steps
+        return (err * weight).sum() / (weight.sum() * x.shape[1])
+
+    return fit_vae(vae, params, path, deadline, steps=steps, lr=DECODER_LR, warmup=50, floor=0.05,
+                   batch_loss=batch_loss, name=name, seed=seed, save_every=300)
 
 
 def seed_decoder_from_export(out: Path, work: Path, meta: dict, steps: int) -> None:
