@@ -41,12 +41,18 @@ class Defaults:
     resolution: int
     steps: int
     cfg: float = 1.0
+    edit_cfg: float | None = None  # for requests with condition images; None: `cfg`
 
     @classmethod
     def read(cls, index: dict, base: "Defaults") -> "Defaults":
         extra = index.get("_qimg") or {}
+        edit_cfg = extra.get("default_edit_cfg", base.edit_cfg)
         return cls(resolution=int(extra.get("default_resolution", base.resolution)),
-                   steps=int(extra.get("default_steps", base.steps)), cfg=float(extra.get("default_cfg", base.cfg)))
+                   steps=int(extra.get("default_steps", base.steps)), cfg=float(extra.get("default_cfg", base.cfg)),
+                   edit_cfg=None if edit_cfg is None else float(edit_cfg))
+
+    def cfg_for(self, editing: bool) -> float:
+        return self.edit_cfg if editing and self.edit_cfg is not None else self.cfg
 
 
 def pick_device(device) -> torch.device:
@@ -152,7 +158,7 @@ def check_request(prompt, images, *, width, height, resolution, steps, seed, neg
         width, height = width or w, height or h
     width, height = im.check_size(width or resolution, height or resolution, multiple)
     steps = check_steps(defaults.steps if steps is None else steps)
-    cfg = defaults.cfg if cfg is None else float(cfg)
+    cfg = defaults.cfg_for(bool(images)) if cfg is None else float(cfg)
     if cfg > 1 and negative_prompt is None:
         negative_prompt = " "
     generator, seed = make_generator(seed)

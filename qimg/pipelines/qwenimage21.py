@@ -140,4 +140,5 @@ class QwenImage21Pipeline:
     def describe(self) -> dict:
         return {"pipeline": self.pipeline_class, "folder": str(self.info.folder), "dtype": str(self.info.dtype),
                 "device": str(self.info.device), "default_resolution": self.defaults.resolution,
-                "default_steps": self.defaults.steps, "tasks": ["generate", "edit"]}
+                "default_steps": self.defaults.steps, "default_cfg": self.defaults.cfg,
+                "default_edit_cfg": self.defaults.cfg_for(True), "tasks": ["generate", "edit"]}
