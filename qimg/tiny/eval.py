@@ -19,6 +19,11 @@ def mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def by_objects(values: list, scenes) -> dict:
+    """The mean of `values` over the scenes with 1, 2 and 3 objects (None where there are none)."""
+    return {str(n): mean(v for v, s in zip(values, scenes) if len(s.objects) == n) for n in (1, 2, 3)}
+
+
 def eval_t2i(pipe, scenes, steps=None, cfg=None) -> tuple[dict, list]:
     rows, samples, seconds = [], [], []
     for i, scene in enumerate(scenes):
@@ -30,10 +35,7 @@ def eval_t2i(pipe, scenes, steps=None, cfg=None) -> tuple[dict, list]:
         rows.append(score)
         samples.append((image, text, score["exact"]))
     objects = [o for r in rows for o in r["objects"]]
-    by_count = {}
-    for n in (1, 2, 3):
-        subset = [r["exact"] for r, s in zip(rows, scenes) if len(s.objects) == n]
-        by_count[str(n)] = mean(subset)
+    by_count = by_objects([r["exact"] for r in rows], scenes)
     return {
         "n": len(rows),
         "exact": mean(r["exact"] for r in rows),
@@ -93,6 +95,7 @@ def eval_layers(pipe, scenes, steps=None, cfg=None) -> tuple[dict, list]:
     return {
         "n": len(rows),
         "mean_alpha_iou": mean(r["mean_alpha_iou"] for r in rows),
+        "mean_alpha_iou_by_objects": by_objects([r["mean_alpha_iou"] for r in rows], scenes),
         "rgb_l1": mean(r["rgb_l1"] for r in rows),
         "composite_psnr": mean(r["composite_psnr"] for r in rows),
         "seconds_per_image": mean(seconds),
