@@ -133,3 +133,30 @@ def test_layers_command_on_the_default(tmp_path, capsys):
     out = tmp_path / "layers.psd"
     assert main(["layers", str(src), "-o", str(out), "--layers", "3", "--quiet"]) == 0
     assert str(out.resolve()) in capsys.readouterr().out and out.stat().st_size > 0
+
+
+# -- qimg tiny eval ---------------------------------------------------------------------------------------------
+def test_tiny_eval_command_writes_scores_and_a_grid(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    assert main(["tiny", "eval", "--n", "3", "--steps", "2", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert data["held_out_scenes"] == 3 and data["steps"] == 2
+    assert data["model"]["pipeline"] == "QwenImage21Pipeline"
+    assert data["layered_model"]["pipeline"] == "QwenImageLayeredPipeline"
+    t2i, edit, layers = data["t2i"], data["edit"], data["layers"]
+    assert t2i["n"] == edit["n"] == layers["n"] == 3
+    for value in (t2i["exact"], t2i["colour"], t2i["shape"], t2i["size"], t2i["position"], edit["satisfied"],
+                  layers["mean_alpha_iou"]):
+        assert 0 <= value <= 1
+    assert edit["untouched_psnr"] > 5 and layers["composite_psnr"] > 5
+    by_count = [v for v in layers["mean_alpha_iou_by_objects"].values() if v is not None]
+    assert by_count and min(by_count) - 1e-9 <= layers["mean_alpha_iou"] <= max(by_count) + 1e-9
+    assert all(data[task]["seconds_per_image"] > 0 for task in ("t2i", "edit", "layers"))
+    with Image.open(tmp_path / "samples.png") as grid:
+        assert grid.width == 6 * 128 and grid.height >= 3 * 168  # 3 t2i + 3 edit samples, then two layer strips
+    assert "wrote" in capsys.readouterr().out
+    assert main(["tiny", "eval", "--n", "0", "--out", str(tmp_path)]) == 2
+    assert "--n must be at least 1" in capsys.readouterr().err
