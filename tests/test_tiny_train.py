@@ -95,3 +95,31 @@ def test_corpus_keeps_capitals_as_single_tokens(tmp_path):
     ids = tok('with the word "QZX" in red').input_ids
     pieces = tok.convert_ids_to_tokens(ids)
     assert "Q" in pieces and "Z" in pieces and "X" in pieces
+
+
+def test_short_run_exports_loads_and_resumes(tmp_path, monkeypatch, capsys):
+    """Every stage for a few steps, exported and loaded like a real checkpoint; a longer schedule then resumes the
+    transformer from its checkpoint instead of starting over."""
+    import json
+
+    import qimg
+
+    for name, value in (("VAE_STEPS", 2), ("POOL_PAIRS", 64), ("DECODER_STEPS", 2), ("DIT_STEPS", 2)):
+        monkeypatch.setattr(T, name, value)
+    work, out = tmp_path / "work", tmp_path / "out"
+    assert T.run(10, work, out)
+    pipe = qimg.load(out)
+    assert pipe.describe()["pipeline"] == "QwenImage21Pipeline" and pipe.describe()["default_resolution"] == 128
+    image = pipe.generate(world.prompt(world.held_out(1, seed=5)[0]), steps=2, seed=0)[0]
+    assert image.size == (128, 128) and image.mode == "RGBA"
+    first = torch.load(work / "state-dit.pt", weights_only=False)
+    capsys.readouterr()
+    monkeypatch.setattr(T, "DIT_STEPS", 3)
+    assert T.run(10, work, out)
+    again = torch.load(work / "state-dit.pt", weights_only=False)
+    assert again["step"] == 3 and first["step"] == 2
+    log = capsys.readouterr().out
+    assert "dit: step 2/3" in log  # resumed at step 2, not started over
+    assert "vae: step" not in log and "decoder: step" not in log  # finished stages are not rerun
+    meta = json.loads((out / "model_index.json").read_text())["_qimg"]
+    assert meta["trained_steps"] == 3 and meta["decoder_steps"] == 2

@@ -357,7 +357,8 @@ def build_pool(work: Path, deadline: float, seed: int = SEED) -> bool:
                 if world.is_held_out(tgt):
                     continue
                 batch_pairs.append((src, instruction, tgt))
-            imgs = [world.render_array(s) for s, _, _ in batch_pairs] + [world.render_array(t) for _, _, t in batch_pairs]
+            imgs = [world.render_array(s) for s, _, _ in batch_pairs]
+            imgs += [world.render_array(t) for _, _, t in batch_pairs]
             z = vae._encode(rgba_tensor(imgs))
             sources.append(z[:64].half())
             targets.append(z[64:].half())
@@ -449,15 +450,11 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32) ->
     _init_dit(model)
     params = list(model.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01, betas=(0.9, 0.99))
-    ema = {k: v.detach().clone() for k, v in _all_state(model, text_encoder).items()}
-    step, rng = 0, random.Random(seed + 2)
-    if path.exists():
-        state = torch.load(path, weights_only=False)
-        model.load_state_dict(state["model"])
+    state = resume_state(path, model, opt)
+    if state:
         text_encoder.load_state_dict(state["text_encoder"])
-        if state["opt"] is not None:
-            opt.load_state_dict(state["opt"])
-        ema, step, rng = state["ema"], state["step"], state["rng"]
+    ema = state.get("ema") or {k: v.detach().clone() for k, v in _all_state(model, text_encoder).items()}
+    step, rng = state.get("step", 0), state.get("rng", random.Random(seed + 2))
     if step >= DIT_STEPS:
         return True
     cond = Conditioning(processor, text_encoder)
