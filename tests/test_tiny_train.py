@@ -46,7 +46,7 @@ def test_decoder_stage_trains_the_decoder_only(module, vae_class, tmp_path, monk
 
     def error(vae):
         with torch.no_grad():
-            return F.l1_loss(vae._decode(vae._encode(x))[:, : x.shape[1]], x).item()
+            return F.l1_loss(vae._decode(vae._encode(x)), x).item()
 
     monkeypatch.setattr(module, "DECODER_STEPS", 10)
     monkeypatch.setattr(T, "DECODER_LR", 1e-2)

@@ -314,11 +314,7 @@ def _save(path: Path, **state) -> None:
 
 def load_vae(work: Path, refined: bool = True) -> VAE21:
     """The trained VAE; with `refined`, its decoder from the decoder stage once that has run."""
-    return load_trained_vae(work, VAE21, vae_config, decoder_stage(work, refined))
-
-
-def decoder_stage(work: Path, refined: bool = True) -> str:
-    return "decoder" if refined and (work / "state-decoder.pt").exists() else "vae"
+    return load_trained_vae(work, VAE21, vae_config, refined)
 
 
 def decoder_steps(work: Path) -> int:
@@ -327,9 +323,10 @@ def decoder_steps(work: Path) -> int:
     return torch.load(path, weights_only=False)["step"] if path.exists() else 0
 
 
-def load_trained_vae(work: Path, cls, config, stage: str = "vae"):
-    """A VAE stage's weights (`state-<stage>.pt`) as `cls(config(mean, std))`, with the pool's latent statistics
-    once written."""
+def load_trained_vae(work: Path, cls, config, refined: bool = True):
+    """The VAE stage's weights as `cls(config(mean, std))`, with the pool's latent statistics once written; with
+    `refined`, the decoder stage's weights once that stage has run (its encoder is the VAE stage's)."""
+    stage = "decoder" if refined and (work / "state-decoder.pt").exists() else "vae"
     state = torch.load(work / f"state-{stage}.pt", weights_only=False)
     mean = std = None
     if (work / "latent-stats.json").exists():

@@ -26,7 +26,7 @@ from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
 from qimg.pipelines import images as im
 from qimg.tiny import world
-from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene, decoder_stage,
+from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene,
                               decoder_steps, export_weights, fit_autoencoder, fit_decoder, load_trained_vae, log,
                               optimizer_step, resume_state, rgba_tensor, sample_sigmas, seed_decoder_from_export,
                               seed_vae_from_export, vision_token_ids, widen_embeddings, write_export)
@@ -144,7 +144,7 @@ def vae_config(mean=None, std=None) -> VAEConfig:
 
 def load_vae(work: Path, refined: bool = True) -> VAE:
     """The trained VAE; with `refined`, its decoder from the decoder stage once that has run."""
-    return load_trained_vae(work, VAE, vae_config, decoder_stage(work, refined))
+    return load_trained_vae(work, VAE, vae_config, refined)
 
 
 # -- stage: VAE -----------------------------------------------------------------------------------------------
