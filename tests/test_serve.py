@@ -35,8 +35,10 @@ TIMEOUT = 120
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     settings = make_settings(tmp_path_factory.mktemp("serve-data"), preview_interval=0.0, max_queue=8)
-    with ServerThread(settings, pipelines={"layers-double": FakeLayered()}) as srv:
+    double = FakeLayered()
+    with ServerThread(settings, pipelines={"layers-double": double}) as srv:
         wait_models_loaded(srv.url)
+        srv.layers_double = double
         yield srv
 
 
@@ -412,6 +414,21 @@ def test_layers_b64_and_export(http):
     assert r.status_code == 400
 
 
+def test_layers_guidance_and_recursion_reach_the_pipeline(http, server):
+    r = http.post("/v1/images/layers", data={"layers": "3", "guidance_scale": "2.5", "negative_prompt": "blurry",
+                                             "cfg_normalize": "true", "recurse": "1", "caption_language": "zh"},
+                  files={"image": ("in.png", png_bytes(48, 40), "image/png")})
+    assert r.status_code == 200, r.text
+    assert server.layers_double.calls[-1] == {"layers": 3, "resolution": None, "prompt": None, "steps": None,
+                                              "cfg": 2.5, "negative_prompt": "blurry", "cfg_normalize": True,
+                                              "recurse": 1, "caption_language": "zh"}
+    job = http.get(f"/v1/jobs/{r.headers['x-qimg-job-id']}").json()
+    assert job["params"]["guidance_scale"] == 2.5 and job["params"]["recurse"] == 1
+    r = http.post("/v1/images/layers", data={"layers": "2", "true_cfg_scale": "4"},
+                  files={"image": ("in.png", png_bytes(48, 40), "image/png")})
+    assert r.status_code == 200 and server.layers_double.calls[-1]["cfg"] == 4.0
+
+
 def http_tmp(fmt, data):
     import tempfile
     from pathlib import Path
@@ -431,6 +448,12 @@ def test_layers_model_selection_and_limits(http):
     assert r.status_code == 400 and r.json()["error"]["param"] == "format"
     r = http.post("/v1/images/layers", data={"layers": "2"})
     assert r.status_code == 400 and "exactly one 'image'" in r.json()["error"]["message"]
+    r = http.post("/v1/images/layers", data={"layers": "3", "recurse": "3"}, files=img)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "recurse" and "0 to 2" in r.json()["error"]["message"]
+    r = http.post("/v1/images/layers", data={"caption_language": "fr"}, files=img)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "caption_language"
+    r = http.post("/v1/images/layers", data={"guidance_scale": "-1"}, files=img)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guidance_scale"
 
 
 # -- queue bound, auth, limits, CORS (their own servers) ---------------------------------------------------------------

@@ -49,7 +49,8 @@ def test_page_generate_history_layers(tmp_path, browser):
     picture = tmp_path / "picture.png"
     picture.write_bytes(png_bytes(96, 72))
     settings = make_settings(tmp_path / "data", preview_interval=0.2, api_keys=(KEY,))
-    with ServerThread(settings, pipelines={"layers-double": FakeLayered(step_seconds=0.05)}) as srv:
+    double = FakeLayered(step_seconds=0.05)
+    with ServerThread(settings, pipelines={"layers-double": double}) as srv:
         wait_models_loaded(srv.url)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors = []
@@ -110,8 +111,11 @@ def test_page_generate_history_layers(tmp_path, browser):
         page.click("#tab-layers")
         page.set_input_files("#layers-file", str(picture))
         page.fill("#layers-count", "3")
+        page.fill("#panel-layers [name=guidance_scale]", "3.5")
+        page.fill("#panel-layers [name=negative_prompt]", "blurry")
         page.click("#layers-run")
         page.wait_for_selector("#layer-list li:nth-child(3)", timeout=60000)
+        assert (double.calls[-1]["cfg"], double.calls[-1]["negative_prompt"]) == (3.5, "blurry")
         assert page.eval_on_selector("#progress", "e => e.value == e.max")
         names = page.eval_on_selector_all("#layer-list .name", "els => els.map(e => e.textContent)")
         assert names == ["Layer 3", "Layer 2", "Layer 1"]  # top first

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import pytest
 
@@ -37,6 +38,18 @@ def test_layers_with_the_layered_pipeline(ref_layered, tmp_path):
         assert job["status"] == "succeeded" and job["model"] == "layered" and job["export"]["mime"].endswith("photoshop")
         psd = c.get(body["file"]["url"])
         assert psd.status_code == 200 and psd.content[:4] == b"8BPS"
+        # guidance, a negative prompt and a recursive split reach the real pipeline: its parameters ride in each
+        # layer PNG, and recursing into layer 0 of 2 returns 1 + 2 layers
+        r = c.post("/v1/images/layers", data={"layers": "2", "resolution": "64", "steps": "2", "seed": "3",
+                                               "prompt": "a red square", "guidance_scale": "2.5",
+                                               "negative_prompt": "blurry", "recurse": "0"},
+                   files={"image": ("in.png", png_bytes(64, 64), "image/png")})
+        assert r.status_code == 200, r.text
+        layers = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in r.json()["data"]]
+        assert len(layers) == 3
+        meta = json.loads(layers[0].text["qimg"])
+        assert (meta["cfg"], meta["negative_prompt"], meta["recurse"], meta["seed"]) == (2.5, "blurry", 0, 3)
+        assert meta["job_id"] == r.headers["x-qimg-job-id"] and (meta["layer"], meta["of"]) == (0, 3)
         r = c.post("/v1/images/layers", data={"layers": "2", "resolution": "50", "prompt": "x"},
                    files={"image": ("in.png", png_bytes(64, 64), "image/png")})
         assert r.status_code == 400 and "resolution" in r.json()["error"]["message"]

@@ -77,13 +77,16 @@ class FakeLayered:
     def describe(self) -> dict:
         return {"pipeline": self.pipeline_class, "tasks": ["layers"], "test_double": True}
 
-    def layers(self, image, *, layers=4, resolution=None, prompt=None, steps=None, seed=None, progress=None,
+    def layers(self, image, *, layers=4, resolution=None, prompt=None, steps=None, seed=None, cfg=None,
+               negative_prompt=None, cfg_normalize=False, recurse=None, caption_language="en", progress=None,
                should_stop=None):
         from PIL import Image
 
         from qimg.pipelines.base import ProgressEvent
 
-        self.calls.append({"layers": layers, "resolution": resolution, "prompt": prompt, "steps": steps})
+        self.calls.append({"layers": layers, "resolution": resolution, "prompt": prompt, "steps": steps, "cfg": cfg,
+                           "negative_prompt": negative_prompt, "cfg_normalize": cfg_normalize, "recurse": recurse,
+                           "caption_language": caption_language})
         steps = steps or 3
         start = time.perf_counter()
         base = image.convert("RGBA")

@@ -84,6 +84,12 @@ class LayersRequest(BaseModel):
     format: Literal["psd", "ora", "pptx", "zip", "json"] = "json"
     response_format: Literal["url", "b64_json"] | None = None
     user: str | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    true_cfg_scale: float | None = Field(None, ge=0, le=100)
+    cfg_normalize: bool = False
+    recurse: int | None = Field(None, ge=0)
+    caption_language: Literal["en", "zh"] = "en"
 
 
 def services(request: Request):
@@ -309,13 +315,21 @@ async def layers(request: Request):
         await form.close()
     if req.layers > limits.max_layers:
         raise bad_request(f"layers is {req.layers}; the limit is {limits.max_layers}", param="layers")
+    if req.recurse is not None and req.recurse >= req.layers:
+        raise bad_request(f"recurse is {req.recurse}; it must be the index of a returned layer, 0 to "
+                          f"{req.layers - 1}", param="recurse")
     prompt = check_prompt(req.prompt, limits, required=False)
+    negative = check_prompt(req.negative_prompt, limits, required=False, param="negative_prompt")
+    cfg = req.guidance_scale if req.guidance_scale is not None else req.true_cfg_scale
     model = svc.models.pick(req.model, "layers")
     spec = runner.LayersSpec(upload.image, layers=req.layers, resolution=req.resolution, prompt=prompt,
-                             steps=req.steps, seed=req.seed, format=req.format)
-    params = {"prompt": prompt, "layers": req.layers, "resolution": req.resolution, "steps": req.steps,
-              "seed": req.seed, "format": req.format, "response_format": req.response_format or "b64_json",
-              "images": 1}
+                             steps=req.steps, seed=req.seed, format=req.format, cfg=cfg, negative_prompt=negative,
+                             cfg_normalize=req.cfg_normalize, recurse=req.recurse,
+                             caption_language=req.caption_language)
+    params = {"prompt": prompt, "negative_prompt": negative, "layers": req.layers, "resolution": req.resolution,
+              "steps": req.steps, "seed": req.seed, "guidance_scale": cfg, "cfg_normalize": req.cfg_normalize,
+              "recurse": req.recurse, "caption_language": req.caption_language, "format": req.format,
+              "response_format": req.response_format or "b64_json", "images": 1}
     task = Task(new_job_id(), "layers", model, spec, params, inputs=[upload])
     url_base = base_url(request)
 

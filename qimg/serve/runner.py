@@ -55,6 +55,11 @@ class LayersSpec:
     steps: int | None = None
     seed: int | None = None
     format: str = "json"  # json (layers only) | psd | ora | pptx | zip
+    cfg: float | None = None
+    negative_prompt: str | None = None
+    cfg_normalize: bool = False
+    recurse: int | None = None  # split returned layer i again, its sub-layers in its place
+    caption_language: str = "en"  # of the automatic caption when there is no prompt
 
 
 @dataclass
@@ -141,13 +146,16 @@ def run_images(pipe, spec: ImageSpec, *, job_id: str, files: FileStore, progress
 def run_layers(pipe, spec: LayersSpec, *, job_id: str, files: FileStore, progress: Callable,
                should_stop: Callable[[], bool]) -> LayersResult:
     layers = pipe.layers(spec.image, layers=spec.layers, resolution=spec.resolution, prompt=spec.prompt,
-                         steps=spec.steps, seed=spec.seed, progress=progress, should_stop=should_stop)
+                         steps=spec.steps, seed=spec.seed, cfg=spec.cfg, negative_prompt=spec.negative_prompt,
+                         cfg_normalize=spec.cfg_normalize, recurse=spec.recurse,
+                         caption_language=spec.caption_language, progress=progress, should_stop=should_stop)
     layers = [layer if layer.mode == "RGBA" else layer.convert("RGBA") for layer in layers]
     if not layers:
         raise InputError("the model returned no layers")
     stored = []
     for i, layer in enumerate(layers):
-        data = encode_image(layer, OutputOptions("png"), {"job_id": job_id, "layer": i, "of": len(layers)})
+        params = {**(layer.info.get("qimg") or {}), "job_id": job_id, "layer": i, "of": len(layers)}
+        data = encode_image(layer, OutputOptions("png"), params)
         stored.append(Stored(files.put_bytes(data, ext=".png", mime="image/png", job_id=job_id, role="layer",
                                              index=i), data))
     export = None
