@@ -27,8 +27,9 @@ Behaviour worth knowing
     * Every accepted image request is a job (`x-qimg-job-id` header on the answer). Requests refused before that
       (malformed body, bad upload, full queue) make no job. `Prefer: respond-async` answers 202 with the job at once.
     * At most `--max-queue` jobs wait behind the running one; beyond: HTTP 429 with Retry-After.
-    * On start-up, jobs a previous process left queued or running are marked failed (error type
-      "server_restart") and their partial outputs removed; finished jobs and files stay and are served.
+    * On start-up, jobs a previous process left running are marked failed (error type "server_restart") and their
+      partial outputs removed; jobs it left queued run again, oldest first (`--no-requeue`: marked failed too);
+      finished jobs and files stay and are served.
     * `mask` on edits is refused (HTTP 400): Qwen-Image edits follow the instruction in the prompt.
     * With API keys set every route but `/`, `/static/*`, `/favicon.ico` and `/health` needs
       `Authorization: Bearer <key>` (HTTP 401 otherwise). A non-loopback `--host` without a key is refused.

@@ -112,22 +112,18 @@ def image_spec(req: ImageOptions, limits, images=()) -> tuple[runner.ImageSpec, 
     negative = check_prompt(req.negative_prompt, limits, required=False, param="negative_prompt")
     if req.n > limits.max_n:
         raise bad_request(f"n is {req.n}; the limit is {limits.max_n}", param="n")
-    width, height = parse_size(req.size)
+    parse_size(req.size)  # checked here; the spec reads it from the params
     fmt = req.output_format or "png"
-    background = None if req.background in (None, "auto") else req.background
-    if background == "transparent" and fmt == "jpeg":
+    if req.background == "transparent" and fmt == "jpeg":
         raise bad_request("background 'transparent' needs output_format 'png' or 'webp'", param="background")
     steps = req.steps if req.steps is not None else req.num_inference_steps
     cfg = req.guidance_scale if req.guidance_scale is not None else req.true_cfg_scale
-    spec = runner.ImageSpec(prompt=prompt, images=list(images), width=width, height=height, steps=steps,
-                            seed=req.seed, negative_prompt=negative, cfg=cfg, n=req.n,
-                            output=runner.OutputOptions(fmt, req.output_compression, background))
     params = {"prompt": prompt, "negative_prompt": negative, "n": req.n, "size": req.size or "auto",
               "steps": steps, "seed": req.seed, "guidance_scale": cfg, "output_format": fmt,
               "output_compression": req.output_compression, "background": req.background or "auto",
               "response_format": req.response_format or "b64_json", "stream": bool(req.stream),
               "partial_images": req.partial_images or 0, "images": len(images)}
-    return spec, params
+    return runner.spec_from_params("generate", params, list(images)), params
 
 
 def entry(stored: runner.Stored, response_format: str, url_base: str) -> dict:
@@ -322,14 +318,11 @@ async def layers(request: Request):
     negative = check_prompt(req.negative_prompt, limits, required=False, param="negative_prompt")
     cfg = req.guidance_scale if req.guidance_scale is not None else req.true_cfg_scale
     model = svc.models.pick(req.model, "layers")
-    spec = runner.LayersSpec(upload.image, layers=req.layers, resolution=req.resolution, prompt=prompt,
-                             steps=req.steps, seed=req.seed, format=req.format, cfg=cfg, negative_prompt=negative,
-                             cfg_normalize=req.cfg_normalize, recurse=req.recurse,
-                             caption_language=req.caption_language)
     params = {"prompt": prompt, "negative_prompt": negative, "layers": req.layers, "resolution": req.resolution,
               "steps": req.steps, "seed": req.seed, "guidance_scale": cfg, "cfg_normalize": req.cfg_normalize,
               "recurse": req.recurse, "caption_language": req.caption_language, "format": req.format,
               "response_format": req.response_format or "b64_json", "images": 1}
+    spec = runner.spec_from_params("layers", params, [upload.image])
     task = Task(new_job_id(), "layers", model, spec, params, inputs=[upload])
     url_base = base_url(request)
 

@@ -3,9 +3,11 @@
 Data directory layout (`settings.data_dir`): `jobs.sqlite3` (+ WAL files) holds jobs and the file index; `files/`
 holds the stored files as `<file id>.<ext>`; `.lock` keeps a second server off the same directory.
 
-Start-up (the app's lifespan) is a restart as far as jobs go: jobs a previous process left `running` or `queued`
-are marked `failed` with the reason (error_type "server_restart"), their outputs are deleted, and so are
-temporaries of interrupted writes and files with no index row; finished jobs and their files are kept and served.
+Start-up (the app's lifespan) is a restart as far as jobs go: jobs a previous process left `running` are marked
+`failed` with the reason (error_type "server_restart") and their outputs are deleted, and so are temporaries of
+interrupted writes and files with no index row; finished jobs and their files are kept and served. Jobs left
+`queued` are queued again, oldest first, rebuilt from their recorded parameters and input files (with
+`requeue=False` they are marked failed too).
 Then the worker thread starts (and loads the models first unless `preload` is off).
 """
 
@@ -89,10 +91,12 @@ def create_app(settings: Settings, *, pipelines: dict[str, object] | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        failed = store.recover()
+        failed = store.recover(keep_queued=settings.requeue)
         removed = files.sweep(drop_jobs=failed)
         if failed or removed:
             log.warning("restart: %d unfinished job(s) marked failed, %d stray file(s) removed", len(failed), removed)
+        if settings.requeue and (requeued := worker.requeue(store.queued())):
+            log.warning("restart: %d job(s) left queued were queued again", requeued)
         worker.start()
         try:
             yield

@@ -74,6 +74,8 @@ def register(sub) -> None:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from this origin (repeatable; default: same origin only)")
     p.add_argument("--lazy", action="store_true", help="load each model on its first job instead of at start")
+    p.add_argument("--no-requeue", action="store_true",
+                   help="mark jobs still queued at shutdown failed instead of running them on the next start")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None)
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image file (default 32)")
@@ -102,7 +104,8 @@ def settings_from_args(args):
     return Settings(models=parse_models(args.model), host=args.host, port=args.port,
                     data_dir=Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(),
                     api_keys=keys, max_queue=args.max_queue, cors_origins=tuple(args.cors_origin),
-                    preload=not args.lazy, dtype=args.dtype, device=args.device, limits=limits)
+                    preload=not args.lazy, requeue=not args.no_requeue, dtype=args.dtype, device=args.device,
+                    limits=limits)
 
 
 def run(args) -> int:

@@ -15,6 +15,7 @@ from PIL import Image, PngImagePlugin
 
 from qimg.errors import InputError
 from qimg.serve.store import FileRecord, FileStore
+from qimg.serve.uploads import parse_size
 
 OUTPUT_FORMATS = {"png": ("PNG", "image/png", ".png"), "jpeg": ("JPEG", "image/jpeg", ".jpg"),
                   "webp": ("WEBP", "image/webp", ".webp")}
@@ -96,6 +97,25 @@ class LayersResult:
     def summary(self) -> dict:
         return {"width": self.width, "height": self.height, "layers": len(self.layers), "format": self.format,
                 "export": self.export.id if self.export else None}
+
+
+def spec_from_params(kind: str, params: dict, images: list[Image.Image]) -> ImageSpec | LayersSpec:
+    """A job's spec from the parameters recorded in its row and its input pictures: the routes build every spec
+    this way, so a job still queued when the server stopped is rebuilt exactly when it is requeued."""
+    cfg = params.get("guidance_scale")
+    if kind == "layers":
+        return LayersSpec(images[0], layers=params.get("layers", 4), resolution=params.get("resolution"),
+                          prompt=params.get("prompt"), steps=params.get("steps"), seed=params.get("seed"),
+                          format=params.get("format", "json"), cfg=cfg, negative_prompt=params.get("negative_prompt"),
+                          cfg_normalize=bool(params.get("cfg_normalize")), recurse=params.get("recurse"),
+                          caption_language=params.get("caption_language", "en"))
+    width, height = parse_size(params.get("size"))
+    background = params.get("background")
+    output = OutputOptions(params.get("output_format", "png"), params.get("output_compression"),
+                           None if background in (None, "auto") else background)
+    return ImageSpec(prompt=params["prompt"], images=list(images), width=width, height=height,
+                     steps=params.get("steps"), seed=params.get("seed"), negative_prompt=params.get("negative_prompt"),
+                     cfg=cfg, n=params.get("n", 1), output=output)
 
 
 def encode_image(image: Image.Image, options: OutputOptions, parameters: dict | None = None) -> bytes:

@@ -48,6 +48,8 @@ class Settings:
     `preload`: load every model in the worker thread when the server starts (jobs wait in the queue meanwhile);
     with False a model is loaded by the first job that uses it. Either way a model stays loaded.
     `max_queue`: jobs that may wait for the worker (the running one not counted); one more gets HTTP 429.
+    `requeue`: jobs still queued when the server stops (or is killed) stay queued and run when it starts again;
+    with False they are marked failed. A job that was running is always marked failed (it may be what stopped it).
     """
 
     models: dict[str, str | None] = field(default_factory=default_models)
@@ -58,6 +60,7 @@ class Settings:
     max_queue: int = 16
     cors_origins: tuple[str, ...] = ()
     preload: bool = True
+    requeue: bool = True
     dtype: str | None = None
     device: str | None = None
     limits: Limits = field(default_factory=Limits)

@@ -112,8 +112,13 @@ class JobStore(ABC):
         """queued -> cancelled; False if the job was not queued."""
 
     @abstractmethod
-    def recover(self) -> list[str]:
-        """At start-up: jobs left queued or running by a previous process are marked failed; returns their ids."""
+    def recover(self, keep_queued: bool = False) -> list[str]:
+        """At start-up: jobs a previous process left running (and, unless `keep_queued`, queued) are marked failed;
+        returns their ids."""
+
+    @abstractmethod
+    def queued(self) -> list[Job]:
+        """Jobs waiting to run, oldest first."""
 
     @abstractmethod
     def add_file(self, record: FileRecord) -> None: ...

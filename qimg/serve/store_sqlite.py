@@ -92,6 +92,11 @@ class SQLiteJobStore(JobStore):
                 rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
             return [self._job(r) for r in rows]
 
+    def queued(self) -> list[Job]:
+        with self._lock:
+            return [self._job(r) for r in self._db.execute("SELECT * FROM jobs WHERE status=? ORDER BY seq",
+                                                          (QUEUED,)).fetchall()]
+
     def mark_running(self, job_id: str) -> bool:
         with self._lock:
             cur = self._db.execute("UPDATE jobs SET status=?, started_at=? WHERE id=? AND status=?",
@@ -109,16 +114,19 @@ class SQLiteJobStore(JobStore):
                 (status, json.dumps(result or {}), error, error_type, time.time(), job_id, *TERMINAL))
             return cur.rowcount == 1
 
-    def recover(self) -> list[str]:
+    def recover(self, keep_queued: bool = False) -> list[str]:
         now = time.time()
+        stale = (RUNNING,) if keep_queued else (QUEUED, RUNNING)
         with self._lock:
-            ids = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE status IN (?,?)", (QUEUED, RUNNING))]
+            ids = [r[0] for r in self._db.execute(
+                f"SELECT id FROM jobs WHERE status IN ({','.join('?' * len(stale))})", stale)]
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("UPDATE jobs SET status=?, error=?, error_type='server_restart', finished_at=? "
                                  "WHERE status=?", (FAILED, RESTART_RUNNING, now, RUNNING))
-                self._db.execute("UPDATE jobs SET status=?, error=?, error_type='server_restart', finished_at=? "
-                                 "WHERE status=?", (FAILED, RESTART_QUEUED, now, QUEUED))
+                if not keep_queued:
+                    self._db.execute("UPDATE jobs SET status=?, error=?, error_type='server_restart', finished_at=? "
+                                     "WHERE status=?", (FAILED, RESTART_QUEUED, now, QUEUED))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

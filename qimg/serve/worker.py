@@ -29,6 +29,7 @@ log = logging.getLogger("qimg.serve")
 
 STOPPED_RUNNING = "the server shut down while this job was running"
 STOPPED_QUEUED = "the server shut down before this job started"
+STOPPED_KEPT = "the server shut down before this job started; it stays queued and runs when the server starts again"
 
 
 @dataclass
@@ -66,10 +67,12 @@ class Worker:
             self._pending.clear()
             for flag in self._stop_flags.values():
                 flag.set()
+        keep = self.settings.requeue
         for job_id in waiting:
-            self.store.finish(job_id, FAILED, error=STOPPED_QUEUED, error_type="server_shutdown")
-            self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": FAILED,
-                                      "outcome": ApiError(503, STOPPED_QUEUED, code="server_shutdown")})
+            if not keep:
+                self.store.finish(job_id, FAILED, error=STOPPED_QUEUED, error_type="server_shutdown")
+            self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": FAILED, "outcome": ApiError(
+                503, STOPPED_KEPT if keep else STOPPED_QUEUED, code="server_shutdown")})
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -94,6 +97,38 @@ class Worker:
             self._pending[task.job_id] = task
         self._queue.put(task.job_id)
         return job
+
+    def requeue(self, jobs: list) -> int:
+        """At start-up, before `start`: queue again the jobs a previous process left queued (store rows, oldest
+        first), rebuilt from their recorded parameters and stored input pictures. A job that cannot be rebuilt is
+        failed with the reason. Returns how many were queued."""
+        queued = 0
+        for job in jobs:
+            try:
+                images = [self._input_image(record) for record in sorted(
+                    self.store.files_of_jobs([job.id], ("input",)), key=lambda r: r.index)]
+                if len(images) != job.params.get("images", len(images)):
+                    raise ValueError(f"{job.params.get('images')} input pictures were recorded, {len(images)} "
+                                     f"are stored")
+                spec = runner.spec_from_params(job.kind, job.params, images)
+            except Exception as err:  # noqa: BLE001 - the job fails with the reason; the others still run
+                message = err.message if isinstance(err, ApiError) else str(err)
+                self.store.finish(job.id, FAILED, error=f"could not be queued again after a restart: {message}",
+                                  error_type="server_restart")
+                continue
+            with self._lock:
+                self._pending[job.id] = Task(job.id, job.kind, job.model, spec, job.params)
+            self._queue.put(job.id)
+            queued += 1
+        return queued
+
+    def _input_image(self, record):
+        from qimg.serve.uploads import decode_image
+
+        found = self.files.path(record.id)
+        if found is None:
+            raise ValueError(f"its input file {record.id} is missing")
+        return decode_image(found[1].read_bytes(), f"input {record.index + 1}", self.settings.limits).image
 
     def _retry_after(self) -> int:
         """Seconds until a slot is likely free: the mean recent job time times the jobs ahead (lock held)."""
