@@ -57,7 +57,7 @@ def test_caption_and_transformer_losses_fall(tmp_path):
     processor = L.build_processor(tokenizer)
     vlm = L.build_text_encoder(tokenizer).train()
     rng = random.Random(0)
-    scenes = [world.random_scene(rng) for _ in range(4)]
+    scenes = [world.random_scene(rng, n_objects=2, word_prob=0.0) for _ in range(4)]  # 3 layers each
     inputs, labels = L._caption_batch(processor, scenes, rng)
     assert (labels != -100).sum() > 4 * 10  # the captions (and their end tokens) are the targets
     fwd = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw") if k in inputs}
@@ -85,6 +85,24 @@ def test_caption_and_transformer_losses_fall(tmp_path):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_layer_tokens_mark_each_layer_frame_with_its_own_item():
+    rng = random.Random(4)
+    for _ in range(10):
+        scene = world.random_scene(rng, word_prob=0.0)  # a word's centre may fall between its letters
+        layers = world.layer_arrays(scene)
+        marked = L.layer_tokens(scene, len(layers) + 2).view(-1, 8, 8)  # one extra, empty frame
+        assert marked[:2].sum() == 0 and marked[-1].sum() == 0  # composite, background, the extra frame
+        items = [o.cell for o in scene.objects]
+        assert len(items) == len(layers) - 1
+        centres = [tuple(int(c) for c in world.cell_centre(cell)) for cell in items]
+        for frame, layer in zip(marked[2:-1], layers[1:]):
+            own = [(x, y) for x, y in centres if layer[y, x, 3] > 0]
+            assert len(own) == 1  # each layer holds one item
+            for x, y in centres:  # its frame marks its own item's centre token and no other item's
+                assert frame[y // 16, x // 16] == ((x, y) in own)
+            assert 0 < frame.sum() <= 16
 
 
 @pytest.fixture(scope="module")

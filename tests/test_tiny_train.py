@@ -90,6 +90,48 @@ def test_dit_loss_falls(tmp_path):
         assert losses[-1] < 0.9 * losses[0], (task, losses)
 
 
+def test_object_tokens_mark_the_objects_and_words_only():
+    rng = random.Random(5)
+    for _ in range(20):
+        scene = world.random_scene(rng, word_prob=0.5)
+        marked = T.object_tokens(scene).view(8, 8)
+        items = [o.cell for o in scene.objects] + ([scene.word.cell] if scene.word else [])
+        for cell in items:  # the token under each item's centre is marked
+            cx, cy = world.cell_centre(cell)
+            assert marked[int(cy // 16), int(cx // 16)] == 1
+        for cell in set(range(9)) - set(items):  # no token lying wholly inside an empty cell is
+            x0, y0, x1, y1 = world.cell_box(cell)
+            for ty in range(-(-y0 // 16), y1 // 16):
+                for tx in range(-(-x0 // 16), x1 // 16):
+                    assert marked[ty, tx] == 0, (world.prompt(scene), cell, ty, tx)
+
+
+def test_object_weighted_dit_loss(tmp_path, monkeypatch):
+    """With uniform token weights the object-weighted loss is the plain loss; with the object masks it differs."""
+    tokenizer = T._load_or_build_tokenizer(tmp_path)
+    cond = T.Conditioning(T.build_processor(tokenizer), T.build_text_encoder(tokenizer))
+    torch.manual_seed(0)
+    model = QwenImage21Transformer(QwenImage21Config(**{**T.DIT, "num_layers": 1}))
+    rng = random.Random(0)
+    pairs = [(s, *world.random_edit(s, rng)) for s in (world.random_scene(rng) for _ in range(8))]
+    z = T.VAE["z_dim"]
+    src, tgt = torch.randn(8, z, 8, 8), torch.randn(8, z, 8, 8)
+
+    def loss(weight, tokens=None):
+        monkeypatch.setattr(T, "DIT_OBJECT_WEIGHT", weight)
+        if tokens is not None:
+            monkeypatch.setattr(T, "object_tokens", tokens)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return T._dit_step(model, cond, random.Random(3), "t2i", src, tgt, pairs, 4, progress=1.0).item()
+
+    plain = loss(0.0)
+    assert loss(8.0, lambda scene: torch.ones(64)) == pytest.approx(plain, rel=1e-5)
+    assert loss(8.0, lambda scene: torch.zeros(64)) == pytest.approx(plain, rel=1e-5)
+    monkeypatch.undo()
+    assert abs(loss(8.0) - plain) > 1e-4 * plain
+
+
 def test_corpus_keeps_capitals_as_single_tokens(tmp_path):
     tok = T._load_or_build_tokenizer(tmp_path)
     ids = tok('with the word "QZX" in red').input_ids

@@ -28,8 +28,8 @@ from qimg.pipelines import images as im
 from qimg.tiny import world
 from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene,
                               decoder_steps, export_weights, fit_autoencoder, fit_decoder, load_trained_vae, log,
-                              optimizer_step, resume_state, rgba_tensor, sample_sigmas, seed_decoder_from_export,
-                              seed_vae_from_export, vision_token_ids, widen_embeddings, write_export)
+                              optimizer_step, resume_state, rgba_tensor, sample_sigmas, seed_vae_from_export,
+                              vision_token_ids, widen_embeddings, write_export)
 
 NAME = "qimg-tiny-layered"
 VAE_STEPS = 2000
@@ -58,6 +58,11 @@ TOKENS = 64  # tokens per frame: 128x128 at 8x, 2x2 patches
 # Object and word layers differ from the empty layer only where they are (about 1/20 of the composite's loss
 # before weighting), so unweighted the transformer learns the composite and background first and the layers last.
 LAYER_WEIGHT = 4.0
+# Within layer frames, tokens whose 16 px patch holds any of the layer's pixels weigh this much more (0: off); the
+# rest of a layer is transparent and easy, yet the objects are what the split is judged on. The shipped model took
+# it from step 5,000 to 6,443 (12 minutes): on 100 held-out scenes alpha IoU 0.560 -> 0.592, composite PSNR
+# 20.2 -> 21.1 dB, where the 1,500 plain steps before it had moved IoU by 0.003.
+LAYER_OBJECT_WEIGHT = 8.0
 EXTRA_LAYER_P = 0.15  # sometimes one more layer than the scene has: it must come out empty
 
 
@@ -382,10 +387,28 @@ def layered_loss(model, tokenizer, text_encoder, x0: torch.Tensor, scenes, rng: 
     shapes = [(1, 8, 8)] * frames + [(1, 8, 8)]
     flag = torch.zeros(b, dtype=torch.long)
     v = model(torch.cat([xt, cond], dim=1), states, sigma, shapes, text_mask=mask, additional_t_cond=flag)
-    per_frame = (v[:, : xt.shape[1]] - (noise - tokens)).pow(2).reshape(b, frames, -1).mean(dim=(0, 2))
+    err = (v[:, : xt.shape[1]] - (noise - tokens)).pow(2).mean(-1).reshape(b, frames, TOKENS)
     weight = torch.ones(frames)
     weight[2:] = LAYER_WEIGHT
+    if not LAYER_OBJECT_WEIGHT:
+        return (err.mean(dim=(0, 2)) * weight).sum() / weight.sum()
+    tokens_weight = 1 + LAYER_OBJECT_WEIGHT * torch.stack([layer_tokens(s, frames) for s in scenes])
+    per_frame = (err * tokens_weight).sum(dim=(0, 2)) / tokens_weight.sum(dim=(0, 2))
     return (per_frame * weight).sum() / weight.sum()
+
+
+def layer_tokens(scene: world.Scene, frames: int, patch: int = 16) -> torch.Tensor:
+    """`[frames, tokens]`: 1.0 where a layer frame's token patch holds any of that layer's pixels (frames past the
+    scene's layers are empty); 0.0 on the composite and background frames."""
+    layers = world.layer_arrays(scene)
+    if len(layers) + 1 > frames:
+        raise ValueError(f"the scene has {len(layers)} layers, more than the {frames - 1} layer frames given")
+    out = torch.zeros(frames, TOKENS)
+    for k, layer in enumerate(layers[1:]):
+        alpha = layer[..., 3] > 0
+        h, w = alpha.shape
+        out[k + 2] = torch.from_numpy(alpha.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3)).ravel())
+    return out
 
 
 # -- stage: export ----------------------------------------------------------------------------------------------
@@ -410,12 +433,11 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
 
 def resume_from_export(out: Path, work: Path) -> bool:
     """Seed an empty work folder from a shipped export (weights only; optimizers start fresh)."""
-    meta = seed_vae_from_export(out, work, VAE_STEPS)
+    meta = seed_vae_from_export(out, work, VAE_STEPS, DECODER_STEPS)
     if meta is None:
         return False
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    seed_decoder_from_export(out, work, meta, DECODER_STEPS)
     te = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out / "text_encoder"), dtype=torch.float32)
     te_sd = {k: v.clone() for k, v in te.state_dict().items()}  # the saved file uses the checkpoint key layout
     _save(work / "state-caption.pt", model=te_sd, opt=None, step=CAPTION_STEPS, rng=random.Random(SEED + 3))
