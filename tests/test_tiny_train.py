@@ -132,6 +132,53 @@ def test_object_weighted_dit_loss(tmp_path, monkeypatch):
     assert abs(loss(8.0) - plain) > 1e-4 * plain
 
 
+class StepClock:
+    """A stand-in for the `time` module in qimg.tiny.train: every time() call is one second later."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def time(self):
+        self.now += 1
+        return self.now
+
+    @staticmethod
+    def strftime(fmt):
+        return time.strftime(fmt)
+
+
+def test_a_seed_fixes_the_run_and_a_resumed_run_matches(tmp_path, monkeypatch):
+    """Two runs with one seed give the same weights, also when one of them stops mid-stage and resumes; another
+    seed gives others; a work folder refuses a seed it was not started with."""
+    from qimg.errors import InputError
+
+    for name, value in (("VAE_STEPS", 3), ("POOL_PAIRS", 64), ("DECODER_STEPS", 2), ("DIT_STEPS", 4)):
+        monkeypatch.setattr(T, name, value)
+    no_export = ("vae", "latents", "decoder", "dit")
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert T.run(10, a, tmp_path / "none", stages=no_export, seed=7)
+    assert T.run(10, b, tmp_path / "none", stages=no_export[:3], seed=7)
+    monkeypatch.setattr(T, "time", StepClock())
+    assert not T.train_dit(b, deadline=3.5, seed=7)  # stops after 2 of 4 steps
+    monkeypatch.setattr(T, "time", time)
+    assert torch.load(b / "state-dit.pt", weights_only=False)["step"] == 2
+    assert T.run(10, b, tmp_path / "none", stages=no_export, seed=7)
+    for stage in ("vae", "decoder", "dit"):
+        first, second = (torch.load(w / f"state-{stage}.pt", weights_only=False) for w in (a, b))
+        assert first["step"] == second["step"] > 0
+        for key, value in first["model"].items():
+            assert value.equal(second["model"][key]), (stage, key)
+    ema = torch.load(a / "state-dit.pt", weights_only=False)["ema"]
+    assert all(v.equal(torch.load(b / "state-dit.pt", weights_only=False)["ema"][k]) for k, v in ema.items())
+
+    assert T.run(10, c, tmp_path / "none", stages=("vae",), seed=8)
+    other = torch.load(c / "state-vae.pt", weights_only=False)["model"]
+    assert not other["decoder.conv_out.weight"].equal(
+        torch.load(a / "state-vae.pt", weights_only=False)["model"]["decoder.conv_out.weight"])
+    with pytest.raises(InputError, match="started with seed 7"):
+        T.run(10, a, tmp_path / "none", seed=8)
+
+
 def test_corpus_keeps_capitals_as_single_tokens(tmp_path):
     tok = T._load_or_build_tokenizer(tmp_path)
     ids = tok('with the word "QZX" in red').input_ids
@@ -165,3 +212,18 @@ def test_short_run_exports_loads_and_resumes(tmp_path, monkeypatch, capsys):
     assert "vae: step" not in log and "decoder: step" not in log  # finished stages are not rerun
     meta = json.loads((out / "model_index.json").read_text())["_qimg"]
     assert meta["trained_steps"] == 3 and meta["decoder_steps"] == 2
+
+
+def test_tiny_train_cli_takes_a_seed(tmp_path, capsys):
+    import json
+
+    from qimg.cli import main
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["tiny", "train", "--minutes", "0", "--work", str(work), "--out", str(out)]
+    assert main([*args, "--seed", "5"]) == 0
+    assert "run again to resume" in capsys.readouterr().out
+    assert json.loads((work / "seed.json").read_text()) == {"seed": 5}
+    assert main([*args, "--seed", "6"]) == 2
+    assert "was started with seed 5; resume it with --seed 5" in capsys.readouterr().err
+    assert main(args) == 2  # no --seed means 1234, not "whatever the folder has"

@@ -17,6 +17,9 @@ def register(sub) -> None:
     train.add_argument("--work", type=Path, default=None, help="checkpoints and caches (default: runs/tiny, "
                        "runs/tiny-layered)")
     train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--seed", type=int, default=None,
+                       help="fixes the whole run: model init, data, noise (default 1234; a --work folder keeps the "
+                            "seed it was started with)")
     train.set_defaults(handler=run_train)
     ev = cmds.add_parser("eval", help="score a model on held-out scenes of the synthetic world")
     ev.add_argument("--n", type=int, default=200, help="held-out scenes per task")
@@ -32,6 +35,8 @@ def register(sub) -> None:
 def run_train(args) -> int:
     import torch
 
+    from qimg.tiny.train import SEED
+
     if args.model == "layered":
         from qimg.tiny.train_layered import run
     else:
@@ -40,7 +45,7 @@ def run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.work or Path("runs/tiny" if args.model == "tiny" else "runs/tiny-layered")
-    done = run(args.minutes, work, args.out)
+    done = run(args.minutes, work, args.out, seed=SEED if args.seed is None else args.seed)
     print("training complete" if done else f"stopped after {args.minutes} minutes; run again to resume")
     return 0
 

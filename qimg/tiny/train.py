@@ -184,6 +184,31 @@ def sample_sigmas(n: int, shift: float = 0.0) -> torch.Tensor:
     return torch.where(pick == 0, logit_normal, torch.where(pick == 1, torch.rand(n), high))
 
 
+def step_seed(stage_seed: int, step: int) -> None:
+    """Seed torch for one training step, so a run stopped and resumed anywhere draws what an uninterrupted one does
+    (the Python `rng`, the optimizer and the EMA are saved with each checkpoint)."""
+    torch.manual_seed(stage_seed * 100_003 + step)
+
+
+def record_seed(work: Path, seed: int) -> None:
+    """The work folder keeps the seed it was started with; resuming it with another one is refused."""
+    from qimg.errors import InputError
+
+    path = work / "seed.json"
+    if path.exists():
+        started = json.loads(path.read_text())["seed"]
+        if started != seed:
+            raise InputError(f"{work} was started with seed {started}; resume it with --seed {started}, or start "
+                             f"seed {seed} in another --work folder")
+    else:
+        path.write_text(json.dumps({"seed": seed}))
+
+
+def work_seed(work: Path) -> int | None:
+    path = work / "seed.json"
+    return json.loads(path.read_text())["seed"] if path.exists() else None
+
+
 def optimizer_step(opt, loss: torch.Tensor, params: list) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -211,10 +236,10 @@ def fit_vae(vae, params: list, path: Path, deadline: float, *, steps: int, lr: f
     step, rng = state.get("step", 0), state.get("rng", random.Random(seed))
     if step >= steps:
         return True
-    torch.manual_seed(seed + step)
     log(f"{name}: step {step}/{steps}, {sum(p.numel() for p in params):,} parameters")
     losses, errors = [], []
     while step < steps and time.time() < deadline:
+        step_seed(seed, step)
         rate = cosine_lr(lr, step, steps, warmup, floor)
         for group in opt.param_groups:
             group["lr"] = rate
@@ -463,6 +488,7 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32) ->
     losses: dict[str, list] = {"t2i": [], "edit": []}
     started = time.time()
     while step < DIT_STEPS and time.time() < deadline:
+        step_seed(seed + 2, step)
         progress = step / DIT_STEPS
         lr = cosine_lr(5e-4, step, DIT_STEPS, 500)
         for group in opt.param_groups:
@@ -591,7 +617,7 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
              "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
              "vae": ["diffusers", "AutoencoderKLQwenImage21"], "sample_sigmas": None,
              "_qimg": {**DEFAULTS, "name": "qimg-tiny", "trained_steps": state["step"], "encoder_init": ENCODER_INIT,
-                       "decoder_steps": decoder_steps(work)}}
+                       "decoder_steps": decoder_steps(work), "seed": work_seed(work)}}
     return write_export(out, work, index, SCHEDULER, text_encoder, processor, [
         ("transformer", dit_sd, QwenImage21Config(**DIT)), ("vae", vae.state_dict(), vae.config)])
 
@@ -688,19 +714,22 @@ def default_out() -> Path:
     return Path(__file__).parent / "weights" / "qimg-tiny"
 
 
-def run(minutes: float, work: Path, out: Path | None, stages=("vae", "latents", "decoder", "dit", "export")) -> bool:
-    """Run the stages in order for at most `minutes`; returns True when training is complete."""
+def run(minutes: float, work: Path, out: Path | None, stages=("vae", "latents", "decoder", "dit", "export"),
+        seed: int = SEED) -> bool:
+    """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
+    whole run (a work folder keeps the one it was started with)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work.mkdir(parents=True, exist_ok=True)
+    record_seed(work, seed)
     resume_from_export(out or default_out(), work)
     deadline = time.time() + minutes * 60
-    if "vae" in stages and not train_vae(work, deadline):
+    if "vae" in stages and not train_vae(work, deadline, seed):
         return False
-    if "latents" in stages and not build_pool(work, deadline):
+    if "latents" in stages and not build_pool(work, deadline, seed):
         return False
-    if "decoder" in stages and not refine_decoder(work, deadline):
+    if "decoder" in stages and not refine_decoder(work, deadline, seed):
         return False
-    done = train_dit(work, deadline) if "dit" in stages else True
+    done = train_dit(work, deadline, seed) if "dit" in stages else True
     if "export" in stages and (work / "state-dit.pt").exists():
         path = export(work, out or default_out())
         log(f"exported {path}")

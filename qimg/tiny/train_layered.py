@@ -28,8 +28,9 @@ from qimg.pipelines import images as im
 from qimg.tiny import world
 from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene,
                               decoder_steps, export_weights, fit_autoencoder, fit_decoder, load_trained_vae, log,
-                              optimizer_step, resume_state, rgba_tensor, sample_sigmas, seed_vae_from_export,
-                              vision_token_ids, widen_embeddings, write_export)
+                              optimizer_step, record_seed, resume_state, rgba_tensor, sample_sigmas,
+                              seed_vae_from_export, step_seed, vision_token_ids, widen_embeddings, work_seed,
+                              write_export)
 
 NAME = "qimg-tiny-layered"
 VAE_STEPS = 2000
@@ -265,6 +266,7 @@ def train_caption(work: Path, deadline: float, seed: int = SEED) -> bool:
     losses = []
     processor.tokenizer.padding_side = "right"
     while step < CAPTION_STEPS and time.time() < deadline:
+        step_seed(seed + 3, step)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(1e-3, step, CAPTION_STEPS, 100)
         scenes = [curriculum_scene(rng, 1.0) for _ in range(16)]
@@ -333,6 +335,7 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8) -> 
     log(f"layered dit: step {step}/{DIT_STEPS}, {sum(p.numel() for p in model.parameters()):,} parameters")
     losses, started = [], time.time()
     while step < DIT_STEPS and time.time() < deadline:
+        step_seed(seed + 2, step)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(DIT_LR, step, DIT_STEPS, 200)
         first = rng.randrange(len(latents))
@@ -425,7 +428,7 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
              "transformer": ["diffusers", "QwenImageTransformer2DModel"],
              "vae": ["diffusers", "AutoencoderKLQwenImage"],
              "_qimg": {**DEFAULTS, "name": NAME, "trained_steps": state["step"],
-                       "decoder_steps": decoder_steps(work)}}
+                       "decoder_steps": decoder_steps(work), "seed": work_seed(work)}}
     weights = [("transformer", state["ema"] if use_ema else state["model"], QwenImageConfig(**DIT)),
                ("vae", vae.state_dict(), vae.config)]
     return write_export(out, work, index, SCHEDULER, text_encoder, build_processor(tokenizer), weights, tokenizer)
@@ -455,20 +458,22 @@ def default_out() -> Path:
 STAGES = ("vae", "latents", "decoder", "caption", "dit", "export")
 
 
-def run(minutes: float, work: Path, out: Path | None, stages=STAGES) -> bool:
-    """Run the stages in order for at most `minutes`; returns True when training is complete."""
+def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int = SEED) -> bool:
+    """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
+    whole run (a work folder keeps the one it was started with)."""
     work.mkdir(parents=True, exist_ok=True)
+    record_seed(work, seed)
     resume_from_export(out or default_out(), work)
     deadline = time.time() + minutes * 60
-    if "vae" in stages and not train_vae(work, deadline):
+    if "vae" in stages and not train_vae(work, deadline, seed):
         return False
-    if "latents" in stages and not build_pool(work, deadline):
+    if "latents" in stages and not build_pool(work, deadline, seed):
         return False
-    if "decoder" in stages and not refine_decoder(work, deadline):
+    if "decoder" in stages and not refine_decoder(work, deadline, seed):
         return False
-    if "caption" in stages and not train_caption(work, deadline):
+    if "caption" in stages and not train_caption(work, deadline, seed):
         return False
-    done = train_dit(work, deadline) if "dit" in stages else True
+    done = train_dit(work, deadline, seed) if "dit" in stages else True
     if "export" in stages and (work / "state-dit.pt").exists():
         log(f"exported {export(work, out or default_out())}")
     return done
