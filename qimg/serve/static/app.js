@@ -210,6 +210,10 @@ async function runJob(path, body, button) {
     const final = await follow(job.id);
     progressEnd(final);
     refreshHistory();
+    if (final.status === "queued") {  // the server stopped first; it keeps the job and runs it when it starts again
+      throw new ApiError("the server stopped before this job ran; it stays queued and runs when the server starts " +
+                         "again (see the history)", 0);
+    }
     if (final.status !== "succeeded") {
       throw new ApiError(final.error ? final.error.message : `job ${final.status}`, 0);
     }
