@@ -571,5 +571,7 @@ def test_cli_registers_serve_and_parses_options(tmp_path):
     settings = settings_from_args(args)
     assert settings.max_queue == 3 and settings.api_keys == ("k1",) and settings.models == {"m": str(folder)}
     assert settings.host == "127.0.0.1" and settings.port == 8000 and settings.cors_origins == ("http://a.example",)
+    assert settings.requeue and not settings_from_args(
+        parser.parse_args(["serve", "--data-dir", str(tmp_path), "--no-requeue"])).requeue
     with pytest.raises(InputError, match="--api-key"):
         settings_from_args(parser.parse_args(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]))
