@@ -107,6 +107,11 @@ def validate(model, data: dict):
         raise validation_error(err.errors()) from None
 
 
+def requested_cfg(req) -> float | None:
+    """`guidance_scale`, else its diffusers name `true_cfg_scale` (None: the model's default)."""
+    return req.guidance_scale if req.guidance_scale is not None else req.true_cfg_scale
+
+
 def image_spec(req: ImageOptions, limits, images=()) -> tuple[runner.ImageSpec, dict]:
     prompt = check_prompt(req.prompt, limits)
     negative = check_prompt(req.negative_prompt, limits, required=False, param="negative_prompt")
@@ -117,7 +122,7 @@ def image_spec(req: ImageOptions, limits, images=()) -> tuple[runner.ImageSpec, 
     if req.background == "transparent" and fmt == "jpeg":
         raise bad_request("background 'transparent' needs output_format 'png' or 'webp'", param="background")
     steps = req.steps if req.steps is not None else req.num_inference_steps
-    cfg = req.guidance_scale if req.guidance_scale is not None else req.true_cfg_scale
+    cfg = requested_cfg(req)
     params = {"prompt": prompt, "negative_prompt": negative, "n": req.n, "size": req.size or "auto",
               "steps": steps, "seed": req.seed, "guidance_scale": cfg, "output_format": fmt,
               "output_compression": req.output_compression, "background": req.background or "auto",
@@ -316,7 +321,7 @@ async def layers(request: Request):
                           f"{req.layers - 1}", param="recurse")
     prompt = check_prompt(req.prompt, limits, required=False)
     negative = check_prompt(req.negative_prompt, limits, required=False, param="negative_prompt")
-    cfg = req.guidance_scale if req.guidance_scale is not None else req.true_cfg_scale
+    cfg = requested_cfg(req)
     model = svc.models.pick(req.model, "layers")
     params = {"prompt": prompt, "negative_prompt": negative, "layers": req.layers, "resolution": req.resolution,
               "steps": req.steps, "seed": req.seed, "guidance_scale": cfg, "cfg_normalize": req.cfg_normalize,

@@ -194,14 +194,12 @@ def record_seed(work: Path, seed: int) -> None:
     """The work folder keeps the seed it was started with; resuming it with another one is refused."""
     from qimg.errors import InputError
 
-    path = work / "seed.json"
-    if path.exists():
-        started = json.loads(path.read_text())["seed"]
-        if started != seed:
-            raise InputError(f"{work} was started with seed {started}; resume it with --seed {started}, or start "
-                             f"seed {seed} in another --work folder")
-    else:
-        path.write_text(json.dumps({"seed": seed}))
+    started = work_seed(work)
+    if started is None:
+        (work / "seed.json").write_text(json.dumps({"seed": seed}))
+    elif started != seed:
+        raise InputError(f"{work} was started with seed {started}; resume it with --seed {started}, or start "
+                         f"seed {seed} in another --work folder")
 
 
 def work_seed(work: Path) -> int | None:
@@ -323,7 +321,7 @@ def _decoder_batch(rng: random.Random, n: int = 6) -> tuple[list[np.ndarray], li
         scene = curriculum_scene(rng, 1.0)
         img = world.render_array(scene)
         frames.append(img)
-        masks.append((img != np.asarray(world.COLOURS[scene.background], np.uint8)).any(axis=-1))
+        masks.append(foreground(scene, img))
     return frames, masks
 
 
@@ -589,10 +587,18 @@ def _dit_step(model, cond, rng, task, src, tgt, pairs, batch, progress) -> torch
     return ((v - (noise - x0)).pow(2).mean(-1) * weight).sum() / weight.sum()
 
 
-def object_tokens(scene: world.Scene, patch: int = 16) -> torch.Tensor:
+def object_tokens(scene: world.Scene) -> torch.Tensor:
     """`[tokens]` 1.0 where a latent token's patch holds any pixel of an object or word, else 0.0."""
-    img = world.render_array(scene)
-    mask = (img != np.asarray(world.COLOURS[scene.background], np.uint8)).any(axis=-1)
+    return patch_any(foreground(scene, world.render_array(scene)))
+
+
+def foreground(scene: world.Scene, img: np.ndarray) -> np.ndarray:
+    """`[H, W]` bool: the pixels of a render of `scene` that are not its background colour."""
+    return (img != np.asarray(world.COLOURS[scene.background], np.uint8)).any(axis=-1)
+
+
+def patch_any(mask: np.ndarray, patch: int = 16) -> torch.Tensor:
+    """`[H, W]` bool -> `[(H / patch) * (W / patch)]` float, row-major: 1.0 where the patch holds any True pixel."""
     h, w = mask.shape
     return torch.from_numpy(mask.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3)).ravel()).float()
 

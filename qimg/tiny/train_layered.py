@@ -28,7 +28,7 @@ from qimg.pipelines import images as im
 from qimg.tiny import world
 from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene,
                               decoder_steps, export_weights, fit_autoencoder, fit_decoder, load_trained_vae, log,
-                              optimizer_step, record_seed, resume_state, rgba_tensor, sample_sigmas,
+                              optimizer_step, patch_any, record_seed, resume_state, rgba_tensor, sample_sigmas,
                               seed_vae_from_export, step_seed, vision_token_ids, widen_embeddings, work_seed,
                               write_export)
 
@@ -400,7 +400,7 @@ def layered_loss(model, tokenizer, text_encoder, x0: torch.Tensor, scenes, rng: 
     return (per_frame * weight).sum() / weight.sum()
 
 
-def layer_tokens(scene: world.Scene, frames: int, patch: int = 16) -> torch.Tensor:
+def layer_tokens(scene: world.Scene, frames: int) -> torch.Tensor:
     """`[frames, tokens]`: 1.0 where a layer frame's token patch holds any of that layer's pixels (frames past the
     scene's layers are empty); 0.0 on the composite and background frames."""
     layers = world.layer_arrays(scene)
@@ -408,9 +408,7 @@ def layer_tokens(scene: world.Scene, frames: int, patch: int = 16) -> torch.Tens
         raise ValueError(f"the scene has {len(layers)} layers, more than the {frames - 1} layer frames given")
     out = torch.zeros(frames, TOKENS)
     for k, layer in enumerate(layers[1:]):
-        alpha = layer[..., 3] > 0
-        h, w = alpha.shape
-        out[k + 2] = torch.from_numpy(alpha.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3)).ravel())
+        out[k + 2] = patch_any(layer[..., 3] > 0)
     return out
 
 
