@@ -720,25 +720,31 @@ def default_out() -> Path:
     return Path(__file__).parent / "weights" / "qimg-tiny"
 
 
-def run(minutes: float, work: Path, out: Path | None, stages=("vae", "latents", "decoder", "dit", "export"),
-        seed: int = SEED) -> bool:
+STAGES = ("vae", "latents", "decoder", "dit", "export")
+
+
+def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int = SEED) -> bool:
     """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
     whole run (a work folder keeps the one it was started with)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    fits = [("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder), ("dit", train_dit)]
+    return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export)
+
+
+def run_stages(minutes: float, work: Path, out: Path, stages, seed: int, fits: list, resume, export_fn) -> bool:
+    """The stage runner both tiny trainers share. `fits` are (name, fit(work, deadline, seed) -> finished) in
+    order; every stage must finish before the next starts, except the last (the transformer), which is exported
+    from its latest checkpoint even when the deadline stops it."""
     work.mkdir(parents=True, exist_ok=True)
     record_seed(work, seed)
-    resume_from_export(out or default_out(), work)
+    resume(out, work)
     deadline = time.time() + minutes * 60
-    if "vae" in stages and not train_vae(work, deadline, seed):
-        return False
-    if "latents" in stages and not build_pool(work, deadline, seed):
-        return False
-    if "decoder" in stages and not refine_decoder(work, deadline, seed):
-        return False
-    done = train_dit(work, deadline, seed) if "dit" in stages else True
+    *before, (last, fit_last) = fits
+    for name, fit in before:
+        if name in stages and not fit(work, deadline, seed):
+            return False
+    done = fit_last(work, deadline, seed) if last in stages else True
     if "export" in stages and (work / "state-dit.pt").exists():
-        path = export(work, out or default_out())
-        log(f"exported {path}")
+        log(f"exported {export_fn(work, out)}")
     return done
 
 

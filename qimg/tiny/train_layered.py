@@ -28,7 +28,7 @@ from qimg.pipelines import images as im
 from qimg.tiny import world
 from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene,
                               decoder_steps, export_weights, fit_autoencoder, fit_decoder, load_trained_vae, log,
-                              optimizer_step, patch_any, record_seed, resume_state, rgba_tensor, sample_sigmas,
+                              optimizer_step, patch_any, resume_state, rgba_tensor, run_stages, sample_sigmas,
                               seed_vae_from_export, step_seed, vision_token_ids, widen_embeddings, work_seed,
                               write_export)
 
@@ -459,19 +459,6 @@ STAGES = ("vae", "latents", "decoder", "caption", "dit", "export")
 def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int = SEED) -> bool:
     """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
     whole run (a work folder keeps the one it was started with)."""
-    work.mkdir(parents=True, exist_ok=True)
-    record_seed(work, seed)
-    resume_from_export(out or default_out(), work)
-    deadline = time.time() + minutes * 60
-    if "vae" in stages and not train_vae(work, deadline, seed):
-        return False
-    if "latents" in stages and not build_pool(work, deadline, seed):
-        return False
-    if "decoder" in stages and not refine_decoder(work, deadline, seed):
-        return False
-    if "caption" in stages and not train_caption(work, deadline, seed):
-        return False
-    done = train_dit(work, deadline, seed) if "dit" in stages else True
-    if "export" in stages and (work / "state-dit.pt").exists():
-        log(f"exported {export(work, out or default_out())}")
-    return done
+    fits = [("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder), ("caption", train_caption),
+            ("dit", train_dit)]
+    return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export)
