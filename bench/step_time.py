@@ -1,9 +1,13 @@
 """Time one denoising step (KV cache on) of qimg's 2.x transformer against the reference, same weights and threads.
 
     python bench/step_time.py [--threads 2] [--repeats 5] [--configs tiny,medium]
+    python bench/step_time.py --device cuda --dtype bfloat16 --configs medium,full-1024,full-2048
 
-Prints a table and writes bench/results/step_time.json. Timings of the two implementations are interleaved so
-that background load affects both alike; the figure is the median of `repeats` steps after a warm-up.
+Prints a table and writes bench/results/step_time.json (step_time-cuda.json on a GPU). Timings of the two
+implementations are interleaved so that background load affects both alike; the figure is the median of
+`repeats` steps after a warm-up. Below float32, "ref err" and "qimg err" are each output's relative L2 error
+against float32 arithmetic on the same rounded weights. On CUDA the two models share one set of weights, and "peak GiB" is each step's
+allocation high-water mark above the weights.
 """
 
 from __future__ import annotations
@@ -22,62 +26,109 @@ CONFIGS = {
                   in_channels=16, out_channels=16, context_in_dim=32), 64, 16),
     "medium": (dict(num_layers=12, attention_head_dim=128, num_attention_heads=6, axes_dims_rope=(16, 56, 56),
                     in_channels=64, out_channels=64, context_in_dim=768), 512, 256),
+    # the official Qwen-Image-2.1 transformer (about 7B parameters; random weights): GPU only
+    "full-1024": (dict(), 1024, 256),
+    "full-2048": (dict(), 2048, 256),
 }
 
 
-def build(cfg: dict):
+def build(cfg: dict, device: torch.device, dtype: torch.dtype):
     import diffusers
 
     from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 
     torch.manual_seed(0)
-    ref = diffusers.QwenImage21Transformer2DModel(**cfg).eval()
+    with device:
+        ref = diffusers.QwenImage21Transformer2DModel(**cfg).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    ours = QwenImage21Transformer(QwenImage21Config.from_dict(dict(ref.config))).eval()
-    ours.load_state_dict(ref.state_dict())
+    ref.to(dtype)
+    with torch.device("meta"):
+        ours = QwenImage21Transformer(QwenImage21Config.from_dict(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict(), assign=True)  # the same tensors: one copy of the weights
     return ref, ours
 
 
-def median_time(fn, repeats: int) -> float:
+def fp32_output(model, text, latents, sigma, shape) -> torch.Tensor:
+    """The velocity computed in float32 from `model`'s weights, through a float32 copy."""
+    from qimg.models.qwenimage21 import QwenImage21Transformer
+
+    with torch.device("meta"):
+        full = QwenImage21Transformer(model.cfg).eval()
+    full.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, assign=True)
+    prefix = full.encode_prefix(text.float(), torch.zeros(text.shape[1], dtype=torch.bool, device=text.device))
+    out = full.denoise(latents.float(), sigma, prefix, shape, full.target_rope(prefix, shape))
+    del full, prefix
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int, device: torch.device) -> tuple[float, float]:
+    """(median seconds, peak bytes allocated above the level before the calls; 0 off CUDA)."""
     fn()  # warm-up
+    sync(device)
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else 0
+    return statistics.median(times), peak
 
 
-def bench(name: str, repeats: int) -> dict:
+def bench(name: str, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
     from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
 
     cfg, side, n_text = CONFIGS[name]
-    ref, ours = build(cfg)
+    ref, ours = build(cfg, device, dtype)
+    c = ours.cfg
     h = w = side // 16
-    text = torch.randn(1, n_text, cfg["context_in_dim"])
-    latents = torch.randn(1, h * w, cfg["in_channels"])
-    sigma = torch.tensor([0.5])
+    text = torch.randn(1, n_text, c.context_in_dim, device=device, dtype=dtype)
+    latents = torch.randn(1, h * w, c.in_channels, device=device, dtype=dtype)
+    sigma = torch.tensor([0.5], device=device)
     img_mask = torch.cat([torch.zeros(n_text, dtype=torch.bool), torch.ones(h * w // 4, dtype=torch.bool)])[None]
     kwargs = dict(hidden_states=latents, encoder_hidden_states=text, timestep=sigma, img_shapes=[[(1, h, w)]],
-                  img_mask=img_mask, return_dict=False)
-    cache = QwenImage21KVCache(cfg["num_layers"])
+                  img_mask=img_mask.to(device), return_dict=False)
+    cache = QwenImage21KVCache(c.num_layers)
     with torch.inference_mode():
         ref(kv_cache=cache, kv_cache_mode="extract", **kwargs)
-        prefix = ours.encode_prefix(text, torch.zeros(n_text, dtype=torch.bool))
+        prefix = ours.encode_prefix(text, torch.zeros(n_text, dtype=torch.bool, device=device))
         freqs = ours.target_rope(prefix, (h, w))
-        ref_out = ref(kv_cache=cache, kv_cache_mode="cached", **kwargs)[0][:, -h * w:]
-        our_out = ours.denoise(latents, sigma, prefix, (h, w), freqs)
+        ref_out = ref(kv_cache=cache, kv_cache_mode="cached", **kwargs)[0][:, -h * w:].float()
+        our_out = ours.denoise(latents, sigma, prefix, (h, w), freqs).float()
         diff = (ref_out - our_out).abs().max().item()
+        rel = ((ref_out - our_out).norm() / ref_out.norm()).item()
+        ref_err = ours_err = None
+        if dtype != torch.float32:  # both against float32 arithmetic on the same (rounded) weights
+            exact = fp32_output(ours, text, latents, sigma, (h, w))
+            ref_err = ((ref_out - exact).norm() / exact.norm()).item()
+            ours_err = ((our_out - exact).norm() / exact.norm()).item()
         t_ref, t_ours = [], []
         for _ in range(3):  # interleave rounds
-            t_ref.append(median_time(lambda: ref(kv_cache=cache, kv_cache_mode="cached", **kwargs), repeats))
-            t_ours.append(median_time(lambda: ours.denoise(latents, sigma, prefix, (h, w), freqs), repeats))
+            t_ref.append(median_time(lambda: ref(kv_cache=cache, kv_cache_mode="cached", **kwargs), repeats, device))
+            t_ours.append(median_time(lambda: ours.denoise(latents, sigma, prefix, (h, w), freqs), repeats, device))
     params = sum(p.numel() for p in ours.parameters())
-    ref_s, ours_s = min(t_ref), min(t_ours)
+    (ref_s, ref_peak), (ours_s, ours_peak) = min(t_ref), min(t_ours)
+    del ref, ours, cache, prefix, freqs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {"config": name, "params": params, "image": f"{side}x{side}", "prompt_tokens": n_text,
-            "reference_s": ref_s, "qimg_s": ours_s, "speedup": ref_s / ours_s, "max_abs_diff": diff}
+            "reference_s": ref_s, "qimg_s": ours_s, "speedup": ref_s / ours_s, "max_abs_diff": diff,
+            "rel_diff": rel, "reference_err_vs_fp32": ref_err, "qimg_err_vs_fp32": ours_err,
+            "reference_peak_gib": ref_peak / 2**30, "qimg_peak_gib": ours_peak / 2**30}
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
 
 
 def main() -> None:
@@ -85,17 +136,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--configs", default="tiny,medium")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [bench(name, args.repeats) for name in args.configs.split(",")]
-    print(f"{'config':<8} {'params':>12} {'image':>9} {'text':>5} {'reference s':>12} {'qimg s':>9} "
-          f"{'speed-up':>9} {'max diff':>9}")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    rows = [bench(name, args.repeats, device, dtype) for name in args.configs.split(",")]
+    print(f"{'config':<9} {'params':>13} {'image':>9} {'text':>5} {'reference s':>12} {'qimg s':>9} "
+          f"{'speed-up':>9} {'ref peak GiB':>12} {'qimg peak GiB':>13} {'max diff':>9} {'rel diff':>9} "
+          f"{'ref err':>8} {'qimg err':>8}")
     for r in rows:
-        print(f"{r['config']:<8} {r['params']:>12,} {r['image']:>9} {r['prompt_tokens']:>5} {r['reference_s']:>12.4f} "
-              f"{r['qimg_s']:>9.4f} {r['speedup']:>8.2f}x {r['max_abs_diff']:>9.1e}")
-    out = Path(__file__).parent / "results" / "step_time.json"
+        print(f"{r['config']:<9} {r['params']:>13,} {r['image']:>9} {r['prompt_tokens']:>5} "
+              f"{r['reference_s']:>12.4f} {r['qimg_s']:>9.4f} {r['speedup']:>8.2f}x {r['reference_peak_gib']:>12.2f} "
+              f"{r['qimg_peak_gib']:>13.2f} {r['max_abs_diff']:>9.1e} {r['rel_diff']:>9.1e} "
+              f"{fmt(r['reference_err_vs_fp32']):>8} {fmt(r['qimg_err_vs_fp32']):>8}")
+    name = "step_time.json" if device.type == "cpu" else f"step_time-{device.type}.json"
+    out = Path(__file__).parent / "results" / name
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows}, indent=2))
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    out.write_text(json.dumps({"threads": args.threads, "device": args.device, "gpu": gpu, "dtype": args.dtype,
+                               "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

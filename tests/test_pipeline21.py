@@ -110,3 +110,16 @@ def test_prompt_token_limit(pipes):
     _, ours = pipes
     with pytest.raises(InputError, match=r"tokens after the template; the limit is 1024"):
         ours.generate("red " * 1100, width=64, height=64, steps=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(17,), (1, 1, 64, 8, 8)])
+def test_noise_is_the_references_in_every_dtype(shape, dtype):
+    """A seed starts from the reference's noise in every dtype (torch's half-precision normals differ from the
+    float32 ones for some sizes, 17 numbers among them, so drawing in float32 and casting would not)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from qimg.pipelines.base import draw_noise
+
+    expected = randn_tensor(shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    assert torch.equal(draw_noise(shape, torch.Generator().manual_seed(3), dtype), expected)

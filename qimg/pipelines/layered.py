@@ -22,7 +22,8 @@ from PIL import Image
 from qimg.errors import CheckpointError, InputError
 from qimg.export import composite
 from qimg.pipelines import images as im
-from qimg.pipelines.base import Clock, Defaults, Progress, ProgressEvent, check_steps, make_generator
+from qimg.pipelines.base import (Clock, Defaults, Progress, ProgressEvent, check_steps, draw_noise,
+                                 make_generator)
 from qimg.pipelines.qwenimage import PATCH, QwenImageV1Pipeline
 from qimg.sampling.sample import euler
 from qimg.sampling.schedule import get_sigmas
@@ -124,7 +125,7 @@ class QwenImageLayeredPipeline(QwenImageV1Pipeline):
 
         h, w = height // self.vae.scale_factor, width // self.vae.scale_factor
         frames = layers + 1  # frame 0: the whole picture
-        noise = torch.randn((1, frames, self.vae.z_dim, h, w), generator=generator, dtype=self.info.dtype)
+        noise = draw_noise((1, frames, self.vae.z_dim, h, w), generator, self.info.dtype)
         x = im.pack(noise[0], PATCH).reshape(1, -1, self.transformer.cfg.in_channels).to(self.info.device)
         shapes = [(1, h // PATCH, w // PATCH)] * frames + [cond_shape]
         grid = np.linspace(1.0, 0.0, steps + 1)[:-1] if sigmas is None else sigmas

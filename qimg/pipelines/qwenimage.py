@@ -21,8 +21,8 @@ from qimg.models.conditioner import Condition, Qwen25VLConditioner
 from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
 from qimg.pipelines import images as im
-from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_request, pick_device,
-                                 pick_dtype)
+from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_request, draw_noise,
+                                 pick_device, pick_dtype)
 from qimg.sampling.sample import euler
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas, mu_for_tokens
 
@@ -141,7 +141,7 @@ class QwenImageV1Pipeline:
         report(ProgressEvent("encode", 1, 1, clock()))
 
         h, w = height // self.vae.scale_factor, width // self.vae.scale_factor
-        noise = torch.randn((n, 1, self.vae.z_dim, h, w), generator=generator, dtype=self.info.dtype)
+        noise = draw_noise((n, 1, self.vae.z_dim, h, w), generator, self.info.dtype)
         x = im.pack(noise[:, 0], PATCH).to(self.info.device)
         shapes = [(1, h // PATCH, w // PATCH)] + [shape for _, shape in refs]
         ref_tokens = [tokens for tokens, _ in refs]

@@ -14,8 +14,8 @@ from qimg.models.conditioner import Qwen3VLConditioner
 from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from qimg.models.vae21 import VAE21, VAE21Config
 from qimg.pipelines import images as im
-from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_request, pick_device,
-                                 pick_dtype)
+from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_request, draw_noise,
+                                 pick_device, pick_dtype)
 from qimg.sampling.sample import euler
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas, mu_for_tokens
 
@@ -76,7 +76,7 @@ class QwenImage21Pipeline:
 
         h, w = height // self.vae.scale_factor, width // self.vae.scale_factor
         dtype = self.info.dtype
-        noise = torch.randn((n, 1, self.transformer.cfg.in_channels, h, w), generator=generator, dtype=dtype)
+        noise = draw_noise((n, 1, self.transformer.cfg.in_channels, h, w), generator, dtype)
         x = im.pack(noise[:, 0]).to(self.info.device)
         grid = self.sample_sigmas if sigmas is None else sigmas
         schedule = get_sigmas(self.scheduler, steps=None if grid is not None else steps, sigmas=grid,
