@@ -24,6 +24,9 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
                                                   f"(default: the embedded {default})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None)
+    p.add_argument("--offload", action="store_true",
+                   help="keep the encoder and the transformer in CPU memory, each moved to the GPU for its phase "
+                        "(GPUs too small to hold both; slower)")
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:
@@ -124,7 +127,7 @@ def run_generate(args, prompt: str, image_paths: list[str]) -> int:
     out = check_output(args.output)
     images = [open_image(p) for p in image_paths]
     width, height = args.size if args.size else (None, None)
-    pipe = qimg.load(args.model, dtype=args.dtype, device=args.device)
+    pipe = qimg.load(args.model, dtype=args.dtype, device=args.device, offload=args.offload)
     result = pipe.generate(prompt, images=images or None, width=width, height=height, resolution=args.resolution,
                            steps=args.steps, seed=args.seed, negative_prompt=args.negative_prompt, cfg=args.cfg,
                            background=args.background, progress=ProgressBar(args.quiet))

@@ -152,3 +152,31 @@ def test_cli_generates_on_the_gpu_by_default(tmp_path, capsys):
     assert main(["generate", "a large red circle in the center on a blue background", "-o", str(out)]) == 0
     assert Image.open(out).size == (128, 128)
     assert "s on cuda, bfloat16)" in capsys.readouterr().out
+
+
+def test_offload_gives_the_same_pictures_with_less_on_the_gpu():
+    scene = world.held_out(1, seed=5)[0]
+    prompt, source = world.prompt(scene), world.render(scene)
+    plain = qimg.load(dtype="float32", device="cuda")
+    expected = [plain.generate(prompt, seed=3)[0], plain.generate("make the background red", images=[source],
+                                                                    seed=3)[0]]
+    del plain
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    pipe = qimg.load(dtype="float32", device="cuda", offload=True)
+    assert pipe.describe()["offload"] is True
+    assert {p.device.type for p in pipe.transformer.parameters()} == {"cpu"}  # nothing big on the GPU yet
+    got = [pipe.generate(prompt, seed=3)[0], pipe.generate("make the background red", images=[source], seed=3)[0]]
+    for a, b in zip(got, expected):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert {p.device.type for p in pipe.transformer.parameters()} == {"cuda"}
+    assert {p.device.type for p in pipe.conditioner.model.parameters()} == {"cpu"}
+    encoder_bytes = sum(p.numel() * p.element_size() for p in pipe.conditioner.model.parameters())
+    resident = torch.cuda.memory_allocated() - before
+    pipe.placement.release()
+    assert {p.device.type for p in pipe.transformer.parameters()} == {"cpu"}
+    assert torch.cuda.memory_allocated() - before < resident - encoder_bytes / 2
+    layered = qimg.load("qimg-tiny-layered", dtype="float32", device="cuda", offload=True)
+    plain = qimg.load("qimg-tiny-layered", dtype="float32", device="cuda")
+    for a, b in zip(layered.layers(source, layers=2, seed=1), plain.layers(source, layers=2, seed=1)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

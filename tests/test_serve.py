@@ -573,5 +573,7 @@ def test_cli_registers_serve_and_parses_options(tmp_path):
     assert settings.host == "127.0.0.1" and settings.port == 8000 and settings.cors_origins == ("http://a.example",)
     assert settings.requeue and not settings_from_args(
         parser.parse_args(["serve", "--data-dir", str(tmp_path), "--no-requeue"])).requeue
+    assert not settings.offload and settings_from_args(
+        parser.parse_args(["serve", "--data-dir", str(tmp_path), "--offload"])).offload
     with pytest.raises(InputError, match="--api-key"):
         settings_from_args(parser.parse_args(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]))

@@ -116,6 +116,7 @@ class QwenImageLayeredPipeline(QwenImageV1Pipeline):
         generator, _ = make_generator(seed)
         cond_image = image.convert("RGBA").resize((width, height), Image.LANCZOS)
         report(ProgressEvent("encode", 0, 1, clock()))
+        self.placement.use(self.conditioner.model)
         if prompt is None or not prompt.strip():
             prompt = self.conditioner.caption(cond_image, caption_language)
         cond = self.conditioner.encode_text(prompt)
@@ -133,6 +134,7 @@ class QwenImageLayeredPipeline(QwenImageV1Pipeline):
         schedule = get_sigmas(self.scheduler, sigmas=grid, mu=mu)
         sigma_t = torch.from_numpy(schedule).to(self.info.device)
         flag = torch.zeros(1, dtype=torch.long, device=self.info.device)
+        self.placement.use(self.transformer)
         velocity = self.velocity(cond, [cond_tokens], shapes, 1, flag)
         uncond = self.velocity(neg, [cond_tokens], shapes, 1, flag) if neg is not None else None
 

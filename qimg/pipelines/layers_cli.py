@@ -67,7 +67,7 @@ def run_layers(args) -> int:
     if args.resolution is not None:
         check_resolution(args.resolution)
     image = open_image(args.image)
-    pipe = qimg.load(args.model, task="layers", dtype=args.dtype, device=args.device)
+    pipe = qimg.load(args.model, task="layers", dtype=args.dtype, device=args.device, offload=args.offload)
     if "layers" not in pipe.describe().get("tasks", []):
         raise InputError(f"the model {pipe.info.folder} ({pipe.describe()['pipeline']}) does not split images into "
                          f"layers; use a Qwen-Image-Layered checkpoint (--model)")

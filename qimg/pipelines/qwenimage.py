@@ -22,7 +22,8 @@ from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
 from qimg.pipelines import images as im
 from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_request, draw_noise,
-                                 pick_device, pick_dtype)
+                                 pick_device, pick_dtype, weights_home)
+from qimg.pipelines.placement import Placement
 from qimg.sampling.sample import euler
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas, mu_for_tokens
 
@@ -70,16 +71,20 @@ class QwenImageV1Pipeline:
     default_config = DEFAULTS
 
     def __init__(self, transformer: QwenImageTransformer, vae: VAE, conditioner: Qwen25VLConditioner,
-                 scheduler: SchedulerConfig, *, info: ModelInfo, defaults: Defaults | None = None):
+                 scheduler: SchedulerConfig, *, info: ModelInfo, defaults: Defaults | None = None,
+                 placement: Placement | None = None):
         self.transformer, self.vae, self.conditioner = transformer, vae, conditioner
+        self.placement = placement or Placement(info.device)
         self.scheduler, self.info = scheduler, info
         self.defaults = defaults or self.default_config
         self.vae_image_area, self.vlm_image_area = VAE_IMAGE_AREA, VLM_IMAGE_AREA
 
     @classmethod
-    def load(cls, folder: Path, index: dict, *, dtype=None, device=None):
+    def load(cls, folder: Path, index: dict, *, dtype=None, device=None, offload=False):
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
+        offload = offload and device.type != "cpu"
+        home = weights_home(device, offload)
         tcfg = QwenImageConfig.from_dict(read_json(folder / "transformer" / "config.json"))
         vcfg = VAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
         cls.check_configs(tcfg, vcfg, folder)
@@ -88,12 +93,14 @@ class QwenImageV1Pipeline:
             entry = index.get("processor")
             processor = entry[1] if isinstance(entry, list) and len(entry) == 2 else "Qwen2VLProcessor"
         transformer = load_module(lambda: QwenImageTransformer(tcfg), folder / "transformer", dtype=dtype,
-                                  device=device)
+                                  device=home)
         vae = load_module(lambda: VAE(vcfg), folder / "vae", dtype=dtype, device=device)
-        conditioner = Qwen25VLConditioner.load(folder, dtype=dtype, device=device, processor=processor)
+        conditioner = Qwen25VLConditioner.load(folder, dtype=dtype, device=home, processor=processor)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
-        return cls(transformer, vae, conditioner, scheduler, info=ModelInfo(folder, cls.pipeline_class, dtype, device),
-                   defaults=Defaults.read(index, cls.default_config))
+        placement = Placement(device, [conditioner.model, transformer] if offload else [])
+        return cls(transformer, vae, conditioner, scheduler,
+                   info=ModelInfo(folder, cls.pipeline_class, dtype, device, offload),
+                   defaults=Defaults.read(index, cls.default_config), placement=placement)
 
     @classmethod
     def check_configs(cls, tcfg: QwenImageConfig, vcfg: VAEConfig, folder: Path) -> None:
@@ -135,6 +142,7 @@ class QwenImageV1Pipeline:
         report = progress or (lambda event: None)
 
         report(ProgressEvent("encode", 0, 1, clock()))
+        self.placement.use(self.conditioner.model)
         encode, refs = self.conditioning(images, vae_area, vlm_area)
         cond = encode(prompt)
         neg = encode(negative_prompt) if cfg > 1 else None
@@ -148,6 +156,7 @@ class QwenImageV1Pipeline:
         schedule = get_sigmas(self.scheduler, steps=None if sigmas is not None else steps, sigmas=sigmas,
                               mu=mu_for_tokens(self.scheduler, x.shape[1]))
         sigma_t = torch.from_numpy(schedule).to(self.info.device)
+        self.placement.use(self.transformer)
         velocity = self.velocity(cond, ref_tokens, shapes, n)
         uncond = self.velocity(neg, ref_tokens, shapes, n) if neg is not None else None
 
@@ -224,9 +233,9 @@ class QwenImageV1Pipeline:
 
     def describe(self) -> dict:
         return {"pipeline": self.pipeline_class, "folder": str(self.info.folder), "dtype": str(self.info.dtype),
-                "device": str(self.info.device), "default_resolution": self.defaults.resolution,
-                "default_steps": self.defaults.steps, "default_cfg": self.defaults.cfg,
-                "max_images": self.max_images, "tasks": list(self.tasks)}
+                "device": str(self.info.device), "offload": self.info.offload,
+                "default_resolution": self.defaults.resolution, "default_steps": self.defaults.steps,
+                "default_cfg": self.defaults.cfg, "max_images": self.max_images, "tasks": list(self.tasks)}
 
 
 class QwenImagePipeline(QwenImageV1Pipeline):

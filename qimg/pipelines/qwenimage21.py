@@ -15,7 +15,8 @@ from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from qimg.models.vae21 import VAE21, VAE21Config
 from qimg.pipelines import images as im
 from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_request, draw_noise,
-                                 pick_device, pick_dtype)
+                                 pick_device, pick_dtype, weights_home)
+from qimg.pipelines.placement import Placement
 from qimg.sampling.sample import euler
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas, mu_for_tokens
 
@@ -28,23 +29,29 @@ class QwenImage21Pipeline:
     pipeline_class = "QwenImage21Pipeline"
 
     def __init__(self, transformer, vae, conditioner, scheduler: SchedulerConfig, *, info: ModelInfo,
-                 defaults: Defaults = DEFAULTS, sample_sigmas=None):
+                 defaults: Defaults = DEFAULTS, sample_sigmas=None, placement: Placement | None = None):
         self.transformer, self.vae, self.conditioner = transformer, vae, conditioner
+        self.placement = placement or Placement(info.device)
         self.scheduler, self.info, self.defaults, self.sample_sigmas = scheduler, info, defaults, sample_sigmas
 
     @classmethod
-    def load(cls, folder: Path, index: dict, *, dtype=None, device=None) -> "QwenImage21Pipeline":
+    def load(cls, folder: Path, index: dict, *, dtype=None, device=None, offload=False) -> "QwenImage21Pipeline":
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
+        offload = offload and device.type != "cpu"
+        home = weights_home(device, offload)
         tcfg = QwenImage21Config.from_dict(read_json(folder / "transformer" / "config.json"))
         vcfg = VAE21Config.from_dict(read_json(folder / "vae" / "config.json"))
         transformer = load_module(lambda: QwenImage21Transformer(tcfg), folder / "transformer", dtype=dtype,
-                                  device=device)
+                                  device=home)
         vae = load_module(lambda: VAE21(vcfg), folder / "vae", dtype=dtype, device=device)
-        conditioner = Qwen3VLConditioner.load(folder, dtype=dtype, device=device)
+        conditioner = Qwen3VLConditioner.load(folder, dtype=dtype, device=home)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
-        return cls(transformer, vae, conditioner, scheduler, info=ModelInfo(folder, cls.pipeline_class, dtype, device),
-                   defaults=Defaults.read(index, DEFAULTS), sample_sigmas=index.get("sample_sigmas"))
+        placement = Placement(device, [conditioner.model, transformer] if offload else [])
+        return cls(transformer, vae, conditioner, scheduler,
+                   info=ModelInfo(folder, cls.pipeline_class, dtype, device, offload),
+                   defaults=Defaults.read(index, DEFAULTS), sample_sigmas=index.get("sample_sigmas"),
+                   placement=placement)
 
     # -- the public call -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -69,6 +76,7 @@ class QwenImage21Pipeline:
         sized = [img.resize(im.fit_area(resolution * resolution, img.width / img.height), Image.LANCZOS)
                  for img in images]
         report(ProgressEvent("encode", 0, 1, clock()))
+        self.placement.use(self.conditioner.model)
         cond = self.conditioner.encode(prompt, sized)
         neg = self.conditioner.encode(negative_prompt, sized) if cfg > 1 else None
         cond_tokens, cond_shapes = self._encode_images(sized, n)
@@ -83,6 +91,7 @@ class QwenImage21Pipeline:
                               mu=mu_for_tokens(self.scheduler, h * w))
         sigma_t = torch.from_numpy(schedule).to(self.info.device)
 
+        self.placement.use(self.transformer)
         velocity = self._velocity(cond, cond_tokens, cond_shapes, (h, w), n, use_kv_cache)
         uncond = self._velocity(neg, cond_tokens, cond_shapes, (h, w), n, use_kv_cache) if neg else None
 
@@ -139,6 +148,6 @@ class QwenImage21Pipeline:
 
     def describe(self) -> dict:
         return {"pipeline": self.pipeline_class, "folder": str(self.info.folder), "dtype": str(self.info.dtype),
-                "device": str(self.info.device), "default_resolution": self.defaults.resolution,
+                "device": str(self.info.device), "offload": self.info.offload, "default_resolution": self.defaults.resolution,
                 "default_steps": self.defaults.steps, "default_cfg": self.defaults.cfg,
                 "default_edit_cfg": self.defaults.cfg_for(True), "tasks": ["generate", "edit"]}

@@ -24,10 +24,10 @@ def pipeline_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def load_pipeline(model=None, *, task=None, dtype=None, device=None):
+def load_pipeline(model=None, *, task=None, dtype=None, device=None, offload=False):
     folder = resolve_model(model, task)
     index = read_model_index(folder)
     name = index.get("_class_name")
     if not name:
         raise CheckpointError(f"{folder / 'model_index.json'} has no _class_name")
-    return pipeline_class(name).load(folder, index, dtype=dtype, device=device)
+    return pipeline_class(name).load(folder, index, dtype=dtype, device=device, offload=offload)

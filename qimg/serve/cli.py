@@ -78,6 +78,8 @@ def register(sub) -> None:
                    help="mark jobs still queued at shutdown failed instead of running them on the next start")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None)
+    p.add_argument("--offload", action="store_true",
+                   help="keep the encoders and transformers in CPU memory, each moved to the GPU for its phase")
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image file (default 32)")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="most pixels in an uploaded image")
     p.add_argument("--max-prompt-chars", type=int, default=32000)
@@ -105,7 +107,7 @@ def settings_from_args(args):
                     data_dir=Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(),
                     api_keys=keys, max_queue=args.max_queue, cors_origins=tuple(args.cors_origin),
                     preload=not args.lazy, requeue=not args.no_requeue, dtype=args.dtype, device=args.device,
-                    limits=limits)
+                    offload=args.offload, limits=limits)
 
 
 def run(args) -> int:

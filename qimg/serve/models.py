@@ -44,9 +44,9 @@ class ModelEntry:
 
 
 class ModelRegistry:
-    def __init__(self, sources: dict[str, str | None], *, dtype=None, device=None,
+    def __init__(self, sources: dict[str, str | None], *, dtype=None, device=None, offload: bool = False,
                  pipelines: dict[str, object] | None = None):
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.offload = dtype, device, offload
         self._entries: dict[str, ModelEntry] = {}
         for name, source in sources.items():
             self._entries[name] = ModelEntry(name, source)
@@ -90,15 +90,21 @@ class ModelRegistry:
                           param="model", code="unsupported_task")
 
     def load(self, name: str):
-        """The pipeline of `name`, loading it if needed (worker thread); raises the loading error."""
+        """The pipeline of `name`, loading it if needed (worker thread); raises the loading error. With offload,
+        the other models' weights go back to the CPU first, so that the GPU holds one model's big component."""
         import qimg
 
         entry = self._entries[name]
+        for other in self._entries.values():
+            placement = getattr(other.pipeline, "placement", None)
+            if other is not entry and placement is not None:
+                placement.release()
         with entry.lock:
             if entry.pipeline is None:
                 entry.state, entry.error = "loading", None
                 try:
-                    entry.pipeline = qimg.load(entry.source, dtype=self.dtype, device=self.device)
+                    entry.pipeline = qimg.load(entry.source, dtype=self.dtype, device=self.device,
+                                               offload=self.offload)
                 except BaseException as err:
                     entry.state, entry.error = "error", str(err)
                     raise

@@ -63,6 +63,7 @@ class Settings:
     requeue: bool = True
     dtype: str | None = None
     device: str | None = None
+    offload: bool = False  # keep each model's encoder and transformer in CPU memory between their phases
     limits: Limits = field(default_factory=Limits)
     preview_interval: float = 0.5  # seconds between live previews sent to /v1/jobs/{id}/events
     preview_side: int = 256  # longest side of those previews

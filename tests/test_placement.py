@@ -1,0 +1,93 @@
+"""Offload: `Placement` keeps one big component on the device at a time and sends the other back without a copy;
+the pipelines place the encoder before encoding and the transformer before denoising; the server sends the
+other models back before a job. (On a GPU, tests/test_cuda.py checks the pictures are unchanged.)"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qimg
+from qimg.pipelines.placement import Placement
+from qimg.tiny import world
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight
+        self.register_buffer("scale", torch.ones(4), persistent=False)
+
+
+def devices(module: nn.Module) -> set[str]:
+    return {t.device.type for t in [*module.parameters(), *module.buffers()]}
+
+
+def test_one_module_on_the_device_at_a_time():
+    first, second = Tied(), nn.Linear(3, 3)
+    homes = {name: t.data_ptr() for name, t in first.state_dict(keep_vars=True).items()}
+    place = Placement("meta", [first, second])
+    assert place.offload
+    place.use(first)
+    assert devices(first) == {"meta"} and devices(second) == {"cpu"}
+    assert first.b.weight is first.a.weight  # still tied
+    place.use(second)
+    assert devices(first) == {"cpu"} and devices(second) == {"meta"}
+    # back on the CPU means the very same storage, not a copy
+    assert {name: t.data_ptr() for name, t in first.state_dict(keep_vars=True).items()} == homes
+    place.release()
+    assert devices(first) == devices(second) == {"cpu"}
+
+
+def test_without_offload_nothing_moves():
+    module = nn.Linear(2, 2)
+    place = Placement("meta")
+    place.use(module)
+    assert not place.offload and devices(module) == {"cpu"}
+
+
+def test_offloaded_weights_must_start_on_the_cpu():
+    with torch.device("meta"):
+        module = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="must start on the CPU; weight is on meta"):
+        Placement("cpu", [module])
+
+
+class Recorder(Placement):
+    def __init__(self, pipe):
+        super().__init__(pipe.info.device)
+        self.names = {id(pipe.conditioner.model): "encoder", id(pipe.transformer): "transformer"}
+        self.calls = []
+
+    def use(self, module):
+        self.calls.append(self.names[id(module)])
+
+
+def test_pipelines_place_each_component_before_its_phase():
+    pipe = qimg.load(dtype="float32", device="cpu", offload=True)
+    assert pipe.info.offload is False and pipe.describe()["offload"] is False  # nothing to offload to on a CPU
+    scene = world.held_out(1, seed=3)[0]
+    plain = pipe.generate(world.prompt(scene), seed=1)[0]
+    pipe.placement = Recorder(pipe)
+    again = pipe.generate(world.prompt(scene), seed=1)[0]
+    assert pipe.placement.calls == ["encoder", "transformer"]
+    assert np.array_equal(np.asarray(plain), np.asarray(again))
+    layered = qimg.load("qimg-tiny-layered", dtype="float32", device="cpu")
+    layered.placement = Recorder(layered)
+    layered.layers(world.render(scene), layers=2, seed=1, steps=1)  # captions first: the encoder
+    assert layered.placement.calls == ["encoder", "transformer"]
+
+
+def test_server_sends_other_models_back_before_a_job():
+    from qimg.serve.models import ModelRegistry
+
+    class Fake:
+        def __init__(self):
+            self.placement = type("P", (), {"released": 0, "release": lambda s: setattr(s, "released",
+                                                                                        s.released + 1)})()
+
+    a, b = Fake(), Fake()
+    registry = ModelRegistry({}, pipelines={"a": a, "b": b})
+    assert registry.load("a") is a
+    assert (a.placement.released, b.placement.released) == (0, 1)
