@@ -4,7 +4,8 @@
     python bench/offload_memory.py [--sides 1024,2048] [--steps 4]
     python bench/offload_memory.py --small --device cpu     # a smoke run of the script itself at tiny sizes
 
-Nothing is read from disk but the shipped qimg-tiny's processor (its tokenizer and chat template). "peak" is
+The models are built on the GPU (initialising 8.8B weights on a CPU takes minutes) and moved to the CPU for the
+offloaded runs. Nothing is read from disk but the shipped qimg-tiny's processor (its tokenizer and chat template). "peak" is
 torch's high-water mark of allocated GPU memory over the whole call (encode, denoise, decode), "resident" what
 stays allocated after it. Prints a table and writes bench/results/offload_memory.json.
 """
