@@ -44,9 +44,14 @@ def build(cfg: dict, device: torch.device, dtype: torch.dtype):
         for p in ref.parameters():
             p.add_(0.02 * torch.randn_like(p))
     ref.to(dtype)
+    config = QwenImage21Config.from_dict(dict(ref.config))
+    if device.type == "cpu":  # its own copy, as a loaded model would have
+        ours = QwenImage21Transformer(config).eval()
+        ours.load_state_dict(ref.state_dict())
+        return ref, ours
     with torch.device("meta"):
-        ours = QwenImage21Transformer(QwenImage21Config.from_dict(dict(ref.config))).eval()
-    ours.load_state_dict(ref.state_dict(), assign=True)  # the same tensors: one copy of the weights
+        ours = QwenImage21Transformer(config).eval()
+    ours.load_state_dict(ref.state_dict(), assign=True)  # the same tensors: one copy of 7B weights on the GPU
     return ref, ours
 
 
