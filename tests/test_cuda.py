@@ -171,7 +171,7 @@ def test_offload_gives_the_same_pictures_with_less_on_the_gpu():
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert {p.device.type for p in pipe.transformer.parameters()} == {"cuda"}
     assert {p.device.type for p in pipe.conditioner.model.parameters()} == {"cpu"}
-    encoder_bytes = sum(p.numel() * p.element_size() for p in pipe.conditioner.model.parameters())
+    encoder_bytes = sum(p.numel() * p.element_size() for p in pipe.conditioner.encoder.parameters())
     resident = torch.cuda.memory_allocated() - before
     pipe.placement.release()
     assert {p.device.type for p in pipe.transformer.parameters()} == {"cpu"}

@@ -57,7 +57,7 @@ def test_offloaded_weights_must_start_on_the_cpu():
 class Recorder(Placement):
     def __init__(self, pipe):
         super().__init__(pipe.info.device)
-        self.names = {id(pipe.conditioner.model): "encoder", id(pipe.transformer): "transformer"}
+        self.names = {id(pipe.conditioner.encoder): "encoder", id(pipe.transformer): "transformer"}
         self.calls = []
 
     def use(self, module):
@@ -91,3 +91,19 @@ def test_server_sends_other_models_back_before_a_job():
     registry = ModelRegistry({}, pipelines={"a": a, "b": b})
     assert registry.load("a") is a
     assert (a.placement.released, b.placement.released) == (0, 1)
+
+
+def test_2x_offload_leaves_the_lm_head_behind():
+    """Encoding runs `conditioner.encoder` only, so offload need not move the LM head (1.2 GB at 8B) to the GPU:
+    with the head's weight on the meta device (any use would fail) the states are unchanged."""
+    pipe = qimg.load(dtype="float32", device="cpu")
+    conditioner = pipe.conditioner
+    assert conditioner.encoder is conditioner.model.model
+    expected = conditioner.encode("a small red circle in the center on a blue background")
+    head = conditioner.model.lm_head.weight
+    conditioner.model.lm_head.weight = nn.Parameter(torch.empty(head.shape, device="meta"), requires_grad=False)
+    try:
+        got = conditioner.encode("a small red circle in the center on a blue background")
+    finally:
+        conditioner.model.lm_head.weight = head
+    assert torch.equal(got.states, expected.states)

@@ -80,6 +80,12 @@ class Qwen3VLConditioner:
             raise CheckpointError(f"cannot load the Qwen3-VL condition encoder from {folder}: {err}") from err
         return cls(model.to(device).eval().requires_grad_(False), processor)
 
+    @property
+    def encoder(self):
+        """The part of the model that encoding runs: the vision tower and the decoder layers, not the LM head (1.2
+        GB of an 8B Qwen3-VL in bfloat16 that offload then need not move to the GPU)."""
+        return self.model.model
+
     @staticmethod
     def template(n_images: int) -> str:
         slots = "".join(f"{' ' if i > 1 else ''}<image{i}>{IMAGE_SLOT}" for i in range(1, n_images + 1))
@@ -211,6 +217,11 @@ class Qwen25VLConditioner:
     @property
     def hidden_size(self) -> int:
         return self.model.config.text_config.hidden_size
+
+    @property
+    def encoder(self):
+        """What offload moves for this encoder: the whole model (Layered writes captions with its LM head)."""
+        return self.model
 
     @property
     def device(self) -> torch.device:

@@ -116,7 +116,7 @@ class QwenImageLayeredPipeline(QwenImageV1Pipeline):
         generator, _ = make_generator(seed)
         cond_image = image.convert("RGBA").resize((width, height), Image.LANCZOS)
         report(ProgressEvent("encode", 0, 1, clock()))
-        self.placement.use(self.conditioner.model)
+        self.placement.use(self.conditioner.encoder)
         if prompt is None or not prompt.strip():
             prompt = self.conditioner.caption(cond_image, caption_language)
         cond = self.conditioner.encode_text(prompt)

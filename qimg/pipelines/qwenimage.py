@@ -97,7 +97,7 @@ class QwenImageV1Pipeline:
         vae = load_module(lambda: VAE(vcfg), folder / "vae", dtype=dtype, device=device)
         conditioner = Qwen25VLConditioner.load(folder, dtype=dtype, device=home, processor=processor)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
-        placement = Placement(device, [conditioner.model, transformer] if offload else [])
+        placement = Placement(device, [conditioner.encoder, transformer] if offload else [])
         return cls(transformer, vae, conditioner, scheduler,
                    info=ModelInfo(folder, cls.pipeline_class, dtype, device, offload),
                    defaults=Defaults.read(index, cls.default_config), placement=placement)
@@ -142,7 +142,7 @@ class QwenImageV1Pipeline:
         report = progress or (lambda event: None)
 
         report(ProgressEvent("encode", 0, 1, clock()))
-        self.placement.use(self.conditioner.model)
+        self.placement.use(self.conditioner.encoder)
         encode, refs = self.conditioning(images, vae_area, vlm_area)
         cond = encode(prompt)
         neg = encode(negative_prompt) if cfg > 1 else None

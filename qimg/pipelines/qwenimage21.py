@@ -47,7 +47,7 @@ class QwenImage21Pipeline:
         vae = load_module(lambda: VAE21(vcfg), folder / "vae", dtype=dtype, device=device)
         conditioner = Qwen3VLConditioner.load(folder, dtype=dtype, device=home)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
-        placement = Placement(device, [conditioner.model, transformer] if offload else [])
+        placement = Placement(device, [conditioner.encoder, transformer] if offload else [])
         return cls(transformer, vae, conditioner, scheduler,
                    info=ModelInfo(folder, cls.pipeline_class, dtype, device, offload),
                    defaults=Defaults.read(index, DEFAULTS), sample_sigmas=index.get("sample_sigmas"),
@@ -76,7 +76,7 @@ class QwenImage21Pipeline:
         sized = [img.resize(im.fit_area(resolution * resolution, img.width / img.height), Image.LANCZOS)
                  for img in images]
         report(ProgressEvent("encode", 0, 1, clock()))
-        self.placement.use(self.conditioner.model)
+        self.placement.use(self.conditioner.encoder)
         cond = self.conditioner.encode(prompt, sized)
         neg = self.conditioner.encode(negative_prompt, sized) if cfg > 1 else None
         cond_tokens, cond_shapes = self._encode_images(sized, n)
