@@ -42,17 +42,23 @@ class Defaults:
     steps: int
     cfg: float = 1.0
     edit_cfg: float | None = None  # for requests with condition images; None: `cfg`
+    edit_steps: int | None = None  # likewise; None: `steps`
 
     @classmethod
     def read(cls, index: dict, base: "Defaults") -> "Defaults":
         extra = index.get("_qimg") or {}
         edit_cfg = extra.get("default_edit_cfg", base.edit_cfg)
+        edit_steps = extra.get("default_edit_steps", base.edit_steps)
         return cls(resolution=int(extra.get("default_resolution", base.resolution)),
                    steps=int(extra.get("default_steps", base.steps)), cfg=float(extra.get("default_cfg", base.cfg)),
-                   edit_cfg=None if edit_cfg is None else float(edit_cfg))
+                   edit_cfg=None if edit_cfg is None else float(edit_cfg),
+                   edit_steps=None if edit_steps is None else int(edit_steps))
 
     def cfg_for(self, editing: bool) -> float:
         return self.edit_cfg if editing and self.edit_cfg is not None else self.cfg
+
+    def steps_for(self, editing: bool) -> int:
+        return self.edit_steps if editing and self.edit_steps is not None else self.steps
 
 
 def pick_device(device) -> torch.device:
@@ -171,7 +177,7 @@ def check_request(prompt, images, *, width, height, resolution, steps, seed, neg
         w, h = im.fit_area(resolution * resolution, ref.width / ref.height)
         width, height = width or w, height or h
     width, height = im.check_size(width or resolution, height or resolution, multiple)
-    steps = check_steps(defaults.steps if steps is None else steps)
+    steps = check_steps(defaults.steps_for(bool(images)) if steps is None else steps)
     cfg = defaults.cfg_for(bool(images)) if cfg is None else float(cfg)
     if cfg > 1 and negative_prompt is None:
         negative_prompt = " "

@@ -150,4 +150,5 @@ class QwenImage21Pipeline:
         return {"pipeline": self.pipeline_class, "folder": str(self.info.folder), "dtype": str(self.info.dtype),
                 "device": str(self.info.device), "offload": self.info.offload, "default_resolution": self.defaults.resolution,
                 "default_steps": self.defaults.steps, "default_cfg": self.defaults.cfg,
-                "default_edit_cfg": self.defaults.cfg_for(True), "tasks": ["generate", "edit"]}
+                "default_edit_cfg": self.defaults.cfg_for(True), "default_edit_steps": self.defaults.steps_for(True),
+                "tasks": ["generate", "edit"]}

@@ -51,8 +51,13 @@ ENCODER_INIT = "embed-std-1"  # recorded in exports; older exports' transformer/
 # Measured on 200 held-out scenes. The model before the shipped one (7,000 plain steps): cfg 2 for text-to-image
 # (at 5 steps: exact 8.5% -> 11%, colour 62% -> 70%; cfg 3 no better); edits keep cfg 1 (at cfg 2 their
 # untouched-region PSNR fell 24.2 -> 22.1 dB); 5 steps beat 20 on every metric in a quarter of the time. The shipped
-# one (6,000 weighted steps): exact 17% / 18% / 18% at cfg 1.5 / 2 / 3, and 18% at 8 steps with edits no better.
-DEFAULTS = {"default_resolution": 128, "default_steps": 5, "default_cfg": 2.0, "default_edit_cfg": 1.0}
+# one (6,000 weighted steps) at cfg 2, text-to-image by steps, exact / colour / shape / size / position:
+#   2: 13.0 / 95.8 / 42.2 / 93.2 / 98.7%   3: 17.5 / 94.3 / 47.1 / 94.8 / 97.4%
+#   4: 17.0 / 92.5 / 46.9 / 92.5 / 95.6%   5: 18.0 / 92.2 / 46.1 / 91.2 / 95.3%   8: 18.0 / 90.9 / 45.3 / 88.3 / 94.0%
+# and edits (cfg 1), satisfied / untouched-region PSNR: 1 or 2 steps 19.5% / 27.9 dB, 3: 14.5% / 27.9, 5: 10.0% /
+# 27.1, 10: 10.0%; cfg 1.5 at 5 steps 13.5%. Its estimates are close to a posterior mean, so few steps do.
+DEFAULTS = {"default_resolution": 128, "default_steps": 3, "default_cfg": 2.0, "default_edit_cfg": 1.0,
+            "default_edit_steps": 2}
 DECODER_LR = 3e-4
 # The transformer's flow-matching loss weights the latent tokens an object or word touches this much more (0: plain
 # MSE). Most of a frame is flat background that is easy to predict; the objects are what the prompt is about. The
