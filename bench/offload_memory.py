@@ -120,7 +120,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
         placement = Placement(device, [conditioner.encoder, transformer] if offload else [])
         pipe = QwenImage21Pipeline(transformer, vae, conditioner, scheduler, defaults=DEFAULTS, placement=placement,
-                                   info=ModelInfo(Path("random"), "QwenImage21Pipeline", dtype, device, offload))
+                                   info=ModelInfo(Path("random"), "QwenImage21Pipeline", dtype, device))
         for side in (int(s) for s in args.sides.split(",")):
             pipe.generate(PROMPT, width=side, height=side, steps=1, seed=0)  # warm-up
             rows.append({"offload": offload, "side": side, "steps": args.steps, **run(pipe, side, args.steps, device)})

@@ -134,7 +134,7 @@ def run_generate(args, prompt: str, image_paths: list[str]) -> int:
     save_image(result[0], out)
     meta = result[0].info["qimg"]
     print(f"wrote {out.resolve()} ({meta['width']}x{meta['height']}, seed {meta['seed']}, "
-          f"{meta['steps']} steps, {meta['seconds']:.2f} s on {pipe.info.device.type}, {str(pipe.info.dtype)[6:]})")
+          f"{meta['steps']} steps, {meta['seconds']:.2f} s on {pipe.info.device.type}, {meta['dtype']})")
     return 0
 
 

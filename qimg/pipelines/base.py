@@ -125,12 +125,6 @@ class ModelInfo:
     pipeline_class: str
     dtype: torch.dtype
     device: torch.device
-    offload: bool = False
-
-
-def weights_home(device: torch.device, offload: bool) -> torch.device:
-    """Where the big components are loaded: the CPU when they are offloaded (pointless on a CPU device)."""
-    return torch.device("cpu") if offload else device
 
 
 @dataclass

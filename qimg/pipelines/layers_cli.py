@@ -85,5 +85,5 @@ def run_layers(args) -> int:
     export_layers(layers, out)
     meta = layers[0].info["qimg"]
     print(f"wrote {out.resolve()} ({len(layers)} layers, {meta['width']}x{meta['height']}, seed {meta['seed']}, "
-          f"{meta['seconds']:.2f} s on {pipe.info.device.type}, {str(pipe.info.dtype)[6:]})")
+          f"{meta['seconds']:.2f} s on {pipe.info.device.type}, {meta['dtype']})")
     return 0

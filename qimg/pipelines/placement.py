@@ -13,6 +13,12 @@ import torch
 from torch import nn
 
 
+def weights_home(device: torch.device, offload: bool) -> torch.device:
+    """Where a pipeline loads its big components: the CPU when they are offloaded, else `device` (offload on a CPU
+    device does nothing). A pipeline offloads exactly when this differs from `device`."""
+    return torch.device("cpu") if offload and device.type != "cpu" else device
+
+
 class Placement:
     def __init__(self, device: torch.device, offloaded: list[nn.Module] = ()):
         self.device = torch.device(device)

@@ -22,8 +22,8 @@ from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
 from qimg.pipelines import images as im
 from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_request, draw_noise,
-                                 pick_device, pick_dtype, weights_home)
-from qimg.pipelines.placement import Placement
+                                 pick_device, pick_dtype)
+from qimg.pipelines.placement import Placement, weights_home
 from qimg.sampling.sample import euler
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas, mu_for_tokens
 
@@ -83,7 +83,6 @@ class QwenImageV1Pipeline:
     def load(cls, folder: Path, index: dict, *, dtype=None, device=None, offload=False):
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
-        offload = offload and device.type != "cpu"
         home = weights_home(device, offload)
         tcfg = QwenImageConfig.from_dict(read_json(folder / "transformer" / "config.json"))
         vcfg = VAEConfig.from_dict(read_json(folder / "vae" / "config.json"))
@@ -97,9 +96,9 @@ class QwenImageV1Pipeline:
         vae = load_module(lambda: VAE(vcfg), folder / "vae", dtype=dtype, device=device)
         conditioner = Qwen25VLConditioner.load(folder, dtype=dtype, device=home, processor=processor)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
-        placement = Placement(device, [conditioner.encoder, transformer] if offload else [])
+        placement = Placement(device, [conditioner.encoder, transformer] if home != device else [])
         return cls(transformer, vae, conditioner, scheduler,
-                   info=ModelInfo(folder, cls.pipeline_class, dtype, device, offload),
+                   info=ModelInfo(folder, cls.pipeline_class, dtype, device),
                    defaults=Defaults.read(index, cls.default_config), placement=placement)
 
     @classmethod
@@ -233,7 +232,7 @@ class QwenImageV1Pipeline:
 
     def describe(self) -> dict:
         return {"pipeline": self.pipeline_class, "folder": str(self.info.folder), "dtype": str(self.info.dtype),
-                "device": str(self.info.device), "offload": self.info.offload,
+                "device": str(self.info.device), "offload": self.placement.offload,
                 "default_resolution": self.defaults.resolution, "default_steps": self.defaults.steps,
                 "default_cfg": self.defaults.cfg, "max_images": self.max_images, "tasks": list(self.tasks)}
 

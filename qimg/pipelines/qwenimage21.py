@@ -15,8 +15,8 @@ from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from qimg.models.vae21 import VAE21, VAE21Config
 from qimg.pipelines import images as im
 from qimg.pipelines.base import (Clock, Defaults, ModelInfo, Progress, ProgressEvent, check_request, draw_noise,
-                                 pick_device, pick_dtype, weights_home)
-from qimg.pipelines.placement import Placement
+                                 pick_device, pick_dtype)
+from qimg.pipelines.placement import Placement, weights_home
 from qimg.sampling.sample import euler
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas, mu_for_tokens
 
@@ -38,7 +38,6 @@ class QwenImage21Pipeline:
     def load(cls, folder: Path, index: dict, *, dtype=None, device=None, offload=False) -> "QwenImage21Pipeline":
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
-        offload = offload and device.type != "cpu"
         home = weights_home(device, offload)
         tcfg = QwenImage21Config.from_dict(read_json(folder / "transformer" / "config.json"))
         vcfg = VAE21Config.from_dict(read_json(folder / "vae" / "config.json"))
@@ -47,9 +46,9 @@ class QwenImage21Pipeline:
         vae = load_module(lambda: VAE21(vcfg), folder / "vae", dtype=dtype, device=device)
         conditioner = Qwen3VLConditioner.load(folder, dtype=dtype, device=home)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
-        placement = Placement(device, [conditioner.encoder, transformer] if offload else [])
+        placement = Placement(device, [conditioner.encoder, transformer] if home != device else [])
         return cls(transformer, vae, conditioner, scheduler,
-                   info=ModelInfo(folder, cls.pipeline_class, dtype, device, offload),
+                   info=ModelInfo(folder, cls.pipeline_class, dtype, device),
                    defaults=Defaults.read(index, DEFAULTS), sample_sigmas=index.get("sample_sigmas"),
                    placement=placement)
 
@@ -148,7 +147,8 @@ class QwenImage21Pipeline:
 
     def describe(self) -> dict:
         return {"pipeline": self.pipeline_class, "folder": str(self.info.folder), "dtype": str(self.info.dtype),
-                "device": str(self.info.device), "offload": self.info.offload, "default_resolution": self.defaults.resolution,
-                "default_steps": self.defaults.steps, "default_cfg": self.defaults.cfg,
+                "device": str(self.info.device), "offload": self.placement.offload,
+                "default_resolution": self.defaults.resolution, "default_steps": self.defaults.steps,
+                "default_cfg": self.defaults.cfg,
                 "default_edit_cfg": self.defaults.cfg_for(True), "default_edit_steps": self.defaults.steps_for(True),
                 "tasks": ["generate", "edit"]}
