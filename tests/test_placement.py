@@ -66,8 +66,11 @@ class Recorder(Placement):
 
 def test_pipelines_place_each_component_before_its_phase():
     pipe = qimg.load(dtype="float32", device="cpu", offload=True)
-    assert pipe.info.offload is False and pipe.describe()["offload"] is False  # nothing to offload to on a CPU
+    assert pipe.placement.offload is False and pipe.describe()["offload"] is False  # nothing to offload to on a CPU
     scene = world.held_out(1, seed=3)[0]
+    # the first picture of a process is not always bit-equal to later ones (1 level on 16 pixels in 2 of 10
+    # runs here, as if a kernel took another path on its first call), so both compared pictures come after one
+    pipe.generate(world.prompt(scene), seed=1)
     plain = pipe.generate(world.prompt(scene), seed=1)[0]
     pipe.placement = Recorder(pipe)
     again = pipe.generate(world.prompt(scene), seed=1)[0]
