@@ -118,7 +118,7 @@ def main() -> None:
             transformer.to("cpu")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        placement = Placement(device, [conditioner.encoder, transformer] if offload else [])
+        placement = Placement.of_pipeline(device, offload, conditioner, transformer)
         pipe = QwenImage21Pipeline(transformer, vae, conditioner, scheduler, defaults=DEFAULTS, placement=placement,
                                    info=ModelInfo(Path("random"), "QwenImage21Pipeline", dtype, device))
         for side in (int(s) for s in args.sides.split(",")):

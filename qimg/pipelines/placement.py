@@ -25,6 +25,12 @@ class Placement:
         self._homes = {id(m): _home_tensors(m) for m in offloaded}
         self._resident: nn.Module | None = None
 
+    @classmethod
+    def of_pipeline(cls, device: torch.device, offload: bool, conditioner, transformer) -> "Placement":
+        """A pipeline's placement: with `offload`, its big components (the condition encoder's `encoder` part
+        and the transformer) move; without, nothing does."""
+        return cls(device, [conditioner.encoder, transformer] if offload else [])
+
     @property
     def offload(self) -> bool:
         return bool(self._homes)

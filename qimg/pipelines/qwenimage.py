@@ -96,7 +96,7 @@ class QwenImageV1Pipeline:
         vae = load_module(lambda: VAE(vcfg), folder / "vae", dtype=dtype, device=device)
         conditioner = Qwen25VLConditioner.load(folder, dtype=dtype, device=home, processor=processor)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
-        placement = Placement(device, [conditioner.encoder, transformer] if home != device else [])
+        placement = Placement.of_pipeline(device, home != device, conditioner, transformer)
         return cls(transformer, vae, conditioner, scheduler,
                    info=ModelInfo(folder, cls.pipeline_class, dtype, device),
                    defaults=Defaults.read(index, cls.default_config), placement=placement)

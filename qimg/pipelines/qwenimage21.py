@@ -46,7 +46,7 @@ class QwenImage21Pipeline:
         vae = load_module(lambda: VAE21(vcfg), folder / "vae", dtype=dtype, device=device)
         conditioner = Qwen3VLConditioner.load(folder, dtype=dtype, device=home)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
-        placement = Placement(device, [conditioner.encoder, transformer] if home != device else [])
+        placement = Placement.of_pipeline(device, home != device, conditioner, transformer)
         return cls(transformer, vae, conditioner, scheduler,
                    info=ModelInfo(folder, cls.pipeline_class, dtype, device),
                    defaults=Defaults.read(index, DEFAULTS), sample_sigmas=index.get("sample_sigmas"),
