@@ -1,6 +1,7 @@
-"""Time one denoising step (KV cache on) of qimg's 2.x transformer against the reference, same weights and threads.
+"""Time one denoising step of qimg's transformers against the reference, same weights and threads: the 2.x
+transformer with its prefix KV cache on, and the v1 (Qwen-Image / Edit / Layered) transformer.
 
-    python bench/step_time.py [--threads 2] [--repeats 5] [--configs tiny,medium]
+    python bench/step_time.py [--threads 2] [--repeats 5] [--configs tiny,medium,v1-tiny,v1-medium] [--out FILE]
     python bench/step_time.py --device cuda --dtype bfloat16 --configs medium,full-1024,full-2048
 
 Prints a table and writes bench/results/step_time.json (step_time-cuda.json on a GPU). Timings of the two
@@ -29,6 +30,13 @@ CONFIGS = {
     # the official Qwen-Image-2.1 transformer (about 7B parameters; random weights): GPU only
     "full-1024": (dict(), 1024, 256),
     "full-2048": (dict(), 2048, 256),
+}
+V1_CONFIGS = {
+    # name: (v1 transformer config, image side in px, prompt tokens); 2x2 patches of the 8x VAE: 16 px per token
+    "v1-tiny": (dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6),
+                     in_channels=64, out_channels=16, joint_attention_dim=32), 64, 16),
+    "v1-medium": (dict(num_layers=6, attention_head_dim=128, num_attention_heads=6, axes_dims_rope=(16, 56, 56),
+                       in_channels=64, out_channels=16, joint_attention_dim=768), 512, 256),
 }
 
 
@@ -132,6 +140,48 @@ def bench(name: str, repeats: int, device: torch.device, dtype: torch.dtype) -> 
             "reference_peak_gib": ref_peak / 2**30, "qimg_peak_gib": ours_peak / 2**30}
 
 
+def bench_v1(name: str, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
+    import diffusers
+
+    from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
+
+    cfg, side, n_text = V1_CONFIGS[name]
+    torch.manual_seed(0)
+    with device:
+        ref = diffusers.QwenImageTransformer2DModel(**cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ref.to(dtype)
+    with torch.device("meta"):
+        ours = QwenImageTransformer(QwenImageConfig.from_dict(dict(ref.config))).eval()
+    ours.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
+    h = w = side // 16
+    shapes = [(1, h, w)]
+    text = torch.randn(1, n_text, cfg["joint_attention_dim"], device=device, dtype=dtype)
+    latents = torch.randn(1, h * w, cfg["in_channels"], device=device, dtype=dtype)
+    sigma = torch.tensor([0.5], device=device)
+    kwargs = dict(hidden_states=latents, encoder_hidden_states=text, timestep=sigma, img_shapes=[shapes],
+                  return_dict=False)
+    with torch.inference_mode():
+        freqs = ours.rope(shapes, n_text, device)
+        ref_out = ref(**kwargs)[0].float()
+        our_out = ours(latents, text, sigma, shapes, freqs=freqs).float()
+        diff = (ref_out - our_out).abs().max().item()
+        rel = ((ref_out - our_out).norm() / ref_out.norm()).item()
+        t_ref, t_ours = [], []
+        for _ in range(3):  # interleave rounds
+            t_ref.append(median_time(lambda: ref(**kwargs), repeats, device))
+            t_ours.append(median_time(lambda: ours(latents, text, sigma, shapes, freqs=freqs), repeats, device))
+    params = sum(p.numel() for p in ours.parameters())
+    (ref_s, ref_peak), (ours_s, ours_peak) = min(t_ref), min(t_ours)
+    del ref, ours
+    return {"config": name, "params": params, "image": f"{side}x{side}", "prompt_tokens": n_text,
+            "reference_s": ref_s, "qimg_s": ours_s, "speedup": ref_s / ours_s, "max_abs_diff": diff,
+            "rel_diff": rel, "reference_err_vs_fp32": None, "qimg_err_vs_fp32": None,
+            "reference_peak_gib": ref_peak / 2**30, "qimg_peak_gib": ours_peak / 2**30}
+
+
 def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.1e}"
 
@@ -140,13 +190,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--configs", default="tiny,medium")
+    parser.add_argument("--configs", default="tiny,medium,v1-tiny,v1-medium")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--out", default=None, help="JSON file (default bench/results/step_time[-DEVICE].json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    rows = [bench(name, args.repeats, device, dtype) for name in args.configs.split(",")]
+    rows = [(bench_v1 if name in V1_CONFIGS else bench)(name, args.repeats, device, dtype)
+            for name in args.configs.split(",")]
     print(f"{'config':<9} {'params':>13} {'image':>9} {'text':>5} {'reference s':>12} {'qimg s':>9} "
           f"{'speed-up':>9} {'ref peak GiB':>12} {'qimg peak GiB':>13} {'max diff':>9} {'rel diff':>9} "
           f"{'ref err':>8} {'qimg err':>8}")
@@ -156,7 +208,7 @@ def main() -> None:
               f"{r['qimg_peak_gib']:>13.2f} {r['max_abs_diff']:>9.1e} {r['rel_diff']:>9.1e} "
               f"{fmt(r['reference_err_vs_fp32']):>8} {fmt(r['qimg_err_vs_fp32']):>8}")
     name = "step_time.json" if device.type == "cpu" else f"step_time-{device.type}.json"
-    out = Path(__file__).parent / "results" / name
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
     out.parent.mkdir(exist_ok=True)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     out.write_text(json.dumps({"threads": args.threads, "device": args.device, "gpu": gpu, "dtype": args.dtype,
