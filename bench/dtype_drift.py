@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 import qimg
-import qimg.pipelines.qwenimage21 as pipeline_module
+import qimg.pipelines.pipeline as pipeline_module
+from qimg.options import GenerateOptions
 from qimg.pipelines.base import draw_noise
 from qimg.tiny import checker, world
 
@@ -45,9 +46,9 @@ def final_latents(pipe, prompt: str, seed: int) -> torch.Tensor:
     captured = {}
     decode = pipe.decode
 
-    def capture(tokens, h, w, background=None):
+    def capture(plan, tokens):
         captured["x"] = tokens
-        return decode(tokens, h, w, background)
+        return decode(plan, tokens)
 
     pipe.decode = capture
     try:
@@ -70,8 +71,9 @@ def drift(full, low, prompt: str, seed: int) -> dict:
     row = {"noise": rel(drawn, float32_noise(shape, torch.Generator().manual_seed(seed), torch.float32)),
            "encoder": rel(c16.states, c32.states)}
     noise = torch.randn((1, h * w, full.transformer.cfg.in_channels), generator=torch.Generator().manual_seed(seed))
-    v32 = full._velocity(c32, [], [], (h, w), 1, True)
-    v16 = low._velocity(dataclasses.replace(c32, states=c32.states.to(dtype)), [], [], (h, w), 1, True)
+    plan = full.plan(GenerateOptions(prompt=prompt, width=128, height=128, seed=seed))
+    v32 = full.velocity(plan, c32, ([], []))
+    v16 = low.velocity(plan, dataclasses.replace(c32, states=c32.states.to(dtype)), ([], []))
     for s in (1.0, 0.5):
         sigma = torch.tensor([s])
         a = v32(noise.to(full.info.device), sigma.to(full.info.device))
@@ -84,7 +86,7 @@ def drift(full, low, prompt: str, seed: int) -> dict:
     finally:
         pipeline_module.draw_noise = draw_noise
     row["sampler"] = rel(x16, x32)
-    row["vae"] = psnr(low.decode(x32.to(dev, dtype), h, w)[0], img32)
+    row["vae"] = psnr(low.decode(plan, x32.to(dev, dtype))[0], img32)
     row["image"] = psnr(img16, img32)
     return row
 

@@ -11,3 +11,7 @@ class CheckpointError(QimgError):
 
 class InputError(QimgError, ValueError):
     """A request (prompt, image, size, option) is not acceptable."""
+
+
+class Cancelled(QimgError):
+    """A run stopped between steps because its caller asked it to (the `cancel` callback returned True)."""

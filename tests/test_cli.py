@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from qimg.cli import main
-from qimg.export.png import read_png_parameters
+from qimg.export.picture import read_png_parameters
 
 
 def test_generate_matches_reference(ref21, tmp_path, capsys):

@@ -84,12 +84,16 @@ def test_recurse_replaces_one_layer(pipes):
     assert both[2].info["qimg"]["recurse"] == 1 and both[2].info["qimg"]["of"] == 3
 
 
-def test_describe_and_generate_refused(pipes):
+def test_describe_and_no_generate(pipes):
+    """Layered is a sibling of the generation pipelines: it has layers(), not a generate() that refuses."""
+    from qimg.pipelines.generation import ImagePipeline
+    from qimg.pipelines.pipeline import Pipeline
+
     _, ours, _ = pipes
     info = ours.describe()
     assert info["tasks"] == ["layers"] and info["pipeline"] == "QwenImageLayeredPipeline"
-    with pytest.raises(InputError, match="splits an image into layers; it does not generate"):
-        ours.generate("a cat")
+    assert isinstance(ours, Pipeline) and not isinstance(ours, ImagePipeline)
+    assert not hasattr(ours, "generate")
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -115,7 +119,7 @@ def test_bad_options(pipes, kwargs, message):
     (Image.new("RGBA", (4000, 40)), "aspect ratio is too extreme"),
 ])
 def test_bad_images(pipes, monkeypatch, image, message):
-    import qimg.pipelines.images as images
+    import qimg.imaging as images
 
     if image != "not an image" and image.size == (40, 40):
         monkeypatch.setattr(images, "MAX_INPUT_PIXELS", 1000)

@@ -151,7 +151,7 @@ def test_bad_input_is_named(pipes, name, kwargs, message):
 
 
 def test_over_limit_image(pipes, monkeypatch):
-    import qimg.pipelines.images as images
+    import qimg.imaging as images
 
     monkeypatch.setattr(images, "MAX_INPUT_PIXELS", 1000)
     with pytest.raises(InputError, match=r"image 1 is 40x40 = 1600 pixels; the limit is 1000"):

@@ -1,10 +1,9 @@
-"""Sigma schedules against the reference scheduler, and the Euler/CFG loop."""
+"""Sigma schedules against the reference scheduler, and scheduler overrides."""
 
 import numpy as np
 import pytest
 import torch
 
-from qimg.sampling.sample import cfg_combine, euler
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas, mu_for_tokens
 
 diffusers = pytest.importorskip("diffusers")
@@ -67,24 +66,23 @@ def test_unknown_scheduler_key_is_named():
         SchedulerConfig.from_dict({**QWEN, "frobnicate": 1})
 
 
-def test_euler_integrates_a_straight_flow():
-    # For x_t = (1 - t) x0 + t eps the exact velocity is eps - x0; Euler is exact for a straight line.
-    x0, eps = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
-    x0_true = x0
-    sigmas = torch.tensor([1.0, 0.7, 0.3, 0.0])
-    seen = []
-    out = euler(lambda x, s: eps - x0, eps.clone(), sigmas, progress=lambda i, n, x, x0: seen.append((i, n, torch.allclose(x0, x0_true, atol=1e-6))))
-    assert torch.allclose(out, x0, atol=1e-6)
-    assert seen == [(1, 3, True), (2, 3, True), (3, 3, True)]  # the estimate is exact for a straight flow
+def test_overrides_and_shift():
+    from qimg.errors import InputError
 
-
-def test_cfg_combine_and_renorm():
-    cond, uncond = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
-    assert torch.allclose(cfg_combine(cond, uncond, 1.0), cond)
-    out = cfg_combine(cond, uncond, 4.0, renorm=True)
-    assert torch.allclose(out.norm(dim=-1), cond.norm(dim=-1), atol=1e-5)
-
-
-def test_cancel_between_steps():
-    with pytest.raises(InterruptedError, match="after 0 of 2"):
-        euler(lambda x, s: x, torch.zeros(1, 1, 1), torch.tensor([1.0, 0.5, 0.0]), should_stop=lambda: True)
+    base = SchedulerConfig.from_dict(QWEN)
+    assert base.with_overrides(None) is base
+    lightning = base.with_overrides({"base_shift": float(np.log(3)), "max_shift": float(np.log(3)),
+                                     "shift_terminal": None})
+    assert lightning.base_shift == lightning.max_shift and lightning.shift_terminal is None
+    assert lightning.use_dynamic_shifting and base.shift_terminal == 0.02  # the original is unchanged
+    shifted = base.with_shift(3.0)
+    assert shifted.shift == 3.0 and not shifted.use_dynamic_shifting and shifted.shift_terminal == 0.02
+    # a constant shift of 3 is what Lightning's ln 3 dynamic shift gives at every resolution
+    for tokens in (64, 4096):
+        a = get_sigmas(lightning, steps=4, mu=mu_for_tokens(lightning, tokens))
+        b = get_sigmas(SchedulerConfig.from_dict({**QWEN, "shift_terminal": None}).with_shift(3.0), steps=4)
+        assert np.allclose(a, b, atol=1e-6)
+    with pytest.raises(InputError, match="frobnicate"):
+        base.with_overrides({"frobnicate": 1})
+    with pytest.raises(InputError, match="time_shift_type"):
+        base.with_overrides({"time_shift_type": "cubic"})

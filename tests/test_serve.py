@@ -423,7 +423,7 @@ def test_layers_guidance_and_recursion_reach_the_pipeline(http, server):
                                               "cfg": 2.5, "negative_prompt": "blurry", "cfg_normalize": True,
                                               "recurse": 1, "caption_language": "zh"}
     job = http.get(f"/v1/jobs/{r.headers['x-qimg-job-id']}").json()
-    assert job["params"]["guidance_scale"] == 2.5 and job["params"]["recurse"] == 1
+    assert job["params"]["cfg"] == 2.5 and job["params"]["recurse"] == 1
     r = http.post("/v1/images/layers", data={"layers": "2", "true_cfg_scale": "4"},
                   files={"image": ("in.png", png_bytes(48, 40), "image/png")})
     assert r.status_code == 200 and server.layers_double.calls[-1]["cfg"] == 4.0
@@ -550,7 +550,7 @@ def test_cors_allow_list(strict):
 def test_cli_registers_serve_and_parses_options(tmp_path):
     from qimg.cli import build_parser
     from qimg.errors import InputError
-    from qimg.serve.cli import is_loopback, parse_models, settings_from_args
+    from qimg.cli.serve import is_loopback, parse_models, settings_from_args
 
     folder = tmp_path / "my-model"
     folder.mkdir()
@@ -567,13 +567,13 @@ def test_cli_registers_serve_and_parses_options(tmp_path):
     parser = build_parser()
     args = parser.parse_args(["serve", "--data-dir", str(tmp_path), "--max-queue", "3", "--api-key", "k1",
                               "--cors-origin", "http://a.example", "--model", f"m={folder}"])
-    assert args.handler.__module__ == "qimg.serve.cli"
+    assert args.handler.__module__ == "qimg.cli.serve"
     settings = settings_from_args(args)
     assert settings.max_queue == 3 and settings.api_keys == ("k1",) and settings.models == {"m": str(folder)}
     assert settings.host == "127.0.0.1" and settings.port == 8000 and settings.cors_origins == ("http://a.example",)
     assert settings.requeue and not settings_from_args(
         parser.parse_args(["serve", "--data-dir", str(tmp_path), "--no-requeue"])).requeue
-    assert not settings.offload and settings_from_args(
-        parser.parse_args(["serve", "--data-dir", str(tmp_path), "--offload"])).offload
+    assert not settings.load.offload and settings_from_args(
+        parser.parse_args(["serve", "--data-dir", str(tmp_path), "--offload"])).load.offload
     with pytest.raises(InputError, match="--api-key"):
         settings_from_args(parser.parse_args(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]))

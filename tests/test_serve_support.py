@@ -1,8 +1,7 @@
 """Helpers for the server tests (no tests here): the tiny checkpoint, live servers, a layers test double.
 
-`FakeLayered` is a TEST DOUBLE for the Layered pipeline: it implements the agreed `layers(image, *, layers,
-resolution, prompt, steps, seed, progress, should_stop)` call (RGBA layers, bottom to top) with cheap arithmetic
-(instant, and any layer count), reports progress and honours `should_stop`. The server's route code is the real
+`FakeLayered` is a TEST DOUBLE for the Layered pipeline: it implements the agreed `layers(LayersOptions)` call
+(RGBA layers, bottom to top) with cheap arithmetic (instant), reports progress and honours the options' `cancel`. The server's route code is the real
 one; tests/test_serve_layered.py runs the same route on the real QwenImageLayeredPipeline.
 """
 
@@ -77,33 +76,33 @@ class FakeLayered:
     def describe(self) -> dict:
         return {"pipeline": self.pipeline_class, "tasks": ["layers"], "test_double": True}
 
-    def layers(self, image, *, layers=4, resolution=None, prompt=None, steps=None, seed=None, cfg=None,
-               negative_prompt=None, cfg_normalize=False, recurse=None, caption_language="en", progress=None,
-               should_stop=None):
+    def layers(self, options):
         from PIL import Image
 
+        from qimg.errors import Cancelled
         from qimg.pipelines.base import ProgressEvent
 
-        self.calls.append({"layers": layers, "resolution": resolution, "prompt": prompt, "steps": steps, "cfg": cfg,
-                           "negative_prompt": negative_prompt, "cfg_normalize": cfg_normalize, "recurse": recurse,
-                           "caption_language": caption_language})
-        steps = steps or 3
+        self.calls.append({"layers": options.layers, "resolution": options.resolution, "prompt": options.prompt,
+                           "steps": options.steps, "cfg": options.cfg, "negative_prompt": options.negative_prompt,
+                           "cfg_normalize": bool(options.cfg_normalize), "recurse": options.recurse,
+                           "caption_language": options.caption_language})
+        steps = options.steps or 3
         start = time.perf_counter()
-        base = image.convert("RGBA")
-        if resolution:
-            base = base.resize((resolution, resolution))
+        base = options.image.convert("RGBA")
+        if options.resolution:
+            base = base.resize((options.resolution, options.resolution))
         for i in range(steps):
-            if should_stop is not None and should_stop():
-                raise InterruptedError(f"cancelled after {i} of {steps} steps")
+            if options.cancel is not None and options.cancel():
+                raise Cancelled(f"cancelled after {i} of {steps} steps")
             time.sleep(self.step_seconds)
-            if progress:
-                progress(ProgressEvent("denoise", i + 1, steps, time.perf_counter() - start, None,
-                                       preview=lambda: base.copy()))
+            if options.progress:
+                options.progress(ProgressEvent("denoise", i + 1, steps, time.perf_counter() - start, None,
+                                               preview=lambda: base.copy()))
         w, h = base.size
         out = []
-        for k in range(layers):  # layer k keeps horizontal band k of the picture; the bottom one is opaque
+        for k in range(options.layers):  # layer k keeps horizontal band k of the picture; the bottom one is opaque
             layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-            top, bottom = h * k // layers, h * (k + 1) // layers
+            top, bottom = h * k // options.layers, h * (k + 1) // options.layers
             layer.paste(base.crop((0, top, w, bottom)), (0, top))
             if k == 0:
                 layer = Image.alpha_composite(Image.new("RGBA", (w, h), (255, 255, 255, 255)), layer)

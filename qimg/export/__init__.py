@@ -1,4 +1,5 @@
-"""Output writers: PNG with parameters, and layer stacks (PSD, OpenRaster, PPTX, ZIP)."""
+"""Output writers: single pictures (PNG with parameters, JPEG, WebP) and layer stacks (PSD, OpenRaster, PPTX,
+ZIP)."""
 
 from qimg.export.layers import composite, export_layers, read_layers
 

@@ -1,4 +1,4 @@
-"""Layers shared by every model family: norms, timestep embedding, rotary embedding, attention."""
+"""Layers shared by every model family: norms, timestep embedding, rotary embedding."""
 
 from __future__ import annotations
 
@@ -70,9 +70,3 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of `x` `[B, S, H, D]` by complex `freqs` `[S, D/2]`, in float32."""
     rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs[:, None, :]
     return torch.view_as_real(rotated).flatten(3).type_as(x)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention on `[B, S, H, D]` tensors; `mask` is boolean (True = may attend)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    return out.transpose(1, 2)

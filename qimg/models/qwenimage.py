@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qimg.models.config import config_from_dict
-from qimg.models.layers import RMSNorm, TimestepEmbedder, apply_rope, attention, rope_frequencies, timestep_embedding
+from qimg.models.attention import Attend, UsesAttention
+from qimg.models.hooks import BlockHook, run_blocks
+from qimg.models.layers import RMSNorm, TimestepEmbedder, apply_rope, rope_frequencies, timestep_embedding
 
 EPS = 1e-6
 
@@ -92,11 +94,11 @@ class JointAttention(nn.Module):
         q, k, v = (proj(x).unflatten(-1, (self.heads, self.head_dim)) for proj in (to_q, to_k, to_v))
         return apply_rope(norm_q(q).to(v.dtype), freqs), apply_rope(norm_k(k).to(v.dtype), freqs), v
 
-    def forward(self, img, txt, img_freqs, txt_freqs, mask):
+    def forward(self, img, txt, img_freqs, txt_freqs, mask, attend: Attend):
         qi, ki, vi = self._qkv(img, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, img_freqs)
         qt, kt, vt = self._qkv(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
                                self.norm_added_k, txt_freqs)
-        out = attention(torch.cat([qt, qi], 1), torch.cat([kt, ki], 1), torch.cat([vt, vi], 1), mask).flatten(2, 3)
+        out = attend(torch.cat([qt, qi], 1), torch.cat([kt, ki], 1), torch.cat([vt, vi], 1), mask).flatten(2, 3)
         n_txt = txt.shape[1]  # contiguous halves: the layout the reference multiplies (bits differ in bf16 otherwise)
         return self.to_out[0](out[:, n_txt:].contiguous()), self.to_add_out(out[:, :n_txt].contiguous())
 
@@ -142,13 +144,14 @@ class Block(nn.Module):
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.txt_mlp = FeedForward(dim)
 
-    def forward(self, img, txt, temb, freqs, mask, split=None):
-        """temb `[B, D]`; with `split`, `[2B, D]` whose second half (t=0) modulates the image tokens from `split` on."""
+    def forward(self, img, txt, temb, freqs, mask, split=None, attend: Attend | None = None):
+        """temb `[B, D]`; with `split`, `[2B, D]` whose second half (t=0) modulates the image tokens from `split` on;
+        `attend`: the attention backend (default sdpa)."""
         batch = txt.shape[0]
         img_mod = [m[:, None].chunk(6, dim=-1) for m in self.img_mod(temb).split(batch)]
         txt_mod = self.txt_mod(temb[:batch])[:, None].chunk(6, dim=-1)
         a_img, a_txt = self.attn(_per_group(_modulate, img, [m[0:2] for m in img_mod], split),
-                                 _modulate(txt, *txt_mod[0:2]), *freqs, mask)
+                                 _modulate(txt, *txt_mod[0:2]), *freqs, mask, attend or UsesAttention.attend)
         img = img + _per_group(torch.mul, a_img, [m[2:3] for m in img_mod], split)
         txt = txt + txt_mod[2] * a_txt
         h = _per_group(_modulate, img, [m[3:5] for m in img_mod], split)
@@ -163,7 +166,7 @@ def _centred(n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device) - (n - n // 2)
 
 
-class QwenImageTransformer(nn.Module):
+class QwenImageTransformer(UsesAttention, nn.Module):
     def __init__(self, cfg: QwenImageConfig):
         super().__init__()
         self.cfg = cfg
@@ -223,13 +226,15 @@ class QwenImageTransformer(nn.Module):
         text_mask: torch.Tensor | None = None,
         additional_t_cond: torch.Tensor | None = None,
         freqs: tuple[torch.Tensor, torch.Tensor] | None = None,
+        block_hook: BlockHook | None = None,
     ) -> torch.Tensor:
         """Velocity `[B, S_img, patch^2 * out_channels]` for every image token.
 
         latents `[B, S_img, in_channels]`: packed target tokens then reference/condition tokens, in `image_shapes`
         order (one (frames, h, w) latent-patch grid per entry, shared by the batch); text `[B, S_txt,
         joint_attention_dim]`; sigma `[B]`; text_mask `[B, S_txt]` (True = real token; positions ignore it);
-        additional_t_cond `[B]` long (Layered); freqs: `self.rope(image_shapes, S_txt)`, to reuse across steps.
+        additional_t_cond `[B]` long (Layered); freqs: `self.rope(image_shapes, S_txt)`, to reuse across steps;
+        block_hook: sees each block's call, its state `(image, text)` (`qimg.models.hooks`).
         """
         n_img = sum(prod(s) for s in image_shapes)
         if latents.shape[1] != n_img:
@@ -252,9 +257,12 @@ class QwenImageTransformer(nn.Module):
         else:
             block_temb = temb = self.time_embedding(sigma, additional_t_cond)
 
-        img = self.img_in(latents)
-        txt = self.txt_in(self.txt_norm(text))
-        for block in self.transformer_blocks:
-            img, txt = block(img, txt, block_temb, freqs, mask, split)
+        attend = self.attend
+
+        def run_block(index, block, state):
+            return block(*state, block_temb, freqs, mask, split, attend)
+
+        img, txt = run_blocks(self.transformer_blocks, (self.img_in(latents), self.txt_in(self.txt_norm(text))),
+                              run_block, block_hook)
         scale, shift = self.norm_out.linear(F.silu(temb).to(img.dtype)).unsqueeze(1).chunk(2, dim=-1)
         return self.proj_out(F.layer_norm(img, img.shape[-1:], eps=EPS) * (1 + scale) + shift)

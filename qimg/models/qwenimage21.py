@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qimg.models.config import config_from_dict
-from qimg.models.layers import RMSNorm, TimestepEmbedder, apply_rope, attention, rope_frequencies, timestep_embedding
+from qimg.models.attention import UsesAttention
+from qimg.models.hooks import BlockHook, run_blocks
+from qimg.models.layers import RMSNorm, TimestepEmbedder, apply_rope, rope_frequencies, timestep_embedding
 
 TOKENS_PER_SLOT = 4  # one VLM image slot covers 2x2 latent tokens of 16 px
 
@@ -202,7 +204,7 @@ def segments(block_ids: list[int]) -> list[tuple[int, int, bool]]:
     return runs
 
 
-class QwenImage21Transformer(nn.Module):
+class QwenImage21Transformer(UsesAttention, nn.Module):
     def __init__(self, cfg: QwenImage21Config):
         super().__init__()
         self.cfg = cfg
@@ -276,7 +278,7 @@ class QwenImage21Transformer(nn.Module):
                 if key_valid is not None:
                     kv = key_valid[:, None, None, :stop]
                     mask = kv if mask is None else mask & kv
-                outs.append(attention(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
+                outs.append(self.attend(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
             return torch.cat(outs, dim=1)
 
         keys, values = [], []
@@ -290,8 +292,9 @@ class QwenImage21Transformer(nn.Module):
         return self._rope(target_positions(*shape, prefix.target_position))
 
     def denoise(self, latents: torch.Tensor, sigma: torch.Tensor, prefix: Prefix, shape: tuple[int, int],
-                freqs: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity for the target tokens `[B, h*w, in_channels]` at `sigma` `[B]`, attending to the prefix."""
+                freqs: torch.Tensor | None = None, block_hook: BlockHook | None = None) -> torch.Tensor:
+        """Velocity for the target tokens `[B, h*w, in_channels]` at `sigma` `[B]`, attending to the prefix;
+        `block_hook` sees each block's call (`qimg.models.hooks`)."""
         freqs = self.target_rope(prefix, shape) if freqs is None else freqs
         temb = self._temb(sigma)
         mod = self._modulation(temb)
@@ -299,19 +302,23 @@ class QwenImage21Transformer(nn.Module):
         if prefix.key_valid is not None:
             ones = prefix.key_valid.new_ones(latents.shape[0], latents.shape[1])
             mask = torch.cat([prefix.key_valid, ones], dim=1)[:, None, None, :]
-        x = self.img_in(latents)
-        for block, pk, pv in zip(self.transformer_blocks, prefix.keys, prefix.values):
-            x, _, _ = block(x, mod, freqs, lambda q, k, v: attention(q, torch.cat([pk, k], 1), torch.cat([pv, v], 1),
-                                                                      mask))
+        attend = self.attend
+
+        def run_block(index, block, x):
+            pk, pv = prefix.keys[index], prefix.values[index]
+            return block(x, mod, freqs, lambda q, k, v: attend(q, torch.cat([pk, k], 1), torch.cat([pv, v], 1),
+                                                              mask))[0]
+
+        x = run_blocks(self.transformer_blocks, self.img_in(latents), run_block, block_hook)
         scale = self.norm_out.linear(F.silu(temb).to(x.dtype)).unsqueeze(1)
         return self.proj_out(F.layer_norm(x, x.shape[-1:], eps=self.cfg.eps) * (1 + scale))
 
     def forward(self, latents, text, sigma, slot_mask, cond_tokens=(), cond_shapes=(), text_mask=None,
-                shape=None) -> torch.Tensor:
+                shape=None, block_hook: BlockHook | None = None) -> torch.Tensor:
         """One uncached step: the prefix and the target together (the prefix is recomputed)."""
         if shape is None:
             side = int(math.isqrt(latents.shape[1]))
             shape = (side, side)
         prefix = self.encode_prefix(text, slot_mask, cond_tokens, cond_shapes, text_mask,
                                     None if self.cfg.causal_condition else sigma)
-        return self.denoise(latents, sigma, prefix, shape)
+        return self.denoise(latents, sigma, prefix, shape, block_hook=block_hook)

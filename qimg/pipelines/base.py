@@ -1,4 +1,4 @@
-"""What every pipeline shares: components, defaults, seeds, progress events."""
+"""Small things every pipeline shares: progress events, per-checkpoint defaults, device/dtype choice, seeds."""
 
 from __future__ import annotations
 
@@ -88,13 +88,9 @@ def pick_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
-    """A CPU generator (noise is drawn on the CPU, as the reference does, so seeds agree across devices)."""
-    if seed is None:
-        seed = secrets.randbelow(2**31)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        raise InputError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    return torch.Generator("cpu").manual_seed(seed), seed
+def pick_seed(seed: int | None) -> int:
+    """The seed a run uses: the caller's, or a fresh random one (recorded with the picture either way)."""
+    return secrets.randbelow(2**31) if seed is None else seed
 
 
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -103,12 +99,6 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.
     whose values depend on the tensor's size and the torch version, so one seed can start from other noise in
     bfloat16 than in float32 (torch 2.11, 64x64 latents: it does; torch 2.13: it does not)."""
     return torch.randn(shape, generator=generator, dtype=dtype)
-
-
-def check_steps(steps) -> int:
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
-        raise InputError(f"steps must be an integer from 1 to 1000, got {steps!r}")
-    return steps
 
 
 class Clock:
@@ -125,56 +115,3 @@ class ModelInfo:
     pipeline_class: str
     dtype: torch.dtype
     device: torch.device
-
-
-@dataclass
-class Request:
-    """A validated generate() call: the output size is settled, defaults applied, the seed drawn."""
-
-    prompt: str
-    images: list
-    width: int
-    height: int
-    resolution: int
-    steps: int
-    cfg: float
-    negative_prompt: str | None
-    generator: torch.Generator
-    seed: int
-    n: int
-    background: str | None
-
-
-def check_request(prompt, images, *, width, height, resolution, steps, seed, negative_prompt, cfg, n, background,
-                  defaults: Defaults, multiple: int, check_images=None, size_image=None) -> Request:
-    """Validate the arguments every generate() shares, raising InputError naming the offending value.
-
-    `check_images(images)` adds the pipeline's own count rules; `size_image(images)` picks the image whose aspect an
-    edit takes when width/height are not given (the reference uses the last one for 2.1 and Edit-Plus).
-    """
-    from qimg.pipelines import images as im
-
-    if not isinstance(prompt, str):
-        raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-    images = [im.check_image(img, i) for i, img in enumerate(images or [])]
-    if check_images is not None:
-        check_images(images)
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
-        raise InputError(f"n must be an integer from 1 to 16, got {n!r}")
-    if background not in (None, "transparent", "opaque", "auto"):
-        raise InputError(f"background must be 'transparent', 'opaque' or 'auto', got {background!r}")
-    resolution = defaults.resolution if resolution is None else resolution
-    if not isinstance(resolution, int) or isinstance(resolution, bool) or not 32 <= resolution <= im.MAX_SIDE:
-        raise InputError(f"resolution must be an integer from 32 to {im.MAX_SIDE}, got {resolution!r}")
-    if images and (width is None or height is None):
-        ref = size_image(images) if size_image is not None else images[-1]
-        w, h = im.fit_area(resolution * resolution, ref.width / ref.height)
-        width, height = width or w, height or h
-    width, height = im.check_size(width or resolution, height or resolution, multiple)
-    steps = check_steps(defaults.steps_for(bool(images)) if steps is None else steps)
-    cfg = defaults.cfg_for(bool(images)) if cfg is None else float(cfg)
-    if cfg > 1 and negative_prompt is None:
-        negative_prompt = " "
-    generator, seed = make_generator(seed)
-    return Request(prompt, images, width, height, resolution, steps, cfg, negative_prompt, generator, seed, n,
-                   background)

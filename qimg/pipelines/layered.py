@@ -13,6 +13,7 @@ the conditional norm only with `cfg_normalize`. With no prompt the VLM writes a 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -21,12 +22,12 @@ from PIL import Image
 
 from qimg.errors import CheckpointError, InputError
 from qimg.export import composite
-from qimg.pipelines import images as im
-from qimg.pipelines.base import (Clock, Defaults, Progress, ProgressEvent, check_steps, draw_noise,
-                                 make_generator)
-from qimg.pipelines.qwenimage import PATCH, QwenImageV1Pipeline
-from qimg.sampling.sample import euler
-from qimg.sampling.schedule import get_sigmas
+from qimg.imaging import fit_area
+from qimg.models.latents import pack, unpack
+from qimg.options import LayersOptions
+from qimg.pipelines.base import Defaults
+from qimg.pipelines.pipeline import Conditioning, Pipeline, Plan
+from qimg.pipelines.qwenimage import PATCH, V1Parts
 
 MIN_LAYERS, MAX_LAYERS = 2, 10
 BUCKETS = (640, 1024)  # the released model's training resolutions; 640 is recommended
@@ -44,10 +45,9 @@ def check_resolution(resolution) -> int:
     return resolution
 
 
-class QwenImageLayeredPipeline(QwenImageV1Pipeline):
+class QwenImageLayeredPipeline(V1Parts, Pipeline):
     pipeline_class = "QwenImageLayeredPipeline"
-    tasks = ["layers"]
-    max_images = 1
+    tasks = ("layers",)
     needs_processor = True
     image_channels = 4
     default_config = DEFAULTS
@@ -58,107 +58,86 @@ class QwenImageLayeredPipeline(QwenImageV1Pipeline):
         if not (tcfg.use_layer3d_rope and tcfg.use_additional_t_cond):
             raise CheckpointError(f"{folder}: a Layered transformer needs use_layer3d_rope and use_additional_t_cond")
 
-    def generate(self, prompt=None, **kwargs):
-        raise InputError(f"this model ({self.pipeline_class}) splits an image into layers; it does not generate "
-                         f"images: use layers() (or `qimg layers IMAGE -o OUT.psd`)")
+    def describe(self) -> dict:
+        return {**super().describe(), "max_images": 1, "layers": [MIN_LAYERS, MAX_LAYERS], "resolutions": list(BUCKETS)}
 
     @torch.inference_mode()
-    def layers(self, image, *, layers: int = 4, resolution: int | None = None, prompt: str | None = None,
-               steps: int | None = None, seed: int | None = None, cfg: float | None = None,
-               negative_prompt: str | None = None, cfg_normalize: bool = False, recurse: int | None = None,
-               progress: Progress | None = None, should_stop=None, sigmas=None,
-               caption_language: str = "en") -> list[Image.Image]:
+    def layers(self, image, **options) -> list[Image.Image]:
         """Decompose `image` into `layers` (2-10) RGBA layers, bottom to top, each of the size the input takes at
-        about `resolution`^2 pixels (640 or 1024; smaller multiples of 32 for tests and previews).
+        about `resolution`^2 pixels (640 or 1024; smaller multiples of 32 for tests and previews). The keywords are
+        `LayersOptions`' fields (or pass one `LayersOptions` as `image`).
 
         `prompt`: a description of the image (None or blank: the VLM captions it, in `caption_language` "en" or
         "zh"). `recurse=i`: decompose returned layer i again with the same settings and return the stack with it
         replaced by its sub-layers (`layers - 1 + layers` layers). Each layer carries its parameters in
         `layer.info["qimg"]`.
         """
-        image = im.check_image(image)
-        if not isinstance(layers, int) or isinstance(layers, bool) or not MIN_LAYERS <= layers <= MAX_LAYERS:
-            raise InputError(f"layers must be an integer from {MIN_LAYERS} to {MAX_LAYERS}, got {layers!r}")
-        if recurse is not None and (not isinstance(recurse, int) or isinstance(recurse, bool)
-                                    or not 0 <= recurse < layers):
-            raise InputError(f"recurse must be the index of a returned layer, 0 to {layers - 1}, got {recurse!r}")
-        if prompt is not None and not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        if caption_language not in ("en", "zh"):
-            raise InputError(f"caption_language must be 'en' or 'zh', got {caption_language!r}")
-        resolution = check_resolution(self.defaults.resolution if resolution is None else resolution)
-        width, height = im.fit_area(resolution * resolution, image.width / image.height)
+        if isinstance(image, LayersOptions):
+            if options:
+                raise TypeError("pass either a LayersOptions or keyword options, not both")
+            opts = image
+        else:
+            opts = LayersOptions(image=image, **options)
+        plan = self.plan(opts)
+        out = self.run(plan)
+        if opts.recurse is not None:
+            sub = self.run(dataclasses.replace(plan, images=[out[opts.recurse]]))
+            out = out[:opts.recurse] + sub + out[opts.recurse + 1:]
+        for i, layer in enumerate(out):
+            layer.info["qimg"] = {**layer.info.get("qimg", {}), "index": i, "of": len(out), "recurse": opts.recurse,
+                                  "seconds": round(plan.clock(), 3)}
+        return out
+
+    def plan(self, options: LayersOptions) -> Plan:
+        image = options.image
+        resolution = check_resolution(self.defaults.resolution if options.resolution is None else options.resolution)
+        width, height = fit_area(resolution * resolution, image.width / image.height)
         if width < 32 or height < 32:
             raise InputError(f"a {image.width}x{image.height} image at resolution {resolution} would be "
                              f"{width}x{height}; its aspect ratio is too extreme")
-        steps = check_steps(self.defaults.steps if steps is None else steps)
-        cfg = self.defaults.cfg if cfg is None else float(cfg)
-        if cfg > 1 and negative_prompt is None:
-            negative_prompt = " "
-        _, seed = make_generator(seed)  # validates, and picks a seed shared by a recursive pass
-        settings = dict(layers=layers, width=width, height=height, prompt=prompt, steps=steps, seed=seed, cfg=cfg,
-                        negative_prompt=negative_prompt, cfg_normalize=bool(cfg_normalize), sigmas=sigmas,
-                        caption_language=caption_language)
-        clock = Clock()
-        report = progress or (lambda event: None)
-        out = self._decompose(image, clock, report, should_stop, **settings)
-        if recurse is not None:
-            sub = self._decompose(out[recurse], clock, report, should_stop, **settings)
-            out = out[:recurse] + sub + out[recurse + 1:]
-        for i, layer in enumerate(out):
-            layer.info["qimg"] = {**layer.info.get("qimg", {}), "index": i, "of": len(out), "recurse": recurse,
-                                  "seconds": round(clock(), 3)}
-        return out
+        return self.settle(options, editing=False, prompt=options.prompt, images=[image], width=width,
+                           height=height, extra={"layers": options.layers})
 
-    def _decompose(self, image: Image.Image, clock: Clock, report, should_stop, *, layers: int, width: int,
-                   height: int, prompt, steps: int, seed: int, cfg: float, negative_prompt, cfg_normalize: bool,
-                   sigmas, caption_language: str) -> list[Image.Image]:
-        generator, _ = make_generator(seed)
-        cond_image = image.convert("RGBA").resize((width, height), Image.LANCZOS)
-        report(ProgressEvent("encode", 0, 1, clock()))
-        self.placement.use(self.conditioner.encoder)
+    def default_grid(self, steps: int) -> tuple[float, ...]:
+        return tuple(np.linspace(1.0, 0.0, steps + 1)[:-1].tolist())
+
+    def frames(self, plan: Plan) -> int:
+        return plan.extra["layers"] + 1  # frame 0: the whole picture
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def encode(self, plan: Plan) -> Conditioning:
+        cond_image = plan.images[0].convert("RGBA").resize((plan.width, plan.height), Image.LANCZOS)
+        prompt = plan.prompt
         if prompt is None or not prompt.strip():
-            prompt = self.conditioner.caption(cond_image, caption_language)
+            prompt = self.conditioner.caption(cond_image, plan.options.caption_language)
         cond = self.conditioner.encode_text(prompt)
-        neg = self.conditioner.encode_text(negative_prompt) if cfg > 1 else None
-        cond_tokens, cond_shape = self.encode_image(cond_image)
-        report(ProgressEvent("encode", 1, 1, clock()))
+        neg = self.conditioner.encode_text(plan.negative_prompt) if plan.guided else None
+        return Conditioning(cond, neg, prompt, self.encode_image(cond_image))
 
-        h, w = height // self.vae.scale_factor, width // self.vae.scale_factor
-        frames = layers + 1  # frame 0: the whole picture
-        noise = draw_noise((1, frames, self.vae.z_dim, h, w), generator, self.info.dtype)
-        x = im.pack(noise[0], PATCH).reshape(1, -1, self.transformer.cfg.in_channels).to(self.info.device)
-        shapes = [(1, h // PATCH, w // PATCH)] * frames + [cond_shape]
-        grid = np.linspace(1.0, 0.0, steps + 1)[:-1] if sigmas is None else sigmas
-        mu = math.sqrt(cond_tokens.shape[1] / BASE_TOKENS)
-        schedule = get_sigmas(self.scheduler, sigmas=grid, mu=mu)
-        sigma_t = torch.from_numpy(schedule).to(self.info.device)
+    def noise_shape(self, plan: Plan) -> tuple[int, ...]:
+        return (1, self.frames(plan), self.vae.z_dim, *self.latent_grid(plan))
+
+    def tokens(self, plan: Plan, noise: torch.Tensor) -> torch.Tensor:
+        return pack(noise[0], PATCH).reshape(1, -1, self.transformer.cfg.in_channels)
+
+    def mu(self, plan: Plan, cond: Conditioning, x: torch.Tensor) -> float:
+        cond_tokens, _ = cond.extra
+        return math.sqrt(cond_tokens.shape[1] / BASE_TOKENS)
+
+    def velocity(self, plan: Plan, condition, extra):
+        cond_tokens, cond_shape = extra
+        h, w = self.latent_grid(plan)
+        shapes = [(1, h // PATCH, w // PATCH)] * self.frames(plan) + [cond_shape]
         flag = torch.zeros(1, dtype=torch.long, device=self.info.device)
-        self.placement.use(self.transformer)
-        velocity = self.velocity(cond, [cond_tokens], shapes, 1, flag)
-        uncond = self.velocity(neg, [cond_tokens], shapes, 1, flag) if neg is not None else None
+        return self.reference_velocity(condition, [cond_tokens], shapes, 1, flag)
 
-        def on_step(step, total, latents, denoised):
-            report(ProgressEvent("denoise", step, total, clock(), latents,
-                                 preview=lambda: composite(self._decode_layers(denoised, frames, h, w))))
-
-        x = euler(velocity, x, sigma_t, uncond=uncond, cfg=cfg, renorm=cfg_normalize, progress=on_step,
-                  should_stop=should_stop)
-        report(ProgressEvent("decode", 0, 1, clock()))
-        out = self._decode_layers(x, frames, h, w)
-        report(ProgressEvent("decode", 1, 1, clock()))
-        params = {"model": str(self.info.folder), "pipeline": self.pipeline_class, "prompt": prompt,
-                  "negative_prompt": negative_prompt if cfg > 1 else None, "width": width, "height": height,
-                  "layers": layers, "steps": len(schedule) - 1, "seed": seed, "cfg": cfg,
-                  "cfg_normalize": cfg_normalize, "dtype": str(self.info.dtype).replace("torch.", "")}
-        for layer in out:
-            layer.info["qimg"] = dict(params)
-        return out
-
-    def _decode_layers(self, tokens: torch.Tensor, frames: int, h: int, w: int) -> list[Image.Image]:
+    def decode(self, plan: Plan, tokens: torch.Tensor) -> list[Image.Image]:
         """Packed `[1, frames * S, C]` -> the RGBA layers (frames 1..L; frame 0, the composite, is dropped)."""
-        per_frame = tokens.reshape(frames, -1, tokens.shape[-1])
-        return self.decode_latents(im.unpack(per_frame[1:], h, w, PATCH))
+        per_frame = tokens.reshape(self.frames(plan), -1, tokens.shape[-1])
+        return self.decode_latents(unpack(per_frame[1:], *self.latent_grid(plan), PATCH))
 
-    def describe(self) -> dict:
-        return {**super().describe(), "layers": [MIN_LAYERS, MAX_LAYERS], "resolutions": list(BUCKETS)}
+    def preview(self, plan: Plan, denoised: torch.Tensor) -> Image.Image:
+        return composite(self.decode(plan, denoised))
+
+    def extra_parameters(self, plan: Plan) -> dict:
+        return {"layers": plan.extra["layers"], "cfg_normalize": plan.cfg_normalize}

@@ -6,6 +6,7 @@ import importlib
 
 from qimg.errors import CheckpointError
 from qimg.loading.files import read_model_index, resolve_model
+from qimg.options import LoadOptions
 
 # class name -> (module, class) of the qimg pipeline
 PIPELINES = {
@@ -24,10 +25,10 @@ def pipeline_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def load_pipeline(model=None, *, task=None, dtype=None, device=None, offload=False):
-    folder = resolve_model(model, task)
+def load_pipeline(options: LoadOptions):
+    folder = resolve_model(options.model, options.task)
     index = read_model_index(folder)
     name = index.get("_class_name")
     if not name:
         raise CheckpointError(f"{folder / 'model_index.json'} has no _class_name")
-    return pipeline_class(name).load(folder, index, dtype=dtype, device=device, offload=offload)
+    return pipeline_class(name).load(folder, index, options)

@@ -3,11 +3,13 @@ reference so that the same config gives the same sigmas to the last bit)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from qimg.errors import CheckpointError, InputError
 from qimg.models.config import config_from_dict
 
 _IGNORED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling", "invert_sigmas")
@@ -40,6 +42,23 @@ class SchedulerConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "SchedulerConfig":
         return config_from_dict(cls, data)
+
+    def with_overrides(self, overrides: dict | None) -> "SchedulerConfig":
+        """This config with some keys replaced (a user's `--scheduler-config`, a preset's); a bad key or value is
+        an InputError naming it."""
+        if not overrides:
+            return self
+        try:
+            return config_from_dict(SchedulerConfig, {**dataclasses.asdict(self), **overrides})
+        except CheckpointError as err:
+            raise InputError(f"scheduler config: {err}") from None
+
+    def with_shift(self, shift: float | None) -> "SchedulerConfig":
+        """A constant shift `shift` at every resolution instead of the config's (dynamic or fixed) one; the rest of
+        the config (its terminal stretch among it) is kept."""
+        if shift is None:
+            return self
+        return dataclasses.replace(self, shift=float(shift), use_dynamic_shifting=False)
 
 
 def mu_for_tokens(cfg: SchedulerConfig, image_tokens: int) -> float:

@@ -5,7 +5,9 @@ it (`stream=true`), or, with the header `Prefer: respond-async`, answers 202 wit
 page does that, then follows `/v1/jobs/{id}/events`). Requests refused before a job exists (bad JSON/form, bad upload, full queue) carry no job id.
 
 qimg extras (the official client sends them with `extra_body`): `seed`, `steps` (or `num_inference_steps`),
-`negative_prompt`, `guidance_scale` (or `true_cfg_scale`). `quality`, `moderation`, `style`, `user` and
+`negative_prompt`, `guidance_scale` (or `true_cfg_scale`), `cfg_normalize`, `sampler`, `preset`, `sigmas`,
+`scheduler_config` (keys overriding the model's scheduler config) and `shift`; they become the library's
+`GenerateOptions` / `LayersOptions`, which the job records. `quality`, `moderation`, `style`, `user` and
 `input_fidelity` are accepted and ignored. `mask` is refused: Qwen-Image edits are instruction-based, so the
 change is described in the prompt.
 """
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from qimg.options import GenerateOptions, LayersOptions
 from qimg.serve import runner
 from qimg.serve.errors import bad_request, error_response, from_exception, validation_error
 from qimg.serve.store import SUCCEEDED, new_job_id
@@ -37,10 +40,32 @@ USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_to
 KEEPALIVE_S = 15.0
 
 
-class ImageOptions(BaseModel):
-    """Fields shared by generations and edits (OpenAI's, then qimg's extras)."""
+class SamplingFields(BaseModel):
+    """qimg's sampling extras, shared by every route (checked again, with the library's messages, by the options)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    steps: int | None = Field(None, ge=1, le=1000)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    negative_prompt: str | None = None
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    true_cfg_scale: float | None = Field(None, ge=0, le=100)
+    cfg_normalize: bool | None = None
+    sampler: str | None = None
+    preset: str | None = None
+    sigmas: list[float] | None = Field(None, min_length=1, max_length=1000)
+    scheduler_config: dict | None = None
+    shift: float | None = Field(None, gt=0, le=100)
+
+    def sampling(self, negative_prompt: str | None) -> dict:
+        """The sampling fields of the library's options."""
+        return dict(steps=self.steps, seed=self.seed, negative_prompt=negative_prompt, cfg=requested_cfg(self),
+                    cfg_normalize=self.cfg_normalize, sampler=self.sampler or "euler", preset=self.preset,
+                    sigmas=self.sigmas, scheduler=self.scheduler_config, shift=self.shift)
+
+
+class ImageOptions(SamplingFields):
+    """Fields shared by generations and edits (OpenAI's, then qimg's extras)."""
 
     prompt: str
     model: str | None = None
@@ -56,12 +81,7 @@ class ImageOptions(BaseModel):
     user: str | None = None
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    steps: int | None = Field(None, ge=1, le=1000)
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
-    negative_prompt: str | None = None
-    guidance_scale: float | None = Field(None, ge=0, le=100)
-    true_cfg_scale: float | None = Field(None, ge=0, le=100)
 
 
 class GenerationRequest(ImageOptions):
@@ -72,22 +92,14 @@ class EditRequest(ImageOptions):
     input_fidelity: str | None = None
 
 
-class LayersRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
+class LayersRequest(SamplingFields):
     model: str | None = None
     layers: int = Field(4, ge=1)
     resolution: int | None = Field(None, ge=32, le=4096)
     prompt: str | None = None
-    steps: int | None = Field(None, ge=1, le=1000)
-    seed: int | None = Field(None, ge=0, lt=2**63)
     format: Literal["psd", "ora", "pptx", "zip", "json"] = "json"
     response_format: Literal["url", "b64_json"] | None = None
     user: str | None = None
-    negative_prompt: str | None = None
-    guidance_scale: float | None = Field(None, ge=0, le=100)
-    true_cfg_scale: float | None = Field(None, ge=0, le=100)
-    cfg_normalize: bool = False
     recurse: int | None = Field(None, ge=0)
     caption_language: Literal["en", "zh"] = "en"
 
@@ -112,22 +124,24 @@ def requested_cfg(req) -> float | None:
     return req.guidance_scale if req.guidance_scale is not None else req.true_cfg_scale
 
 
-def image_spec(req: ImageOptions, limits, images=()) -> tuple[runner.ImageSpec, dict]:
+def image_spec(req: ImageOptions, limits, images=()) -> tuple[runner.Spec, dict]:
+    """The job's options and its recorded parameters; the spec is rebuilt from the record, as a requeue does."""
     prompt = check_prompt(req.prompt, limits)
     negative = check_prompt(req.negative_prompt, limits, required=False, param="negative_prompt")
     if req.n > limits.max_n:
         raise bad_request(f"n is {req.n}; the limit is {limits.max_n}", param="n")
-    parse_size(req.size)  # checked here; the spec reads it from the params
+    width, height = parse_size(req.size)
     fmt = req.output_format or "png"
     if req.background == "transparent" and fmt == "jpeg":
         raise bad_request("background 'transparent' needs output_format 'png' or 'webp'", param="background")
-    steps = req.steps if req.steps is not None else req.num_inference_steps
-    cfg = requested_cfg(req)
-    params = {"prompt": prompt, "negative_prompt": negative, "n": req.n, "size": req.size or "auto",
-              "steps": steps, "seed": req.seed, "guidance_scale": cfg, "output_format": fmt,
-              "output_compression": req.output_compression, "background": req.background or "auto",
+    sampling = req.sampling(negative)
+    if req.steps is None:
+        sampling["steps"] = req.num_inference_steps
+    options = GenerateOptions(prompt=prompt, images=tuple(images), width=width, height=height, n=req.n,
+                              background=req.background, **sampling)
+    params = {**options.to_record(), "output_format": fmt, "output_compression": req.output_compression,
               "response_format": req.response_format or "b64_json", "stream": bool(req.stream),
-              "partial_images": req.partial_images or 0, "images": len(images)}
+              "partial_images": req.partial_images or 0}
     return runner.spec_from_params("generate", params, list(images)), params
 
 
@@ -321,12 +335,10 @@ async def layers(request: Request):
                           f"{req.layers - 1}", param="recurse")
     prompt = check_prompt(req.prompt, limits, required=False)
     negative = check_prompt(req.negative_prompt, limits, required=False, param="negative_prompt")
-    cfg = requested_cfg(req)
     model = svc.models.pick(req.model, "layers")
-    params = {"prompt": prompt, "negative_prompt": negative, "layers": req.layers, "resolution": req.resolution,
-              "steps": req.steps, "seed": req.seed, "guidance_scale": cfg, "cfg_normalize": req.cfg_normalize,
-              "recurse": req.recurse, "caption_language": req.caption_language, "format": req.format,
-              "response_format": req.response_format or "b64_json", "images": 1}
+    options = LayersOptions(image=upload.image, layers=req.layers, resolution=req.resolution, prompt=prompt,
+                            recurse=req.recurse, caption_language=req.caption_language, **req.sampling(negative))
+    params = {**options.to_record(), "format": req.format, "response_format": req.response_format or "b64_json"}
     spec = runner.spec_from_params("layers", params, [upload.image])
     task = Task(new_job_id(), "layers", model, spec, params, inputs=[upload])
     url_base = base_url(request)

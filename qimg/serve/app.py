@@ -80,8 +80,7 @@ def create_app(settings: Settings, *, pipelines: dict[str, object] | None = None
     lock.acquire()
     try:
         store = SQLiteJobStore(data_dir / "jobs.sqlite3")
-        models = ModelRegistry(settings.models, dtype=settings.dtype, device=settings.device,
-                               offload=settings.offload, pipelines=pipelines)
+        models = ModelRegistry(settings.models, load=settings.load, pipelines=pipelines)
     except BaseException:
         lock.release()
         raise

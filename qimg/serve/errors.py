@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qimg.errors import CheckpointError, InputError
+from qimg.errors import Cancelled, CheckpointError, InputError
 
 log = logging.getLogger("qimg.serve")
 
@@ -57,7 +57,7 @@ def from_exception(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, InputError):
         return ApiError(400, str(exc))
-    if isinstance(exc, InterruptedError):
+    if isinstance(exc, Cancelled):
         return ApiError(409, f"the job was cancelled ({exc})", type="cancelled", code="job_cancelled")
     if isinstance(exc, CheckpointError):
         return ApiError(500, f"model error: {exc}", type="server_error", code="model_error")

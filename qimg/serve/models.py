@@ -6,9 +6,12 @@ Loading happens on the worker thread only (never in a request handler).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
+
+from qimg.options import LoadOptions
 
 from qimg.serve.errors import ApiError, bad_request
 
@@ -44,9 +47,9 @@ class ModelEntry:
 
 
 class ModelRegistry:
-    def __init__(self, sources: dict[str, str | None], *, dtype=None, device=None, offload: bool = False,
+    def __init__(self, sources: dict[str, str | None], *, load: LoadOptions | None = None,
                  pipelines: dict[str, object] | None = None):
-        self.dtype, self.device, self.offload = dtype, device, offload
+        self.load_options = load or LoadOptions()
         self._entries: dict[str, ModelEntry] = {}
         for name, source in sources.items():
             self._entries[name] = ModelEntry(name, source)
@@ -103,8 +106,7 @@ class ModelRegistry:
             if entry.pipeline is None:
                 entry.state, entry.error = "loading", None
                 try:
-                    entry.pipeline = qimg.load(entry.source, dtype=self.dtype, device=self.device,
-                                               offload=self.offload)
+                    entry.pipeline = qimg.load(dataclasses.replace(self.load_options, model=entry.source))
                 except BaseException as err:
                     entry.state, entry.error = "error", str(err)
                     raise

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from qimg.errors import InputError
+from qimg.export.picture import encode_picture
+from qimg.options import GenerateOptions, LayersOptions
 from qimg.serve.store import FileRecord, FileStore
 from qimg.serve.uploads import parse_size
 
@@ -26,41 +27,16 @@ LAYER_FORMATS = {"psd": ("image/vnd.adobe.photoshop", ".psd"), "ora": ("image/op
 
 @dataclass
 class OutputOptions:
-    format: str = "png"  # png | jpeg | webp
+    format: str = "png"  # png | jpeg | webp for pictures; json (layers only) | psd | ora | pptx | zip for layers
     compression: int | None = None  # 0..100 for jpeg/webp (100 = best quality)
-    background: str | None = None  # None (auto) | "transparent" | "opaque"
 
 
 @dataclass
-class ImageSpec:
-    """generate (no images) or edit (1..10 images)."""
+class Spec:
+    """What a job runs: the library's request options (GenerateOptions or LayersOptions) and how to store it."""
 
-    prompt: str
-    images: list[Image.Image] = field(default_factory=list)
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    seed: int | None = None
-    negative_prompt: str | None = None
-    cfg: float | None = None
-    n: int = 1
+    options: GenerateOptions | LayersOptions
     output: OutputOptions = field(default_factory=OutputOptions)
-
-
-@dataclass
-class LayersSpec:
-    image: Image.Image
-    layers: int = 4
-    resolution: int | None = None
-    prompt: str | None = None
-    steps: int | None = None
-    seed: int | None = None
-    format: str = "json"  # json (layers only) | psd | ora | pptx | zip
-    cfg: float | None = None
-    negative_prompt: str | None = None
-    cfg_normalize: bool = False
-    recurse: int | None = None  # split returned layer i again, its sub-layers in its place
-    caption_language: str = "en"  # of the automatic caption when there is no prompt
 
 
 @dataclass
@@ -99,43 +75,25 @@ class LayersResult:
                 "export": self.export.id if self.export else None}
 
 
-def spec_from_params(kind: str, params: dict, images: list[Image.Image]) -> ImageSpec | LayersSpec:
+OUTPUT_KEYS = ("output_format", "output_compression", "format")
+
+
+def spec_from_params(kind: str, params: dict, images: list[Image.Image]) -> Spec:
     """A job's spec from the parameters recorded in its row and its input pictures: the routes build every spec
     this way, so a job still queued when the server stopped is rebuilt exactly when it is requeued."""
-    cfg = params.get("guidance_scale")
+    params = dict(params)
+    if "guidance_scale" in params and "cfg" not in params:  # rows written before the options were recorded
+        params["cfg"] = params.pop("guidance_scale")
+    if "size" in params and "width" not in params:
+        params["width"], params["height"] = parse_size(params.pop("size"))
     if kind == "layers":
-        return LayersSpec(images[0], layers=params.get("layers", 4), resolution=params.get("resolution"),
-                          prompt=params.get("prompt"), steps=params.get("steps"), seed=params.get("seed"),
-                          format=params.get("format", "json"), cfg=cfg, negative_prompt=params.get("negative_prompt"),
-                          cfg_normalize=bool(params.get("cfg_normalize")), recurse=params.get("recurse"),
-                          caption_language=params.get("caption_language", "en"))
-    width, height = parse_size(params.get("size"))
-    background = params.get("background")
-    output = OutputOptions(params.get("output_format", "png"), params.get("output_compression"),
-                           None if background in (None, "auto") else background)
-    return ImageSpec(prompt=params["prompt"], images=list(images), width=width, height=height,
-                     steps=params.get("steps"), seed=params.get("seed"), negative_prompt=params.get("negative_prompt"),
-                     cfg=cfg, n=params.get("n", 1), output=output)
+        return Spec(LayersOptions.from_record(params, images), OutputOptions(params.get("format", "json")))
+    return Spec(GenerateOptions.from_record(params, images),
+                OutputOptions(params.get("output_format", "png"), params.get("output_compression")))
 
 
 def encode_image(image: Image.Image, options: OutputOptions, parameters: dict | None = None) -> bytes:
-    fmt = OUTPUT_FORMATS[options.format][0]
-    buf = io.BytesIO()
-    if fmt == "PNG":
-        info = PngImagePlugin.PngInfo()
-        if parameters:
-            info.add_text("qimg", json.dumps(parameters, sort_keys=True, default=str))
-        image.save(buf, format="PNG", pnginfo=info)
-        return buf.getvalue()
-    quality = 95 if options.compression is None else max(1, min(100, options.compression))
-    if fmt == "JPEG":
-        from qimg.pipelines.images import flatten
-
-        image = flatten(image) if image.mode == "RGBA" else image.convert("RGB")
-        image.save(buf, format="JPEG", quality=quality)
-    else:
-        image.save(buf, format="WEBP", quality=quality, lossless=options.compression in (None, 100))
-    return buf.getvalue()
+    return encode_picture(image, options.format, quality=options.compression, parameters=parameters)
 
 
 def preview_b64(image: Image.Image, side: int) -> str:
@@ -147,12 +105,9 @@ def preview_b64(image: Image.Image, side: int) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def run_images(pipe, spec: ImageSpec, *, job_id: str, files: FileStore, progress: Callable,
-               should_stop: Callable[[], bool]) -> ImagesResult:
-    background = spec.output.background
-    out = pipe.generate(spec.prompt, images=spec.images or None, width=spec.width, height=spec.height,
-                        steps=spec.steps, seed=spec.seed, negative_prompt=spec.negative_prompt, cfg=spec.cfg,
-                        n=spec.n, background=background, progress=progress, should_stop=should_stop)
+def run_images(pipe, spec: Spec, *, job_id: str, files: FileStore, progress: Callable,
+               cancel: Callable[[], bool]) -> ImagesResult:
+    out = pipe.generate(spec.options.with_runtime(progress=progress, cancel=cancel))
     mime, ext = OUTPUT_FORMATS[spec.output.format][1:]
     stored = []
     for i, image in enumerate(out):
@@ -163,12 +118,9 @@ def run_images(pipe, spec: ImageSpec, *, job_id: str, files: FileStore, progress
     return ImagesResult(stored, out[0].width, out[0].height, meta.get("seed"), meta.get("seconds"), meta.get("steps"))
 
 
-def run_layers(pipe, spec: LayersSpec, *, job_id: str, files: FileStore, progress: Callable,
-               should_stop: Callable[[], bool]) -> LayersResult:
-    layers = pipe.layers(spec.image, layers=spec.layers, resolution=spec.resolution, prompt=spec.prompt,
-                         steps=spec.steps, seed=spec.seed, cfg=spec.cfg, negative_prompt=spec.negative_prompt,
-                         cfg_normalize=spec.cfg_normalize, recurse=spec.recurse,
-                         caption_language=spec.caption_language, progress=progress, should_stop=should_stop)
+def run_layers(pipe, spec: Spec, *, job_id: str, files: FileStore, progress: Callable,
+               cancel: Callable[[], bool]) -> LayersResult:
+    layers = pipe.layers(spec.options.with_runtime(progress=progress, cancel=cancel))
     layers = [layer if layer.mode == "RGBA" else layer.convert("RGBA") for layer in layers]
     if not layers:
         raise InputError("the model returned no layers")
@@ -179,14 +131,15 @@ def run_layers(pipe, spec: LayersSpec, *, job_id: str, files: FileStore, progres
         stored.append(Stored(files.put_bytes(data, ext=".png", mime="image/png", job_id=job_id, role="layer",
                                              index=i), data))
     export = None
-    if spec.format in LAYER_FORMATS:
+    fmt = spec.output.format
+    if fmt in LAYER_FORMATS:
         from qimg.export import export_layers
 
-        mime, ext = LAYER_FORMATS[spec.format]
+        mime, ext = LAYER_FORMATS[fmt]
         try:
             export = files.put_with(lambda path: export_layers(layers, path), ext=ext, mime=mime, job_id=job_id,
                                     role="export")
         except ModuleNotFoundError as err:
-            raise InputError(f"format {spec.format!r} needs the package {err.name!r}: "
+            raise InputError(f"format {fmt!r} needs the package {err.name!r}: "
                              f"install qimg with the export extra (pip install 'qimg[export]')") from None
-    return LayersResult(stored, export, layers[0].width, layers[0].height, spec.format)
+    return LayersResult(stored, export, layers[0].width, layers[0].height, fmt)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qimg.options import LoadOptions
+
 DEFAULT_MODEL_NAME = "qimg-tiny"
 LAYERED_MODEL_NAME = "qimg-tiny-layered"
 
@@ -50,6 +52,7 @@ class Settings:
     `max_queue`: jobs that may wait for the worker (the running one not counted); one more gets HTTP 429.
     `requeue`: jobs still queued when the server stops (or is killed) stay queued and run when it starts again;
     with False they are marked failed. A job that was running is always marked failed (it may be what stopped it).
+    `load`: how every model is loaded (dtype, device, offload, attention, ...); its `model` is each entry's source.
     """
 
     models: dict[str, str | None] = field(default_factory=default_models)
@@ -61,9 +64,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     preload: bool = True
     requeue: bool = True
-    dtype: str | None = None
-    device: str | None = None
-    offload: bool = False  # keep each model's encoder and transformer in CPU memory between their phases
+    load: LoadOptions = field(default_factory=LoadOptions)
     limits: Limits = field(default_factory=Limits)
     preview_interval: float = 0.5  # seconds between live previews sent to /v1/jobs/{id}/events
     preview_side: int = 256  # longest side of those previews

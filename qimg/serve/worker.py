@@ -2,7 +2,7 @@
 
 Admission is bounded: at most `max_queue` jobs wait (the running one not counted); `submit` raises HTTP 429 with
 a Retry-After estimate beyond that. Cancelling a queued job drops it; cancelling a running one sets its stop flag,
-which the pipeline checks between denoising steps (`should_stop`), so it ends with status "cancelled".
+which the pipeline polls between denoising steps (its options' `cancel`), so it ends with status "cancelled".
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
+from qimg.errors import Cancelled
 from qimg.serve import runner
 from qimg.serve.errors import ApiError, from_exception
 from qimg.serve.events import EventBus
@@ -37,7 +37,7 @@ class Task:
     job_id: str
     kind: str  # "generate", "edit", "layers"
     model: str
-    spec: Any  # runner.ImageSpec or runner.LayersSpec
+    spec: runner.Spec
     params: dict  # what is recorded in the job row
     inputs: list = None  # uploads.Upload objects stored as the job's "input" files
 
@@ -141,7 +141,7 @@ class Worker:
             if job_id in self._pending and self.store.cancel_queued(job_id, reason):
                 self._pending.pop(job_id, None)
                 self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": CANCELLED,
-                                          "outcome": InterruptedError(reason)})
+                                          "outcome": Cancelled(reason)})
                 return CANCELLED
             flag = self._stop_flags.get(job_id)
             if flag is not None:
@@ -200,13 +200,12 @@ class Worker:
                                     f"(it does: {', '.join(tasks) or 'nothing'})", param="model")
             progress = Progress(self, task)
             run = runner.run_layers if task.kind == "layers" else runner.run_images
-            result = run(pipe, task.spec, job_id=job_id, files=self.files, progress=progress,
-                         should_stop=flag.is_set)
+            result = run(pipe, task.spec, job_id=job_id, files=self.files, progress=progress, cancel=flag.is_set)
         except BaseException as err:  # noqa: BLE001 - every failure becomes the job's status
             stopping = self._stopping.is_set()
-            if isinstance(err, InterruptedError) and not stopping:
+            if isinstance(err, Cancelled) and not stopping:
                 status, message, kind = CANCELLED, f"cancelled by request ({err})", "cancelled"
-            elif isinstance(err, InterruptedError):
+            elif isinstance(err, Cancelled):
                 status, message, kind = FAILED, STOPPED_RUNNING, "server_shutdown"
                 err = ApiError(503, STOPPED_RUNNING, code="server_shutdown")
             else:
@@ -262,8 +261,7 @@ class Progress:
                 self.last_preview = now
             self.bus.publish(job_id, payload)
             if image is not None and want_partial:
-                options = getattr(self.task.spec, "output", None) or runner.OutputOptions()
-                data = runner.encode_image(image, options)
+                data = runner.encode_image(image, self.task.spec.output)
                 self.bus.publish(job_id, {"type": "partial", "job_id": job_id, "index": self.partial_index,
                                           "b64_json": base64.b64encode(data).decode("ascii"),
                                           "size": f"{image.width}x{image.height}"})

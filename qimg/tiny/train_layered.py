@@ -24,7 +24,7 @@ import torch
 from qimg.models.conditioner import CAPTION_PROMPTS, T2I_DROP, T2I_TEMPLATE
 from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
-from qimg.pipelines import images as im
+from qimg.models.latents import pack
 from qimg.tiny import world
 from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene,
                               decoder_steps, export_weights, fit_autoencoder, fit_decoder, load_trained_vae, log,
@@ -382,8 +382,8 @@ def layered_loss(model, tokenizer, text_encoder, x0: torch.Tensor, scenes, rng: 
             prompts.append(world.prompt(curriculum_scene(rng, 1.0)))
     with torch.no_grad():
         states, mask = encode_prompts(tokenizer, text_encoder, prompts)
-    tokens = im.pack(x0.flatten(0, 1), 2).reshape(b, frames * TOKENS, -1)
-    cond = im.pack(x0[:, 0], 2)
+    tokens = pack(x0.flatten(0, 1), 2).reshape(b, frames * TOKENS, -1)
+    cond = pack(x0[:, 0], 2)
     sigma = sample_sigmas(b)
     noise = torch.randn_like(tokens)
     xt = (1 - sigma[:, None, None]) * tokens + sigma[:, None, None] * noise

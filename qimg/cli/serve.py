@@ -1,4 +1,4 @@
-"""`qimg serve`: the HTTP server (FastAPI + uvicorn). Registered by `qimg.cli_extra`."""
+"""`qimg serve`: the HTTP server (FastAPI + uvicorn)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ def read_keys(args) -> tuple[str, ...]:
 
 
 def register(sub) -> None:
+    from qimg.models.attention import BACKENDS
+
     p = sub.add_parser("serve", help="run the HTTP server (OpenAI Images API, layers, jobs, web page)",
                        description="Serve models over HTTP: OpenAI-compatible /v1/images/generations and "
                                    "/v1/images/edits, /v1/images/layers, /v1/jobs, and a web page at /.")
@@ -80,6 +82,7 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None)
     p.add_argument("--offload", action="store_true",
                    help="keep the encoders and transformers in CPU memory, each moved to the GPU for its phase")
+    p.add_argument("--attention", choices=sorted(BACKENDS), default="sdpa", help="attention backend (default sdpa)")
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image file (default 32)")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="most pixels in an uploaded image")
     p.add_argument("--max-prompt-chars", type=int, default=32000)
@@ -90,6 +93,7 @@ def register(sub) -> None:
 
 
 def settings_from_args(args):
+    from qimg.options import LoadOptions
     from qimg.serve.settings import Limits, Settings, default_data_dir
 
     if not 0 < args.port < 65536:
@@ -106,8 +110,9 @@ def settings_from_args(args):
     return Settings(models=parse_models(args.model), host=args.host, port=args.port,
                     data_dir=Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(),
                     api_keys=keys, max_queue=args.max_queue, cors_origins=tuple(args.cors_origin),
-                    preload=not args.lazy, requeue=not args.no_requeue, dtype=args.dtype, device=args.device,
-                    offload=args.offload, limits=limits)
+                    preload=not args.lazy, requeue=not args.no_requeue, limits=limits,
+                    load=LoadOptions(dtype=args.dtype, device=args.device, offload=args.offload,
+                                     attention=args.attention))
 
 
 def run(args) -> int:

@@ -1,14 +1,16 @@
 """`qimg layers IMAGE -o OUT.psd`: split an image into RGBA layers with a Qwen-Image-Layered checkpoint.
 
 Everything that can be checked without the model (output suffix and folder, the image, the layer count, the recurse
-index, the resolution) is checked before loading it; the stack is written atomically, so an error leaves no file.
+index, the resolution, the sampling options) is checked before loading it; the stack is written atomically, so an
+error leaves no file.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from qimg.cli.common import (ProgressBar, check_output, load_options, model_args, open_image, sampling_args,
+                             sampling_fields)
 from qimg.errors import InputError
 
 
@@ -31,46 +33,30 @@ def register(sub) -> None:
     p.add_argument("--prompt", default=None, help="description of the image (default: the model captions it)")
     p.add_argument("--recurse", type=int, default=None, metavar="INDEX",
                    help="split returned layer INDEX again and put its sub-layers in its place")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None, help="true CFG scale (>1 turns guidance on; default 4)")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--cfg-normalize", action="store_true", help="rescale guided predictions to the conditional norm")
     p.add_argument("--caption-language", choices=["en", "zh"], default="en",
                    help="language of the automatic caption when no --prompt is given")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    from qimg.cli import model_args
-
+    sampling_args(p)
     model_args(p, default="qimg-tiny-layered")
     p.set_defaults(handler=run_layers)
 
 
-def check_layers_output(path: str) -> Path:
-    from qimg.cli import check_output
-    from qimg.export.layers import FORMATS
-
-    return check_output(path, tuple(FORMATS))
-
-
 def run_layers(args) -> int:
     import qimg
-    from qimg.cli import ProgressBar, open_image
     from qimg.export import export_layers
-    from qimg.pipelines.layered import MAX_LAYERS, MIN_LAYERS, check_resolution
+    from qimg.export.layers import FORMATS
+    from qimg.options import MAX_LAYERS_RANGE, LayersOptions
+    from qimg.pipelines.layered import check_resolution
 
-    out = check_layers_output(args.output)
-    if not MIN_LAYERS <= args.layers <= MAX_LAYERS:
-        raise InputError(f"--layers must be from {MIN_LAYERS} to {MAX_LAYERS}, got {args.layers}")
+    out = check_output(args.output, tuple(FORMATS))
+    low, high = MAX_LAYERS_RANGE
+    if not low <= args.layers <= high:
+        raise InputError(f"--layers must be from {low} to {high}, got {args.layers}")
     if args.recurse is not None and not 0 <= args.recurse < args.layers:
         raise InputError(f"--recurse must be the index of a returned layer, 0 to {args.layers - 1}, "
                          f"got {args.recurse}")
     if args.resolution is not None:
         check_resolution(args.resolution)
-    image = open_image(args.image)
-    pipe = qimg.load(args.model, task="layers", dtype=args.dtype, device=args.device, offload=args.offload)
-    if "layers" not in pipe.describe().get("tasks", []):
-        raise InputError(f"the model {pipe.info.folder} ({pipe.describe()['pipeline']}) does not split images into "
-                         f"layers; use a Qwen-Image-Layered checkpoint (--model)")
     bars = []
 
     def progress(event):  # one bar per decomposition pass (two with --recurse)
@@ -78,10 +64,14 @@ def run_layers(args) -> int:
             bars.append(ProgressBar(args.quiet, "layers" if not bars else f"layer {args.recurse}"))
         bars[-1](event)
 
-    layers = pipe.layers(image, layers=args.layers, resolution=args.resolution, prompt=args.prompt,
-                         steps=args.steps, seed=args.seed, cfg=args.cfg, negative_prompt=args.negative_prompt,
-                         cfg_normalize=args.cfg_normalize, recurse=args.recurse, caption_language=args.caption_language,
-                         progress=progress)
+    options = LayersOptions(image=open_image(args.image), layers=args.layers, resolution=args.resolution,
+                            prompt=args.prompt, recurse=args.recurse, caption_language=args.caption_language,
+                            progress=progress, **sampling_fields(args))
+    pipe = qimg.load(load_options(args, task="layers"))
+    if "layers" not in pipe.describe().get("tasks", []):
+        raise InputError(f"the model {pipe.info.folder} ({pipe.describe()['pipeline']}) does not split images into "
+                         f"layers; use a Qwen-Image-Layered checkpoint (--model)")
+    layers = pipe.layers(options)
     export_layers(layers, out)
     meta = layers[0].info["qimg"]
     print(f"wrote {out.resolve()} ({len(layers)} layers, {meta['width']}x{meta['height']}, seed {meta['seed']}, "

@@ -1,0 +1,34 @@
+"""The `qimg` command: parsing and printing only; the work is done by the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qimg.errors import QimgError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qimg.cli import generate, layers, serve, tiny
+
+    parser = argparse.ArgumentParser(prog="qimg", description="Qwen-Image family engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in (generate, layers, tiny, serve):
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except QimgError as err:
+        print(f"qimg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qimg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

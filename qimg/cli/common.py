@@ -1,0 +1,135 @@
+"""What the sub-commands share: the model and sampling flags (turned into `LoadOptions` and the sampling fields of
+the request options, validated before any model is loaded), pictures in and out, the progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qimg.errors import InputError
+
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 1024x768, got {text!r}") from None
+    return w, h
+
+
+def parse_sigmas(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sigmas must be numbers separated by commas such as 1.0,0.75,0.5,0.25, "
+                                         f"got {text!r}") from None
+
+
+def parse_scheduler_config(text: str) -> dict:
+    """A scheduler_config.json file, or the JSON object itself."""
+    source = text
+    if not text.lstrip().startswith("{"):
+        try:
+            source = Path(text).read_text()
+        except OSError as err:
+            raise argparse.ArgumentTypeError(f"scheduler config {text!r}: {err.strerror or err}") from None
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"scheduler config {text!r} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"scheduler config must be a JSON object, got {value!r}")
+    return value
+
+
+def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
+    from qimg.models.attention import BACKENDS
+
+    p.add_argument("--model", default=None, help=f"checkpoint folder, cached repo id or embedded model name "
+                                                  f"(default: the embedded {default})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights and compute (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None)
+    p.add_argument("--offload", action="store_true",
+                   help="keep the encoder and the transformer in CPU memory, each moved to the GPU for its phase "
+                        "(GPUs too small to hold both; slower)")
+    p.add_argument("--attention", choices=sorted(BACKENDS), default="sdpa", help="attention backend (default sdpa)")
+
+
+def load_options(args, task: str | None = None):
+    from qimg.options import LoadOptions
+
+    return LoadOptions(model=args.model, task=task, dtype=args.dtype, device=args.device, offload=args.offload,
+                       attention=args.attention)
+
+
+def sampling_args(p: argparse.ArgumentParser) -> None:
+    """Steps, seed, guidance, schedule and sampler: the fields every request kind shares."""
+    from qimg.sampling.presets import PRESETS
+    from qimg.sampling.samplers import SAMPLERS
+
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=None, help="fixes the noise (default: random, printed)")
+    p.add_argument("--negative-prompt", default=None, help="what guidance steers away from (with --cfg > 1)")
+    p.add_argument("--cfg", type=float, default=None, help="true CFG scale (>1 turns guidance on)")
+    p.add_argument("--cfg-normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="rescale guided predictions to the conditional norm (default: the model's way)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="euler", help="default euler")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a few-step recipe: its scheduler, steps, sigmas and cfg (default: detected from the "
+                        "model's name)")
+    p.add_argument("--sigmas", type=parse_sigmas, default=None, metavar="S1,S2,...",
+                   help="explicit noise levels in (0, 1], without the final 0 (their count is the step count)")
+    p.add_argument("--scheduler-config", type=parse_scheduler_config, default=None, metavar="FILE|JSON",
+                   help="scheduler_config.json keys that override the model's")
+    p.add_argument("--shift", type=float, default=None, help="a constant timestep shift at every resolution")
+
+
+def sampling_fields(args) -> dict:
+    return dict(steps=args.steps, seed=args.seed, negative_prompt=args.negative_prompt, cfg=args.cfg,
+                cfg_normalize=args.cfg_normalize, sampler=args.sampler, preset=args.preset, sigmas=args.sigmas,
+                scheduler=args.scheduler_config, shift=args.shift)
+
+
+def open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise InputError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise InputError(f"{path} is not a readable picture: {err}") from None
+
+
+def check_output(path: str, suffixes=OUTPUT_SUFFIXES) -> Path:
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise InputError(f"output {path!r} has suffix {out.suffix or '(none)'!r}; use one of {list(suffixes)}")
+    if not out.parent.exists():
+        raise InputError(f"output folder does not exist: {out.parent}")
+    return out
+
+
+class ProgressBar:
+    """A tqdm bar on stderr for the denoising stage."""
+
+    def __init__(self, quiet: bool, desc: str = "denoise"):
+        self.quiet, self.desc, self.bar = quiet, desc, None
+
+    def __call__(self, event) -> None:
+        if self.quiet or event.stage != "denoise":
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event.total, desc=self.desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(event.step - self.bar.n)
+        if event.step >= event.total:
+            self.bar.close()

@@ -1,0 +1,53 @@
+"""Pipelines that make pictures from a prompt, optionally conditioned on images (text-to-image and edits)."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from qimg.imaging import check_size, fit_area
+from qimg.options import GenerateOptions
+from qimg.pipelines.pipeline import Pipeline, Plan
+
+
+class ImagePipeline(Pipeline):
+    """`generate()`: a prompt (and 0..max_images condition images) -> `n` pictures."""
+
+    multiple: int  # output sizes are floored to a multiple of this
+    max_images: int
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | GenerateOptions, **options) -> list[Image.Image]:
+        """Text-to-image (no `images`) or image-conditioned generation; the keywords are `GenerateOptions`'
+        fields (or pass one `GenerateOptions`). Each picture carries its parameters in `image.info["qimg"]`."""
+        if isinstance(prompt, GenerateOptions):
+            if options:
+                raise TypeError("pass either a GenerateOptions or keyword options, not both")
+            return self.run(self.plan(prompt))
+        return self.run(self.plan(GenerateOptions(prompt=prompt, **options)))
+
+    def plan(self, options: GenerateOptions) -> Plan:
+        images = list(options.images)
+        self.check_images(images)
+        resolution = self.defaults.resolution if options.resolution is None else options.resolution
+        width, height = options.width, options.height
+        if images and (width is None or height is None):
+            ref = self.size_image(images)
+            w, h = fit_area(resolution * resolution, ref.width / ref.height)
+            width, height = width or w, height or h
+        width, height = check_size(width or resolution, height or resolution, self.multiple)
+        extra = {"resolution": resolution, "background": options.background, **self.plan_extra(options)}
+        return self.settle(options, editing=bool(images), prompt=options.prompt, images=images, width=width,
+                           height=height, n=options.n, extra=extra)
+
+    # -- family hooks with defaults ------------------------------------------------------------------------------
+    def check_images(self, images: list[Image.Image]) -> None:
+        """The model's rules on how many condition images it takes (InputError naming the count)."""
+
+    def size_image(self, images: list[Image.Image]) -> Image.Image:
+        """The image whose aspect the output takes when no size is given."""
+        return images[-1]
+
+    def plan_extra(self, options: GenerateOptions) -> dict:
+        """The family's own settled options (refusing those it does not take)."""
+        return {}

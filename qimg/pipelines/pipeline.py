@@ -1,0 +1,285 @@
+"""The one generation path, shared by every family:
+
+    options --plan--> Plan --encode--> Conditioning --noise--> x --sigmas--> sampler(model, x, sigmas) --decode-->
+    pictures
+
+A family (2.x, v1, Layered) is a subclass that supplies small hooks: which transformer/VAE/encoder it loads, its
+conditioning (`encode`), its noise shape and token layout (`noise_shape`, `tokens`), the shift `mu` of its schedule,
+its velocity (`velocity`) and its decode (`decode`). Everything else (loading and placement, defaults and presets,
+the schedule, guidance, block hooks, the sampler, progress and cancellation, the pictures' parameters) is here, once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qimg.errors import Cancelled, InputError
+from qimg.loading.files import read_json
+from qimg.loading.weights import load_module
+from qimg.models.hooks import BlockStep
+from qimg.options import LoadOptions, SamplingOptions
+from qimg.pipelines.base import (Clock, Defaults, ModelInfo, ProgressEvent, draw_noise, pick_device, pick_dtype,
+                                 pick_seed)
+from qimg.pipelines.placement import Placement, weights_home
+from qimg.sampling.guidance import guided
+from qimg.sampling.presets import Preset, detect_preset, get_preset
+from qimg.sampling.samplers import SAMPLERS
+from qimg.sampling.schedule import SchedulerConfig, get_sigmas
+
+
+@dataclass
+class Plan:
+    """A request settled against one model: sizes, defaults, preset, schedule and seed decided."""
+
+    options: SamplingOptions
+    prompt: str | None
+    images: list[Image.Image]
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    cfg_normalize: bool
+    negative_prompt: str | None
+    scheduler: SchedulerConfig
+    grid: tuple[float, ...] | None  # un-shifted sigmas (None: the scheduler's default grid for `steps`)
+    seed: int
+    n: int = 1
+    preset: str | None = None
+    extra: dict = field(default_factory=dict)  # the family's own settled values
+    clock: Clock = field(default_factory=Clock)
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg > 1
+
+    def report(self, event: ProgressEvent) -> None:
+        if self.options.progress is not None:
+            self.options.progress(event)
+
+    def cancelled(self) -> bool:
+        return self.options.cancel is not None and bool(self.options.cancel())
+
+
+@dataclass
+class Conditioning:
+    """What encoding produced: the prompt's condition, the negative prompt's (None without guidance), the prompt
+    actually used (Layered may caption), and family data shared by both branches (condition-image tokens)."""
+
+    positive: Any
+    negative: Any
+    prompt: str | None
+    extra: Any = None
+
+
+def with_block_hook(velocity: Callable, hook: Callable | None, branch: str) -> Callable:
+    """`velocity(x, sigma)` whose transformer calls `hook(BlockStep, index, state, run)` at every block; the
+    evaluations of a branch are counted so that the hook knows the step."""
+    if hook is None:
+        return velocity
+    calls = iter(range(10**9))
+
+    def run(x, sigma):
+        where = BlockStep(next(calls), branch, sigma)
+        return velocity(x, sigma, block_hook=lambda index, state, step: hook(where, index, state, step))
+
+    return run
+
+
+class Pipeline(ABC):
+    """Components, their placement and defaults, and the shared path. Subclasses set the class attributes and
+    implement the hooks below."""
+
+    pipeline_class = "Pipeline"
+    tasks: tuple[str, ...] = ()
+    transformer_types: tuple[type, type]  # (config dataclass, module)
+    vae_types: tuple[type, type]
+    default_config: Defaults
+    cfg_normalize_default = False
+
+    def __init__(self, transformer, vae, conditioner, scheduler: SchedulerConfig, *, info: ModelInfo,
+                 defaults: Defaults | None = None, sample_sigmas=None, placement: Placement | None = None,
+                 preset: str | None = None):
+        self.transformer, self.vae, self.conditioner = transformer, vae, conditioner
+        self.scheduler, self.info = scheduler, info
+        self.defaults = defaults or self.default_config
+        self.sample_sigmas = None if sample_sigmas is None else tuple(float(s) for s in sample_sigmas)
+        self.placement = placement or Placement(info.device)
+        self.preset = preset
+
+    # -- loading -----------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: Path, index: dict, options: LoadOptions):
+        """Build the components on the meta device, fill them from the folder's weights, apply the weight
+        transforms (on the CPU, before placement), then place them on the device."""
+        device = pick_device(options.device)
+        dtype = pick_dtype(options.dtype, device)
+        home = weights_home(device, options.offload)
+        staging = torch.device("cpu") if options.transforms else None  # transforms see CPU weights
+        tcfg = cls.transformer_types[0].from_dict(read_json(folder / "transformer" / "config.json"))
+        vcfg = cls.vae_types[0].from_dict(read_json(folder / "vae" / "config.json"))
+        cls.check_configs(tcfg, vcfg, folder)
+        transformer = load_module(lambda: cls.transformer_types[1](tcfg), folder / "transformer", dtype=dtype,
+                                  device=staging or home)
+        vae = load_module(lambda: cls.vae_types[1](vcfg), folder / "vae", dtype=dtype, device=staging or device)
+        conditioner = cls.load_conditioner(folder, index, dtype=dtype, device=staging or home)
+        if options.transforms:
+            transformer = apply_transforms(options.transforms, "transformer", transformer).to(home)
+            vae = apply_transforms(options.transforms, "vae", vae).to(device)
+            conditioner.model = apply_transforms(options.transforms, "text_encoder", conditioner.model).to(home)
+        transformer.set_attention(options.attention)
+        scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
+        placement = Placement.of_pipeline(device, home != device, conditioner, transformer)
+        preset = options.preset or detect_preset([folder.name, folder.parent.name], cls.pipeline_class)
+        if preset is not None:
+            get_preset(preset).check_fits(cls.pipeline_class)
+        return cls(transformer, vae, conditioner, scheduler, info=ModelInfo(folder, cls.pipeline_class, dtype, device),
+                   defaults=Defaults.read(index, cls.default_config), sample_sigmas=index.get("sample_sigmas"),
+                   placement=placement, preset=preset)
+
+    @classmethod
+    def check_configs(cls, tcfg, vcfg, folder: Path) -> None:
+        """Refuse a transformer/VAE pair that cannot work together (CheckpointError naming the mismatch)."""
+
+    @classmethod
+    @abstractmethod
+    def load_conditioner(cls, folder: Path, index: dict, *, dtype, device):
+        """The family's condition encoder, loaded with its weights onto `device`."""
+
+    def describe(self) -> dict:
+        return {"pipeline": self.pipeline_class, "folder": str(self.info.folder), "dtype": str(self.info.dtype),
+                "device": str(self.info.device), "offload": self.placement.offload,
+                "default_resolution": self.defaults.resolution, "default_steps": self.defaults.steps,
+                "default_cfg": self.defaults.cfg, "default_edit_cfg": self.defaults.cfg_for(True),
+                "default_edit_steps": self.defaults.steps_for(True), "preset": self.preset,
+                "samplers": sorted(SAMPLERS), "tasks": list(self.tasks)}
+
+    # -- planning ----------------------------------------------------------------------------------------------
+    def settle(self, options: SamplingOptions, *, editing: bool, **fields) -> Plan:
+        """The sampling part of a plan: preset, defaults, guidance, schedule and seed; `fields` are the family's
+        (prompt, images, width, height, n, extra)."""
+        name = options.preset or self.preset
+        preset: Preset | None = get_preset(name) if name else None
+        if preset is not None:
+            preset.check_fits(self.pipeline_class)
+        grid = options.sigmas or (preset.sigmas if preset else None) or self.sample_sigmas
+        steps = options.steps or (preset.steps if preset and preset.steps else None) or \
+            self.defaults.steps_for(editing)
+        if grid is not None:
+            if options.steps is not None and options.steps != len(grid) and options.sigmas is None:
+                raise InputError(f"this model samples on a fixed {len(grid)}-step grid ({list(grid)}); "
+                                 f"steps={options.steps} cannot be honoured: pass sigmas for another grid")
+            steps = len(grid)
+        else:
+            grid = self.default_grid(steps)
+        cfg = options.cfg if options.cfg is not None else (preset.cfg if preset else self.defaults.cfg_for(editing))
+        negative = options.negative_prompt if options.negative_prompt is not None or cfg <= 1 else " "
+        scheduler = self.scheduler.with_overrides(preset.scheduler if preset else None)
+        scheduler = scheduler.with_overrides(options.scheduler).with_shift(options.shift)
+        normalize = self.cfg_normalize_default if options.cfg_normalize is None else options.cfg_normalize
+        return Plan(options, steps=steps, cfg=cfg, cfg_normalize=normalize, negative_prompt=negative,
+                    scheduler=scheduler, grid=grid, seed=pick_seed(options.seed), preset=name, **fields)
+
+    def default_grid(self, steps: int) -> tuple[float, ...] | None:
+        """The un-shifted grid for `steps` when none is given (None: the scheduler's `linspace(1, 1/steps, steps)`)."""
+        return None
+
+    # -- the path ----------------------------------------------------------------------------------------------
+    def run(self, plan: Plan) -> list[Image.Image]:
+        """check (done by the plan) -> encode -> noise -> sigmas -> sample -> decode; returns the pictures with
+        their parameters in `info["qimg"]`."""
+        device, dtype = self.info.device, self.info.dtype
+        plan.report(ProgressEvent("encode", 0, 1, plan.clock()))
+        self.placement.use(self.conditioner.encoder)
+        cond = self.encode(plan)
+        plan.report(ProgressEvent("encode", 1, 1, plan.clock()))
+        noise = draw_noise(self.noise_shape(plan), torch.Generator("cpu").manual_seed(plan.seed), dtype)
+        x = self.tokens(plan, noise).to(device)
+        schedule = get_sigmas(plan.scheduler, steps=None if plan.grid is not None else plan.steps, sigmas=plan.grid,
+                              mu=self.mu(plan, cond, x))
+        self.placement.use(self.transformer)
+        x = self.sample(plan, cond, x, torch.from_numpy(schedule).to(device))
+        plan.report(ProgressEvent("decode", 0, 1, plan.clock()))
+        out = self.decode(plan, x)
+        plan.report(ProgressEvent("decode", 1, 1, plan.clock()))
+        params = self.parameters(plan, cond, schedule)
+        for i, img in enumerate(out):
+            img.info["qimg"] = {**params, "index": i}
+        return out
+
+    def sample(self, plan: Plan, cond: Conditioning, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        hook = plan.options.block_hook
+        branches = [("cond", cond.positive)] + ([("uncond", cond.negative)] if cond.negative is not None else [])
+        velocities = [with_block_hook(self.velocity(plan, c, cond.extra), hook, name) for name, c in branches]
+        velocity = guided(velocities[0], velocities[1] if len(velocities) > 1 else None, plan.cfg,
+                          plan.cfg_normalize)
+
+        def model(x, sigma):  # the timestep the reference feeds its model: sigma * 1000 in the model's dtype, / 1000
+            return velocity(x, (sigma * 1000).expand(x.shape[0]).to(x.dtype) / 1000)
+
+        total = len(sigmas) - 1
+
+        def callback(step, total, x, denoised):
+            plan.report(ProgressEvent("denoise", step, total, plan.clock(), x,
+                                      preview=lambda: self.preview(plan, denoised)))
+            if step < total and plan.cancelled():
+                raise Cancelled(f"cancelled after {step} of {total} steps")
+
+        if plan.cancelled():
+            raise Cancelled(f"cancelled after 0 of {total} steps")
+        return SAMPLERS[plan.options.sampler](model, x, sigmas, callback)
+
+    def parameters(self, plan: Plan, cond: Conditioning, schedule: np.ndarray) -> dict:
+        """What a picture records about how it was made (PNG metadata, job results)."""
+        options = plan.options
+        return {"model": str(self.info.folder), "pipeline": self.pipeline_class, "prompt": cond.prompt,
+                "negative_prompt": plan.negative_prompt if plan.guided else None, "width": plan.width,
+                "height": plan.height, "steps": len(schedule) - 1, "seed": plan.seed, "cfg": plan.cfg,
+                "sampler": options.sampler, "preset": plan.preset, "images": len(plan.images),
+                "dtype": str(self.info.dtype).replace("torch.", ""),
+                "sigmas": [round(float(s), 6) for s in schedule[:-1]] if options.sigmas is not None else None,
+                "scheduler": options.scheduler, "shift": options.shift, **self.extra_parameters(plan),
+                "seconds": round(plan.clock(), 3)}
+
+    def extra_parameters(self, plan: Plan) -> dict:
+        return {}
+
+    def preview(self, plan: Plan, denoised: torch.Tensor) -> Image.Image:
+        return self.decode(plan, denoised[:1])[0]
+
+    # -- family hooks ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, plan: Plan) -> Conditioning:
+        """The prompt (and negative prompt when guided) with the condition images."""
+
+    @abstractmethod
+    def noise_shape(self, plan: Plan) -> tuple[int, ...]:
+        """The shape of the starting noise, drawn as the reference draws it."""
+
+    @abstractmethod
+    def tokens(self, plan: Plan, noise: torch.Tensor) -> torch.Tensor:
+        """Starting noise -> the token sequence the transformer denoises."""
+
+    @abstractmethod
+    def mu(self, plan: Plan, cond: Conditioning, x: torch.Tensor) -> float | None:
+        """The schedule's resolution-dependent shift (used when the scheduler shifts dynamically)."""
+
+    @abstractmethod
+    def velocity(self, plan: Plan, condition, extra) -> Callable:
+        """`(x, sigma, block_hook=None) -> v` for one guidance branch."""
+
+    @abstractmethod
+    def decode(self, plan: Plan, tokens: torch.Tensor) -> list[Image.Image]:
+        """Final tokens -> pictures."""
+
+
+def apply_transforms(transforms, component: str, module: torch.nn.Module) -> torch.nn.Module:
+    for transform in transforms:
+        module = transform(component, module) or module
+    return module
