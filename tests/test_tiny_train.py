@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import qimg.tiny.fit as fit
 import qimg.tiny.train as T
 import qimg.tiny.train_layered as L
 from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
@@ -49,7 +50,7 @@ def test_decoder_stage_trains_the_decoder_only(module, vae_class, tmp_path, monk
             return F.l1_loss(vae._decode(vae._encode(x)), x).item()
 
     monkeypatch.setattr(module, "DECODER_STEPS", 10)
-    monkeypatch.setattr(T, "DECODER_LR", 1e-2)
+    monkeypatch.setattr(fit, "DECODER_LR", 1e-2)
     assert module.refine_decoder(tmp_path, time.time() + 300)
     refined = module.load_vae(tmp_path)
     assert module.load_vae(tmp_path, refined=False).state_dict()["decoder.conv_out.weight"].equal(

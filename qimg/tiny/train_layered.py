@@ -22,15 +22,38 @@ import numpy as np
 import torch
 
 from qimg.models.conditioner import CAPTION_PROMPTS, T2I_DROP, T2I_TEMPLATE
+from qimg.models.latents import pack
 from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
-from qimg.models.latents import pack
 from qimg.tiny import world
-from qimg.tiny.train import (SEED, _mask_words, _save, cached_tokenizer, cosine_lr, curriculum_scene,
-                              decoder_steps, export_weights, fit_autoencoder, fit_decoder, load_trained_vae, log,
-                              optimizer_step, patch_any, resume_state, rgba_tensor, run_stages, sample_sigmas,
-                              seed_vae_from_export, step_seed, vision_token_ids, widen_embeddings, work_seed,
-                              write_export)
+from qimg.tiny.fit import (
+    SEED,
+    _save,
+    cosine_lr,
+    decoder_steps,
+    export_weights,
+    fit_autoencoder,
+    fit_decoder,
+    load_trained_vae,
+    log,
+    optimizer_step,
+    patch_any,
+    resume_state,
+    rgba_tensor,
+    run_stages,
+    sample_sigmas,
+    seed_vae_from_export,
+    step_seed,
+    work_seed,
+    write_export,
+)
+from qimg.tiny.train import (
+    _mask_words,
+    cached_tokenizer,
+    curriculum_scene,
+    vision_token_ids,
+    widen_embeddings,
+)
 
 NAME = "qimg-tiny-layered"
 VAE_STEPS = 2000
@@ -108,7 +131,9 @@ def load_or_build_tokenizer(work: Path):
 
 def build_processor(tokenizer):
     from transformers import Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     from qimg.models.conditioner import image_only
     from qimg.tiny.tokenizer import CHAT_TEMPLATE
