@@ -111,6 +111,33 @@ def test_generate_b64(client, http):
     assert decode(again.data[0].b64_json).tobytes() == img.tobytes()
 
 
+def test_sampling_extras_reach_the_pipeline_and_the_record(client, http, server):
+    """sampler, sigmas, scheduler_config, shift and cfg_normalize travel through extra_body into the library's
+    GenerateOptions; the picture is the library's for the same options, and the job records them."""
+    import qimg
+    from tests.test_serve_support import reference_checkpoint
+
+    extra = {"seed": 3, "sampler": "dpmpp-2m", "sigmas": [1.0, 0.7, 0.4], "scheduler_config": {"max_shift": 1.2},
+             "shift": 2.0, "guidance_scale": 2.0, "cfg_normalize": True}
+    raw = client.images.with_raw_response.generate(prompt="a red circle", size="64x64", extra_body=extra)
+    img = decode(raw.parse().data[0].b64_json)
+    meta = json.loads(img.text["qimg"])
+    assert meta["sampler"] == "dpmpp-2m" and meta["steps"] == 3 and meta["shift"] == 2.0
+    job = http.get(f"/v1/jobs/{raw.headers['x-qimg-job-id']}").json()
+    params = job["params"]
+    assert params["sampler"] == "dpmpp-2m" and params["sigmas"] == [1.0, 0.7, 0.4] and params["cfg"] == 2.0
+    assert params["scheduler"] == {"max_shift": 1.2} and params["cfg_normalize"] is True and params["width"] == 64
+    pipe = qimg.load(reference_checkpoint(), dtype="float32", device="cpu")
+    expected = pipe.generate("a red circle", width=64, height=64, seed=3, sampler="dpmpp-2m", sigmas=[1.0, 0.7, 0.4],
+                             scheduler={"max_shift": 1.2}, shift=2.0, cfg=2.0, cfg_normalize=True)[0]
+    assert img.tobytes() == expected.tobytes()
+    for bad, message in (({"sampler": "ddim"}, "sampler must be one of"), ({"preset": "x"}, "preset must be one of"),
+                         ({"scheduler_config": {"frobnicate": 1}}, "frobnicate"),
+                         ({"sigmas": [1.0, 2.0]}, r"sigmas must lie in \(0, 1\]")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.images.generate(prompt="x", size="64x64", extra_body=bad)
+
+
 def test_generate_url_and_formats(client, http):
     result = client.images.generate(prompt="blue", n=2, size="64x64", response_format="url", output_format="jpeg",
                                     extra_body={"steps": 2, "negative_prompt": "red", "guidance_scale": 2.0})

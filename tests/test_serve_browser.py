@@ -70,6 +70,10 @@ def test_page_generate_history_layers(tmp_path, browser):
         page.click(".dice[data-for=gen-seed]")
         seed = page.input_value("#gen-seed")
         assert seed.isdigit()
+        # the sampler menu lists what the server's pipelines offer
+        offered = page.eval_on_selector_all("#panel-generate .sampler-select option", "els => els.map(e => e.value)")
+        assert offered[0] == "" and "dpmpp-2m" in offered
+        page.select_option("#panel-generate .sampler-select", "dpmpp-2m")
         page.click("#gen-run")
         page.wait_for_selector("#progress-box:not([hidden])")
         page.wait_for_function("document.querySelector('#progress').max == 12", timeout=60000)
@@ -79,6 +83,10 @@ def test_page_generate_history_layers(tmp_path, browser):
         assert page.text_content("#progress-step").startswith("done: 12/12")
         assert page.eval_on_selector("#gen-result img", "e => e.naturalWidth") == 64
         page.screenshot(path=str(out / "serve-generate-done.png"))
+        import httpx2 as httpx
+
+        newest = httpx.get(srv.url + "/v1/jobs", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]
+        assert newest["kind"] == "generate" and newest["params"]["sampler"] == "dpmpp-2m"
 
         # history survives a reload
         page.reload()

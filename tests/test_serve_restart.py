@@ -41,7 +41,7 @@ def test_sigkill_while_running_then_restart(tmp_path):
             slow_id = slow.json()["id"]
             waiting = c.post("/v1/images/generations",
                              json={"prompt": "queued at the kill", "size": "64x96", "steps": 2, "seed": 5,
-                                   "guidance_scale": 1.5, "negative_prompt": "grey"},
+                                   "guidance_scale": 1.5, "negative_prompt": "grey", "sampler": "dpmpp-2m"},
                              headers={"Prefer": "respond-async"}).json()["id"]
             picture = io.BytesIO()
             Image.new("RGB", (30, 90), (200, 30, 30)).save(picture, format="PNG")
@@ -81,7 +81,7 @@ def test_sigkill_while_running_then_restart(tmp_path):
             meta = json.loads(Image.open(io.BytesIO(c.get(job["outputs"][0]["url"]).content)).text["qimg"])
             assert (meta["prompt"], meta["seed"], meta["steps"], meta["cfg"], meta["negative_prompt"]) == \
                 ("queued at the kill", 5, 2, 1.5, "grey")
-            assert (meta["width"], meta["height"], meta["images"]) == (64, 96, 0)
+            assert (meta["width"], meta["height"], meta["images"], meta["sampler"]) == (64, 96, 0, "dpmpp-2m")
             edit = c.get(f"/v1/jobs/{waiting_edit}").json()
             assert edit["outputs"][0]["mime"] == "image/webp" and len(edit["inputs"]) == 1
             out = Image.open(io.BytesIO(c.get(edit["outputs"][0]["url"]).content))

@@ -23,27 +23,9 @@ import torch.nn.functional as F
 from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from qimg.models.vae21 import VAE21, VAE21Config
 from qimg.tiny import world
-from qimg.tiny.fit import (
-    SEED,
-    _save,
-    cosine_lr,
-    decoder_steps,
-    export_weights,
-    fit_autoencoder,
-    fit_decoder,
-    load_trained_vae,
-    log,
-    optimizer_step,
-    patch_any,
-    resume_state,
-    rgba_tensor,
-    run_stages,
-    sample_sigmas,
-    seed_vae_from_export,
-    step_seed,
-    work_seed,
-    write_export,
-)
+from qimg.tiny.fit import (SEED, _save, cosine_lr, decoder_steps, export_weights, fit_autoencoder, fit_decoder,
+                           load_trained_vae, log, optimizer_step, patch_any, resume_state, rgba_tensor, run_stages,
+                           sample_sigmas, seed_vae_from_export, step_seed, work_seed, write_export)
 
 IMAGE_TOKENS = 64  # 128x128 at 16x
 VAE_STEPS = 2500

@@ -108,6 +108,20 @@ async function loadModels() {
       select.append(opt);
     }
   });
+  // the sampler menus list what the server's pipelines offer (their describe()), euler first as the default
+  const offered = state.models.find((m) => m.details && Array.isArray(m.details.samplers));
+  if (offered) {
+    $$(".sampler-select").forEach((select) => {
+      const chosen = select.value;
+      select.innerHTML = "";
+      offered.details.samplers.slice().sort((a, b) => (a === "euler" ? -1 : b === "euler" ? 1 : 0)).forEach((name) => {
+        const opt = document.createElement("option");
+        opt.value = name === "euler" ? "" : name; opt.textContent = name === "euler" ? "euler (default)" : name;
+        select.append(opt);
+      });
+      select.value = chosen;
+    });
+  }
 }
 
 async function checkHealth() {
