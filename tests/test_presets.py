@@ -112,6 +112,10 @@ def test_detection_rules():
     assert detect_preset(["qwen_image_2.1_turbo_bf16.safetensors"], v21) == "turbo-2.1"
     assert detect_preset(["Qwen-Image-2.1-viggle-turbo-4step-lora"], v21) is None  # another recipe
     assert detect_preset(["Qwen-Image-2512"], v1) is None
+    from pathlib import Path
+
+    cached = Path("/hf/hub/models--someone--Qwen-Image-Lightning-4steps-merged/snapshots/0123abcd")
+    assert detect_preset(cached.parts[-3:], v1) == "lightning-4"  # a repo in the Hugging Face cache
 
 
 def test_a_preset_for_another_family_is_refused(v21, v1):

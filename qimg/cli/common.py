@@ -47,8 +47,6 @@ def parse_scheduler_config(text: str) -> dict:
 
 
 def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
-    from qimg.models.attention import BACKENDS
-
     p.add_argument("--model", default=None, help=f"checkpoint folder, cached repo id or embedded model name "
                                                   f"(default: the embedded {default})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -57,7 +55,8 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
     p.add_argument("--offload", action="store_true",
                    help="keep the encoder and the transformer in CPU memory, each moved to the GPU for its phase "
                         "(GPUs too small to hold both; slower)")
-    p.add_argument("--attention", choices=sorted(BACKENDS), default="sdpa", help="attention backend (default sdpa)")
+    p.add_argument("--attention", default="sdpa", metavar="NAME",
+                   help="attention backend: sdpa (default) or math (explicit softmax, a check on the fused kernels)")
 
 
 def load_options(args, task: str | None = None):

@@ -51,8 +51,9 @@ def run_generate(args, prompt: str, image_paths: list[str]) -> int:
     result = pipe.generate(options)
     meta = result[0].info["qimg"]
     save_picture(result[0], out, meta)
-    print(f"wrote {out.resolve()} ({meta['width']}x{meta['height']}, seed {meta['seed']}, "
-          f"{meta['steps']} steps, {meta['seconds']:.2f} s on {pipe.info.device.type}, {meta['dtype']})")
+    preset = f", preset {meta['preset']}" if meta.get("preset") else ""
+    print(f"wrote {out.resolve()} ({meta['width']}x{meta['height']}, seed {meta['seed']}, {meta['steps']} steps"
+          f"{preset}, {meta['seconds']:.2f} s on {pipe.info.device.type}, {meta['dtype']})")
     return 0
 
 

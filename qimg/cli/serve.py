@@ -56,8 +56,6 @@ def read_keys(args) -> tuple[str, ...]:
 
 
 def register(sub) -> None:
-    from qimg.models.attention import BACKENDS
-
     p = sub.add_parser("serve", help="run the HTTP server (OpenAI Images API, layers, jobs, web page)",
                        description="Serve models over HTTP: OpenAI-compatible /v1/images/generations and "
                                    "/v1/images/edits, /v1/images/layers, /v1/jobs, and a web page at /.")
@@ -82,7 +80,8 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None)
     p.add_argument("--offload", action="store_true",
                    help="keep the encoders and transformers in CPU memory, each moved to the GPU for its phase")
-    p.add_argument("--attention", choices=sorted(BACKENDS), default="sdpa", help="attention backend (default sdpa)")
+    p.add_argument("--attention", default="sdpa", metavar="NAME",
+                   help="attention backend: sdpa (default) or math (explicit softmax, a check on the fused kernels)")
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image file (default 32)")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="most pixels in an uploaded image")
     p.add_argument("--max-prompt-chars", type=int, default=32000)

@@ -136,7 +136,8 @@ class Pipeline(ABC):
         transformer.set_attention(options.attention)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
         placement = Placement.of_pipeline(device, home != device, conditioner, transformer)
-        preset = options.preset or detect_preset([folder.name, folder.parent.name], cls.pipeline_class)
+        # a folder's own name, or its repo's in the Hugging Face cache (models--org--name/snapshots/<hash>)
+        preset = options.preset or detect_preset(folder.parts[-3:], cls.pipeline_class)
         if preset is not None:
             get_preset(preset).check_fits(cls.pipeline_class)
         return cls(transformer, vae, conditioner, scheduler, info=ModelInfo(folder, cls.pipeline_class, dtype, device),

@@ -13,12 +13,13 @@ Adding a sampler is one function here and one entry in SAMPLERS.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is not imported here, so that the CLI can list the samplers without loading it
+    import torch
 
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+Model = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+Callback = Callable[[int, int, "torch.Tensor", "torch.Tensor"], None]
 
 
 def euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None) -> torch.Tensor:
@@ -67,4 +68,4 @@ def dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Call
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"euler": euler, "dpmpp-2m": dpmpp_2m}
+SAMPLERS: dict[str, Callable[..., "torch.Tensor"]] = {"euler": euler, "dpmpp-2m": dpmpp_2m}
