@@ -64,14 +64,12 @@ def test_2x_matches_the_reference_in_bfloat16(ref21):
 def float32_noise(monkeypatch):
     """Noise drawn in float32 and cast, in every pipeline, so that dtypes are compared on the same noise (torch's
     bfloat16 normals differ from its float32 ones for some sizes and torch versions)."""
-    import qimg.pipelines.layered as layered
-    import qimg.pipelines.qwenimage21 as qwenimage21
+    import qimg.pipelines.pipeline as pipeline
 
     def draw(shape, generator, dtype):
         return torch.randn(shape, generator=generator).to(dtype)
 
-    for module in (layered, qwenimage21):
-        monkeypatch.setattr(module, "draw_noise", draw)
+    monkeypatch.setattr(pipeline, "draw_noise", draw)  # the one path draws every family's noise
 
 
 def test_v1_and_layered_match_the_reference_on_cuda(ref_v1, ref_layered, monkeypatch):
