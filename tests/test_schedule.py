@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas, mu_for_tokens
 
