@@ -40,18 +40,23 @@ V1_CONFIGS = {
 }
 
 
+def reference(cls, cfg: dict, device: torch.device, dtype: torch.dtype):
+    """The reference transformer `cls(**cfg)` with seeded, perturbed weights in `dtype` on `device`."""
+    torch.manual_seed(0)
+    with device:
+        ref = cls(**cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return ref.to(dtype)
+
+
 def build(cfg: dict, device: torch.device, dtype: torch.dtype):
     import diffusers
 
     from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 
-    torch.manual_seed(0)
-    with device:
-        ref = diffusers.QwenImage21Transformer2DModel(**cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    ref.to(dtype)
+    ref = reference(diffusers.QwenImage21Transformer2DModel, cfg, device, dtype)
     config = QwenImage21Config.from_dict(dict(ref.config))
     if device.type == "cpu":  # its own copy, as a loaded model would have
         ours = QwenImage21Transformer(config).eval()
@@ -146,13 +151,7 @@ def bench_v1(name: str, repeats: int, device: torch.device, dtype: torch.dtype) 
     from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 
     cfg, side, n_text = V1_CONFIGS[name]
-    torch.manual_seed(0)
-    with device:
-        ref = diffusers.QwenImageTransformer2DModel(**cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    ref.to(dtype)
+    ref = reference(diffusers.QwenImageTransformer2DModel, cfg, device, dtype)
     with torch.device("meta"):
         ours = QwenImageTransformer(QwenImageConfig.from_dict(dict(ref.config))).eval()
     ours.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
