@@ -21,6 +21,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 TASKS = ("generate", "edit", "layers")
 BACKGROUNDS = (None, "transparent", "opaque", "auto")
 CAPTION_LANGUAGES = ("en", "zh")
+LORA_MODES = ("fused", "unfused")
 MAX_N = 16
 MAX_STEPS = 1000
 MAX_LAYERS_RANGE = (2, 10)
@@ -66,7 +67,10 @@ class LoadOptions:
     transforms: callables `(component, module) -> module | None` applied to each loaded component ("transformer",
     "vae", "text_encoder") after its weights are in and before it is placed on the device: where adapters and
     quantization plug in. preset: a few-step recipe (`qimg.sampling.presets`) the model's requests default to;
-    None: detected from the model's file names.
+    None: detected from the model's (and its LoRAs') file names. loras: adapter files for the transformer, each a
+    path, "FILE:SCALE", (path, scale) or `qimg.adapters.manager.LoraSpec`; lora_mode: "fused" (merged into the
+    weights: full speed) or "unfused" (applied beside them: switching is free); lora_partial: load a file whose
+    layers only partly match the model.
     """
 
     model: str | os.PathLike | None = None
@@ -77,6 +81,9 @@ class LoadOptions:
     attention: str | Callable = "sdpa"
     transforms: tuple[Callable, ...] = ()
     preset: str | None = None
+    loras: tuple = ()
+    lora_mode: str = "fused"
+    lora_partial: bool = False
 
     def __post_init__(self):
         import torch
@@ -101,6 +108,15 @@ class LoadOptions:
             raise InputError("transforms must be callables (component name, module) -> module")
         if self.preset is not None:
             get_preset(self.preset)
+        from qimg.adapters.manager import LoraSpec
+
+        if isinstance(self.loras, (str, os.PathLike, LoraSpec)):
+            object.__setattr__(self, "loras", (self.loras,))
+        object.__setattr__(self, "loras", tuple(LoraSpec.of(spec) for spec in self.loras))
+        if self.lora_mode not in LORA_MODES:
+            raise InputError(f"lora_mode must be one of {list(LORA_MODES)}, got {self.lora_mode!r}")
+        if not isinstance(self.lora_partial, bool):
+            raise InputError(f"lora_partial must be true or false, got {self.lora_partial!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qimg.adapters.manager import Adapters
 from qimg.errors import Cancelled, InputError
 from qimg.loading.files import read_json
 from qimg.loading.weights import load_module
@@ -29,7 +30,7 @@ from qimg.pipelines.base import (Clock, Defaults, ModelInfo, ProgressEvent, draw
                                  pick_seed)
 from qimg.pipelines.placement import Placement, weights_home
 from qimg.sampling.guidance import guided
-from qimg.sampling.presets import Preset, detect_preset, get_preset
+from qimg.sampling.presets import Preset, detect_preset, get_preset, preset_from_settings
 from qimg.sampling.samplers import SAMPLERS
 from qimg.sampling.schedule import SchedulerConfig, get_sigmas
 
@@ -97,6 +98,7 @@ class Pipeline(ABC):
     implement the hooks below."""
 
     pipeline_class = "Pipeline"
+    family: str  # "2.x" or "v1": which adapter files fit
     tasks: tuple[str, ...] = ()
     transformer_types: tuple[type, type]  # (config dataclass, module)
     vae_types: tuple[type, type]
@@ -105,23 +107,26 @@ class Pipeline(ABC):
 
     def __init__(self, transformer, vae, conditioner, scheduler: SchedulerConfig, *, info: ModelInfo,
                  defaults: Defaults | None = None, sample_sigmas=None, placement: Placement | None = None,
-                 preset: str | None = None):
+                 preset: str | None = None, adapters: Adapters | None = None):
         self.transformer, self.vae, self.conditioner = transformer, vae, conditioner
         self.scheduler, self.info = scheduler, info
         self.defaults = defaults or self.default_config
         self.sample_sigmas = None if sample_sigmas is None else tuple(float(s) for s in sample_sigmas)
         self.placement = placement or Placement(info.device)
-        self.preset = preset
+        self.named_preset = preset  # chosen by name at load time; wins over what files say
+        self.adapters = adapters or Adapters(transformer, self.family, self.pipeline_class)
+        self.preset = self.find_preset()
 
     # -- loading -----------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, folder: Path, index: dict, options: LoadOptions):
         """Build the components on the meta device, fill them from the folder's weights, apply the weight
-        transforms (on the CPU, before placement), then place them on the device."""
+        transforms and LoRAs (on the CPU, before placement), then place them on the device."""
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
         home = weights_home(device, options.offload)
-        staging = torch.device("cpu") if options.transforms else None  # transforms see CPU weights
+        staged = bool(options.transforms or options.loras)
+        staging = torch.device("cpu") if staged else None  # transforms and LoRAs see CPU weights
         tcfg = cls.transformer_types[0].from_dict(read_json(folder / "transformer" / "config.json"))
         vcfg = cls.vae_types[0].from_dict(read_json(folder / "vae" / "config.json"))
         cls.check_configs(tcfg, vcfg, folder)
@@ -130,19 +135,55 @@ class Pipeline(ABC):
         vae = load_module(lambda: cls.vae_types[1](vcfg), folder / "vae", dtype=dtype, device=staging or device)
         conditioner = cls.load_conditioner(folder, index, dtype=dtype, device=staging or home)
         if options.transforms:
-            transformer = apply_transforms(options.transforms, "transformer", transformer).to(home)
-            vae = apply_transforms(options.transforms, "vae", vae).to(device)
-            conditioner.model = apply_transforms(options.transforms, "text_encoder", conditioner.model).to(home)
+            transformer = apply_transforms(options.transforms, "transformer", transformer)
+            vae = apply_transforms(options.transforms, "vae", vae)
+            conditioner.model = apply_transforms(options.transforms, "text_encoder", conditioner.model)
+        adapters = Adapters(transformer, cls.family, cls.pipeline_class)
+        if options.loras:
+            adapters.set(options.loras, fused=options.lora_mode == "fused", partial=options.lora_partial)
+        if staged:
+            transformer, vae, conditioner.model = transformer.to(home), vae.to(device), conditioner.model.to(home)
         transformer.set_attention(options.attention)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
         placement = Placement.of_pipeline(device, home != device, conditioner, transformer)
-        # a folder's own name, or its repo's in the Hugging Face cache (models--org--name/snapshots/<hash>)
-        preset = options.preset or detect_preset(folder.parts[-3:], cls.pipeline_class)
-        if preset is not None:
-            get_preset(preset).check_fits(cls.pipeline_class)
+        if options.preset is not None:
+            get_preset(options.preset).check_fits(cls.pipeline_class)
         return cls(transformer, vae, conditioner, scheduler, info=ModelInfo(folder, cls.pipeline_class, dtype, device),
                    defaults=Defaults.read(index, cls.default_config), sample_sigmas=index.get("sample_sigmas"),
-                   placement=placement, preset=preset)
+                   placement=placement, preset=options.preset, adapters=adapters)
+
+    # -- LoRAs and presets -------------------------------------------------------------------------------------
+    def set_loras(self, loras, *, fused: bool = False, partial: bool = False) -> list[dict]:
+        """Make `loras` (paths, "FILE:SCALE", (path, scale) pairs or LoraSpecs) the active adapters, fused into
+        the weights or applied beside them; the previous set is replaced (its deltas are kept for a while, so
+        switching back reads nothing). Returns what each adapts. Their sampling settings become the defaults."""
+        return self._change_adapters(lambda: self.adapters.set(loras, fused=fused, partial=partial))
+
+    def unload_loras(self) -> None:
+        """Remove every adapter: the transformer's weights are again exactly the loaded ones."""
+        self._change_adapters(self.adapters.clear)
+
+    def _change_adapters(self, change):
+        """With offload, weights change only at home (on the CPU), and the placement then learns the new ones."""
+        self.placement.release()
+        try:
+            return change()
+        finally:
+            self.placement = Placement.of_pipeline(self.info.device, self.placement.offload, self.conditioner,
+                                                   self.transformer)
+            self.preset = self.find_preset()
+
+    def find_preset(self) -> Preset | None:
+        """What requests default to: the preset named at load time, else the active LoRAs' own sampling settings,
+        else a preset their file names or the model's folder name point to."""
+        if self.named_preset:
+            return get_preset(self.named_preset)
+        for name, settings in self.adapters.settings():
+            return preset_from_settings(f"{name} settings", settings, self.pipeline_class)
+        names = [Path(a.spec.path).name for a in self.adapters.attached.values() if a.spec.key in
+                 self.adapters.active] + list(self.info.folder.parts[-3:])
+        found = detect_preset(names, self.pipeline_class)
+        return get_preset(found) if found else None
 
     @classmethod
     def check_configs(cls, tcfg, vcfg, folder: Path) -> None:
@@ -158,15 +199,15 @@ class Pipeline(ABC):
                 "device": str(self.info.device), "offload": self.placement.offload,
                 "default_resolution": self.defaults.resolution, "default_steps": self.defaults.steps,
                 "default_cfg": self.defaults.cfg, "default_edit_cfg": self.defaults.cfg_for(True),
-                "default_edit_steps": self.defaults.steps_for(True), "preset": self.preset,
+                "default_edit_steps": self.defaults.steps_for(True),
+                "preset": self.preset.name if self.preset else None, "loras": self.adapters.describe(),
                 "samplers": sorted(SAMPLERS), "tasks": list(self.tasks)}
 
     # -- planning ----------------------------------------------------------------------------------------------
     def settle(self, options: SamplingOptions, *, editing: bool, **fields) -> Plan:
         """The sampling part of a plan: preset, defaults, guidance, schedule and seed; `fields` are the family's
         (prompt, images, width, height, n, extra)."""
-        name = options.preset or self.preset
-        preset: Preset | None = get_preset(name) if name else None
+        preset = get_preset(options.preset) if options.preset else self.preset
         if preset is not None:
             preset.check_fits(self.pipeline_class)
         grid = options.sigmas or (preset.sigmas if preset else None) or self.sample_sigmas
@@ -185,7 +226,8 @@ class Pipeline(ABC):
         scheduler = scheduler.with_overrides(options.scheduler).with_shift(options.shift)
         normalize = self.cfg_normalize_default if options.cfg_normalize is None else options.cfg_normalize
         return Plan(options, steps=steps, cfg=cfg, cfg_normalize=normalize, negative_prompt=negative,
-                    scheduler=scheduler, grid=grid, seed=pick_seed(options.seed), preset=name, **fields)
+                    scheduler=scheduler, grid=grid, seed=pick_seed(options.seed),
+                    preset=preset.name if preset else None, **fields)
 
     def default_grid(self, steps: int) -> tuple[float, ...] | None:
         """The un-shifted grid for `steps` when none is given (None: the scheduler's `linspace(1, 1/steps, steps)`)."""

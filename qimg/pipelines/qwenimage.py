@@ -54,6 +54,7 @@ class V1Parts:
     """What every v1-family pipeline shares, Layered included: the dual-stream transformer on 2x2-packed latents of
     the 8x VAE, the Qwen2.5-VL encoder, reference latents appended to the image tokens, per-image decoding."""
 
+    family = "v1"
     transformer_types = (QwenImageConfig, QwenImageTransformer)
     vae_types = (VAEConfig, VAE)
     needs_processor = False

@@ -31,6 +31,7 @@ DEFAULTS = Defaults(resolution=1024, steps=40, cfg=1.0)
 
 class QwenImage21Pipeline(ImagePipeline):
     pipeline_class = "QwenImage21Pipeline"
+    family = "2.x"
     tasks = ("generate", "edit")
     transformer_types = (QwenImage21Config, QwenImage21Transformer)
     vae_types = (VAE21Config, VAE21)

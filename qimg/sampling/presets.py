@@ -52,6 +52,23 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
+def preset_from_settings(name: str, settings: dict, pipeline_class: str) -> Preset:
+    """A preset from the sampling settings an adapter file carries (steps, cfg, scheduler, sigmas, shift, and a
+    named `preset` they refine)."""
+    base = get_preset(settings["preset"]) if settings.get("preset") else None
+    if base is not None:
+        base.check_fits(pipeline_class)
+    scheduler = dict(base.scheduler if base else {})
+    scheduler.update(settings.get("scheduler") or {})
+    if settings.get("shift") is not None:
+        scheduler.update(shift=float(settings["shift"]), use_dynamic_shifting=False)
+    sigmas = settings.get("sigmas", base.sigmas if base else None)
+    return Preset(name, f"sampling settings of {name}", (pipeline_class,), scheduler,
+                  cfg=float(settings.get("cfg", base.cfg if base else 1.0)),
+                  steps=settings.get("steps", base.steps if base else None),
+                  sigmas=None if sigmas is None else tuple(float(s) for s in sigmas))
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise InputError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
