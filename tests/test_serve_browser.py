@@ -48,7 +48,15 @@ def test_page_generate_history_layers(tmp_path, browser):
     out = artifacts()
     picture = tmp_path / "picture.png"
     picture.write_bytes(png_bytes(96, 72))
-    settings = make_settings(tmp_path / "data", preview_interval=0.2, api_keys=(KEY,))
+    import qimg
+    from tests.lora_files import linear_shapes, random_lora, write_lora
+    from tests.test_serve_support import reference_checkpoint
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    shapes = linear_shapes(qimg.load(reference_checkpoint(), dtype="float32", device="cpu").transformer)
+    write_lora(loras / "ink.safetensors", random_lora(shapes), "peft")
+    settings = make_settings(tmp_path / "data", preview_interval=0.2, api_keys=(KEY,), lora_dir=loras)
     double = FakeLayered(step_seconds=0.05)
     with ServerThread(settings, pipelines={"layers-double": double}) as srv:
         wait_models_loaded(srv.url)
@@ -74,6 +82,9 @@ def test_page_generate_history_layers(tmp_path, browser):
         offered = page.eval_on_selector_all("#panel-generate .sampler-select option", "els => els.map(e => e.value)")
         assert offered[0] == "" and "dpmpp-2m" in offered
         page.select_option("#panel-generate .sampler-select", "dpmpp-2m")
+        page.wait_for_selector("#panel-generate .lora-field:not([hidden])")  # the server has LoRAs
+        page.select_option("#panel-generate .lora-select", "ink")
+        page.fill("#panel-generate [name=lora_scale]", "0.7")
         page.click("#gen-run")
         page.wait_for_selector("#progress-box:not([hidden])")
         page.wait_for_function("document.querySelector('#progress').max == 12", timeout=60000)
@@ -87,6 +98,7 @@ def test_page_generate_history_layers(tmp_path, browser):
 
         newest = httpx.get(srv.url + "/v1/jobs", headers={"Authorization": f"Bearer {KEY}"}).json()["data"][0]
         assert newest["kind"] == "generate" and newest["params"]["sampler"] == "dpmpp-2m"
+        assert newest["params"]["loras"] == [{"name": "ink", "scale": 0.7}]
 
         # history survives a reload
         page.reload()

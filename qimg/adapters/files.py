@@ -75,9 +75,11 @@ class AdapterFile:
                 "settings": self.settings}
 
 
-def read_adapter(path: str | Path, flat_names: dict[str, str] | None = None) -> AdapterFile:
+def read_adapter(path: str | Path, flat_names: dict[str, str] | None = None, *,
+                 header_only: bool = False) -> AdapterFile:
     """Read a .safetensors adapter. `flat_names` maps a model's module names with `_` for `.` to the real names
-    (kohya's flattened keys are resolved against it; without it they are resolved by the known Qwen-Image names)."""
+    (kohya's flattened keys are resolved against it; without it they are resolved by the known Qwen-Image names).
+    `header_only`: the weights stay on disk (meta tensors of their shapes): enough to describe the file."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -88,7 +90,8 @@ def read_adapter(path: str | Path, flat_names: dict[str, str] | None = None) -> 
                          f"code when loaded)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: torch.empty(f.get_slice(k).get_shape(), device="meta")
+                       if header_only and not k.endswith(".alpha") else f.get_tensor(k) for k in f.keys()}
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise InputError(f"{path} is not a readable safetensors file: {err}") from None

@@ -57,13 +57,32 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
                         "(GPUs too small to hold both; slower)")
     p.add_argument("--attention", default="sdpa", metavar="NAME",
                    help="attention backend: sdpa (default) or math (explicit softmax, a check on the fused kernels)")
+    lora_args(p, default_mode="fused")
+
+
+def lora_args(p: argparse.ArgumentParser, default_mode: str) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (diffusers/PEFT, kohya, ComfyUI, LoKr, LoHa or diff .safetensors) at SCALE "
+                        "(default 1); repeatable, they stack")
+    p.add_argument("--lora-partial", action="store_true",
+                   help="load a LoRA whose layers only partly match the model (refused otherwise)")
+    p.add_argument("--lora-mode", choices=["fused", "unfused"], default=default_mode,
+                   help=f"merge LoRAs into the weights (full speed) or run them beside them (default {default_mode})")
 
 
 def load_options(args, task: str | None = None):
     from qimg.options import LoadOptions
 
     return LoadOptions(model=args.model, task=task, dtype=args.dtype, device=args.device, offload=args.offload,
-                       attention=args.attention)
+                       attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
+                       lora_partial=args.lora_partial)
+
+
+def describe_loras(pipe) -> str:
+    """What the CLI says about the LoRAs it loaded (and the preset they brought)."""
+    loras = pipe.describe().get("loras") or []
+    return "".join(f"LoRA {a['name']} at {a['scale']:g}: {a['format']}, {a['layers']} of {a['of']} layers"
+                   f"{', fused' if a['fused'] else ''}\n" for a in loras)
 
 
 def sampling_args(p: argparse.ArgumentParser) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from qimg.cli.common import (ProgressBar, check_output, load_options, model_args, open_image, parse_size,
-                             sampling_args, sampling_fields)
+import sys
+
+from qimg.cli.common import (ProgressBar, check_output, describe_loras, load_options, model_args, open_image,
+                             parse_size, sampling_args, sampling_fields)
 
 
 def register(sub) -> None:
@@ -48,6 +50,8 @@ def run_generate(args, prompt: str, image_paths: list[str]) -> int:
                               height=height, resolution=args.resolution, background=args.background,
                               progress=ProgressBar(args.quiet), **sampling_fields(args))
     pipe = qimg.load(load_options(args))
+    if not args.quiet:
+        print(describe_loras(pipe), end="", file=sys.stderr)
     result = pipe.generate(options)
     meta = result[0].info["qimg"]
     save_picture(result[0], out, meta)

@@ -8,9 +8,10 @@ error leaves no file.
 from __future__ import annotations
 
 import argparse
+import sys
 
-from qimg.cli.common import (ProgressBar, check_output, load_options, model_args, open_image, sampling_args,
-                             sampling_fields)
+from qimg.cli.common import (ProgressBar, check_output, describe_loras, load_options, model_args, open_image,
+                             sampling_args, sampling_fields)
 from qimg.errors import InputError
 
 
@@ -71,6 +72,8 @@ def run_layers(args) -> int:
     if "layers" not in pipe.describe().get("tasks", []):
         raise InputError(f"the model {pipe.info.folder} ({pipe.describe()['pipeline']}) does not split images into "
                          f"layers; use a Qwen-Image-Layered checkpoint (--model)")
+    if not args.quiet:
+        print(describe_loras(pipe), end="", file=sys.stderr)
     layers = pipe.layers(options)
     export_layers(layers, out)
     meta = layers[0].info["qimg"]

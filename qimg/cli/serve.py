@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from qimg.cli.common import lora_args
 from qimg.errors import InputError
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
@@ -82,6 +83,9 @@ def register(sub) -> None:
                    help="keep the encoders and transformers in CPU memory, each moved to the GPU for its phase")
     p.add_argument("--attention", default="sdpa", metavar="NAME",
                    help="attention backend: sdpa (default) or math (explicit softmax, a check on the fused kernels)")
+    lora_args(p, default_mode="unfused")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="LoRAs requests may name ('loras': [{'name', 'scale'}]; listed at /v1/loras)")
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image file (default 32)")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="most pixels in an uploaded image")
     p.add_argument("--max-prompt-chars", type=int, default=32000)
@@ -95,6 +99,8 @@ def settings_from_args(args):
     from qimg.options import LoadOptions
     from qimg.serve.settings import Limits, Settings, default_data_dir
 
+    if args.lora_dir and not Path(args.lora_dir).expanduser().is_dir():
+        raise InputError(f"--lora-dir {args.lora_dir} is not a folder")
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be 1..65535, got {args.port}")
     if args.max_queue < 0:
@@ -111,7 +117,9 @@ def settings_from_args(args):
                     api_keys=keys, max_queue=args.max_queue, cors_origins=tuple(args.cors_origin),
                     preload=not args.lazy, requeue=not args.no_requeue, limits=limits,
                     load=LoadOptions(dtype=args.dtype, device=args.device, offload=args.offload,
-                                     attention=args.attention))
+                                     attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
+                                     lora_partial=args.lora_partial),
+                    lora_dir=Path(args.lora_dir).expanduser() if args.lora_dir else None)
 
 
 def run(args) -> int:

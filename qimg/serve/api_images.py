@@ -6,7 +6,8 @@ page does that, then follows `/v1/jobs/{id}/events`). Requests refused before a 
 
 qimg extras (the official client sends them with `extra_body`): `seed`, `steps` (or `num_inference_steps`),
 `negative_prompt`, `guidance_scale` (or `true_cfg_scale`), `cfg_normalize`, `sampler`, `preset`, `sigmas`,
-`scheduler_config` (keys overriding the model's scheduler config) and `shift`; they become the library's
+`scheduler_config` (keys overriding the model's scheduler config), `shift` and `loras` (`[{"name", "scale"}]`,
+names from `GET /v1/loras`; a JSON string in multipart forms); they become the library's
 `GenerateOptions` / `LayersOptions`, which the job records. `quality`, `moderation`, `style`, `user` and
 `input_fidelity` are accepted and ignored. `mask` is refused: Qwen-Image edits are instruction-based, so the
 change is described in the prompt.
@@ -21,7 +22,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -40,10 +41,32 @@ USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_to
 KEEPALIVE_S = 15.0
 
 
+class LoraChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=300)
+    scale: float = Field(1.0, ge=-8, le=8)
+
+
 class SamplingFields(BaseModel):
     """qimg's sampling extras, shared by every route (checked again, with the library's messages, by the options)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    loras: list[LoraChoice] | None = Field(None, max_length=8)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_form(cls, value):  # multipart forms send the list as JSON text
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"loras must be a JSON list of {{'name', 'scale'}} objects ({err.msg})") from None
+        return value
+
+    def lora_record(self, library) -> list[dict]:
+        return library.specs([choice.model_dump() for choice in self.loras or []])
 
     steps: int | None = Field(None, ge=1, le=1000)
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -124,7 +147,7 @@ def requested_cfg(req) -> float | None:
     return req.guidance_scale if req.guidance_scale is not None else req.true_cfg_scale
 
 
-def image_spec(req: ImageOptions, limits, images=()) -> tuple[runner.Spec, dict]:
+def image_spec(req: ImageOptions, limits, library, images=()) -> tuple[runner.Spec, dict]:
     """The job's options and its recorded parameters; the spec is rebuilt from the record, as a requeue does."""
     prompt = check_prompt(req.prompt, limits)
     negative = check_prompt(req.negative_prompt, limits, required=False, param="negative_prompt")
@@ -141,7 +164,7 @@ def image_spec(req: ImageOptions, limits, images=()) -> tuple[runner.Spec, dict]
                               background=req.background, **sampling)
     params = {**options.to_record(), "output_format": fmt, "output_compression": req.output_compression,
               "response_format": req.response_format or "b64_json", "stream": bool(req.stream),
-              "partial_images": req.partial_images or 0}
+              "partial_images": req.partial_images or 0, "loras": req.lora_record(library)}
     return runner.spec_from_params("generate", params, list(images)), params
 
 
@@ -247,7 +270,7 @@ def stream_meta(req: ImageOptions) -> dict:
 async def generations(req: GenerationRequest, request: Request):
     svc = services(request)
     model = svc.models.pick(req.model, "generate")
-    spec, params = image_spec(req, svc.settings.limits)
+    spec, params = image_spec(req, svc.settings.limits, svc.loras)
     task = Task(new_job_id(), "generate", model, spec, params)
     url_base = base_url(request)
     return await run_job(request, task, lambda result: images_body(result, req, url_base), stream=bool(req.stream),
@@ -303,7 +326,7 @@ async def edits(request: Request):
     finally:
         await form.close()
     model = svc.models.pick(req.model, "edit")
-    spec, params = image_spec(req, limits, [d.image for d in decoded])
+    spec, params = image_spec(req, limits, svc.loras, [d.image for d in decoded])
     task = Task(new_job_id(), "edit", model, spec, params, inputs=decoded)
     url_base = base_url(request)
     return await run_job(request, task, lambda result: images_body(result, req, url_base), stream=bool(req.stream),
@@ -338,7 +361,8 @@ async def layers(request: Request):
     model = svc.models.pick(req.model, "layers")
     options = LayersOptions(image=upload.image, layers=req.layers, resolution=req.resolution, prompt=prompt,
                             recurse=req.recurse, caption_language=req.caption_language, **req.sampling(negative))
-    params = {**options.to_record(), "format": req.format, "response_format": req.response_format or "b64_json"}
+    params = {**options.to_record(), "format": req.format, "response_format": req.response_format or "b64_json",
+              "loras": req.lora_record(svc.loras)}
     spec = runner.spec_from_params("layers", params, [upload.image])
     task = Task(new_job_id(), "layers", model, spec, params, inputs=[upload])
     url_base = base_url(request)

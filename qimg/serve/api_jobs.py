@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 import qimg
 from qimg.serve.api_images import JOB_HEADER, base_url, next_event, services, sse
@@ -35,6 +36,13 @@ async def health(request: Request):
     return {"status": "ok", "version": qimg.__version__,
             "models": {e.name: e.state for e in svc.models.entries()},
             "queue": svc.worker.state(), "auth": bool(svc.settings.api_keys)}
+
+
+@router.get("/v1/loras")
+async def list_loras(request: Request):
+    """The LoRAs requests may name (`--lora-dir`), with their format, family, ranks and size."""
+    svc = services(request)
+    return {"object": "list", "data": await run_in_threadpool(svc.loras.describe)}
 
 
 @router.get("/v1/models")

@@ -45,6 +45,10 @@ class Services:
     bus: EventBus
     worker: Worker
 
+    @property
+    def loras(self):
+        return self.worker.loras
+
 
 class DataDirLock:
     """An exclusive advisory lock on `<data dir>/.lock` (released by the OS when the process dies)."""

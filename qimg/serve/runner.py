@@ -37,6 +37,7 @@ class Spec:
 
     options: GenerateOptions | LayersOptions
     output: OutputOptions = field(default_factory=OutputOptions)
+    loras: list[dict] = field(default_factory=list)  # [{"name", "scale"}] from the server's LoRA directory
 
 
 @dataclass
@@ -86,10 +87,11 @@ def spec_from_params(kind: str, params: dict, images: list[Image.Image]) -> Spec
         params["cfg"] = params.pop("guidance_scale")
     if "size" in params and "width" not in params:
         params["width"], params["height"] = parse_size(params.pop("size"))
+    loras = list(params.get("loras") or [])
     if kind == "layers":
-        return Spec(LayersOptions.from_record(params, images), OutputOptions(params.get("format", "json")))
+        return Spec(LayersOptions.from_record(params, images), OutputOptions(params.get("format", "json")), loras)
     return Spec(GenerateOptions.from_record(params, images),
-                OutputOptions(params.get("output_format", "png"), params.get("output_compression")))
+                OutputOptions(params.get("output_format", "png"), params.get("output_compression")), loras)
 
 
 def encode_image(image: Image.Image, options: OutputOptions, parameters: dict | None = None) -> bytes:

@@ -52,7 +52,8 @@ class Settings:
     `max_queue`: jobs that may wait for the worker (the running one not counted); one more gets HTTP 429.
     `requeue`: jobs still queued when the server stops (or is killed) stay queued and run when it starts again;
     with False they are marked failed. A job that was running is always marked failed (it may be what stopped it).
-    `load`: how every model is loaded (dtype, device, offload, attention, ...); its `model` is each entry's source.
+    `load`: how every model is loaded (dtype, device, offload, attention, LoRAs every job gets, ...); its `model` is
+    each entry's source. LoRAs run unfused by default, so that jobs with other LoRA sets share one loaded model.
     """
 
     models: dict[str, str | None] = field(default_factory=default_models)
@@ -64,13 +65,16 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     preload: bool = True
     requeue: bool = True
-    load: LoadOptions = field(default_factory=LoadOptions)
+    load: LoadOptions = field(default_factory=lambda: LoadOptions(lora_mode="unfused"))
+    lora_dir: Path | None = None  # LoRAs requests may name (see qimg.serve.loras)
     limits: Limits = field(default_factory=Limits)
     preview_interval: float = 0.5  # seconds between live previews sent to /v1/jobs/{id}/events
     preview_side: int = 256  # longest side of those previews
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.lora_dir is not None:
+            object.__setattr__(self, "lora_dir", Path(self.lora_dir))
         object.__setattr__(self, "api_keys", tuple(k for k in self.api_keys if k))
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         if self.max_queue < 0:

@@ -20,6 +20,7 @@ from qimg.errors import Cancelled
 from qimg.serve import runner
 from qimg.serve.errors import ApiError, from_exception
 from qimg.serve.events import EventBus
+from qimg.serve.loras import LoraLibrary
 from qimg.serve.models import ModelRegistry
 from qimg.serve.settings import Settings
 from qimg.serve.store import CANCELLED, FAILED, RUNNING, SUCCEEDED, FileStore, JobStore
@@ -43,8 +44,10 @@ class Task:
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: JobStore, files: FileStore, models: ModelRegistry, bus: EventBus):
+    def __init__(self, settings: Settings, store: JobStore, files: FileStore, models: ModelRegistry, bus: EventBus,
+                 loras: LoraLibrary | None = None):
         self.settings, self.store, self.files, self.models, self.bus = settings, store, files, models, bus
+        self.loras = loras or LoraLibrary(settings.lora_dir)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._pending: dict[str, Task] = {}
         self._lock = threading.Lock()
@@ -198,6 +201,7 @@ class Worker:
             if tasks is not None and task.kind not in tasks:
                 raise ApiError(400, f"model {task.model!r} does not do {task.kind!r} "
                                     f"(it does: {', '.join(tasks) or 'nothing'})", param="model")
+            self._use_loras(pipe, task)
             progress = Progress(self, task)
             run = runner.run_layers if task.kind == "layers" else runner.run_images
             result = run(pipe, task.spec, job_id=job_id, files=self.files, progress=progress, cancel=flag.is_set)
@@ -221,6 +225,22 @@ class Worker:
         self._durations.append(time.perf_counter() - started)
         self.store.finish(job_id, SUCCEEDED, result=result.summary())
         self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": SUCCEEDED, "outcome": result})
+
+
+    def _use_loras(self, pipe, task: Task) -> None:
+        """The model's LoRAs for this job: the server's own (`--lora`) and the request's, unfused, so that the next
+        job with another set reuses the loaded model; nothing changes when the set is the one already active."""
+        if not hasattr(pipe, "set_loras"):
+            if task.spec.loras:
+                raise ApiError(400, f"model {task.model!r} takes no LoRAs", param="loras")
+            return
+        from qimg.adapters.manager import LoraSpec
+
+        wanted = list(self.settings.load.loras) + [LoraSpec(str(self.loras.path(item["name"])), item["scale"],
+                                                            name=item["name"]) for item in task.spec.loras]
+        active = [(a["path"], a["scale"]) for a in pipe.adapters.describe()]
+        if active != [(w.path, w.scale) for w in wanted] or pipe.adapters.fused:
+            pipe.set_loras(wanted, fused=False, partial=self.settings.load.lora_partial)
 
 
 class Progress:

@@ -245,6 +245,32 @@ function formFields(form) {
   });
   return out;
 }
+// the page's one LoRA field (name + scale) as the API's `loras` list; multipart forms send it as JSON text
+function loraFields(fields, asText) {
+  const out = { ...fields };
+  if (out.lora) {
+    const loras = [{ name: out.lora, scale: out.lora_scale ? parseFloat(out.lora_scale) : 1 }];
+    out.loras = asText ? JSON.stringify(loras) : loras;
+  }
+  delete out.lora; delete out.lora_scale;
+  return out;
+}
+async function loadLoras() {
+  let loras = [];
+  try { loras = (await (await api("/v1/loras")).json()).data; } catch (err) { return; }
+  $$(".lora-select").forEach((select) => {
+    const chosen = select.value;
+    select.innerHTML = '<option value="">(none)</option>';
+    loras.filter((l) => !l.error).forEach((l) => {
+      const opt = document.createElement("option");
+      opt.value = l.id;
+      opt.textContent = l.id + (l.ranks && l.ranks.length ? ` (rank ${l.ranks.join("-")})` : "");
+      select.append(opt);
+    });
+    select.value = chosen;
+  });
+  $$(".lora-field").forEach((label) => { label.hidden = !loras.length; });
+}
 const INTS = ["steps", "seed", "n", "layers", "resolution"];
 const FLOATS = ["guidance_scale"];
 function typed(fields) {
@@ -270,7 +296,7 @@ async function showImages(container, files) {
 async function onGenerate(ev) {
   ev.preventDefault();
   const form = $("#panel-generate");
-  const body = typed(formFields(form));
+  const body = typed(loraFields(formFields(form), false));
   body.response_format = "url";
   try {
     const job = await runJob("/v1/images/generations", body, $("#gen-run"));
@@ -313,7 +339,7 @@ function updateCompare() {
 async function onEdit(ev) {
   ev.preventDefault();
   if (!state.editFiles.length) { showError("drop 1 to 10 images to edit first"); return; }
-  const fields = formFields($("#panel-edit"));
+  const fields = loraFields(formFields($("#panel-edit")), true);
   const body = new FormData();
   Object.entries(fields).forEach(([k, v]) => body.append(k, v));
   state.editFiles.forEach((f) => body.append(state.editFiles.length > 1 ? "image[]" : "image", f, f.name));
@@ -378,7 +404,7 @@ function showLayers(job) {
 async function onLayers(ev) {
   ev.preventDefault();
   if (!state.layersFile) { showError("drop an image to decompose first"); return; }
-  const fields = formFields($("#panel-layers"));
+  const fields = loraFields(formFields($("#panel-layers")), true);
   const body = new FormData();
   Object.entries(fields).forEach(([k, v]) => body.append(k, v));
   body.append("format", "json");
@@ -506,6 +532,7 @@ async function start() {
   const health = await checkHealth();
   if (health && health.auth && !state.key) await askKey("This server needs an API key.");
   try { await loadModels(); } catch (err) { showError(err); }
+  loadLoras();
   refreshHistory();
   setInterval(checkHealth, 15000);
 }
