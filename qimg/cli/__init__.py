@@ -9,11 +9,11 @@ from qimg.errors import QimgError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qimg.cli import generate, layers, serve, tiny
+    from qimg.cli import generate, layers, lora, serve, tiny
 
     parser = argparse.ArgumentParser(prog="qimg", description="Qwen-Image family engine")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, layers, tiny, serve):
+    for command in (generate, layers, lora, tiny, serve):
         command.register(sub)
     return parser
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from qimg.imaging import check_size, fit_area
+from qimg.imaging import check_size, fit_area, to_tensor
 from qimg.options import GenerateOptions
 from qimg.pipelines.pipeline import Pipeline, Plan
 
@@ -51,3 +51,10 @@ class ImagePipeline(Pipeline):
     def plan_extra(self, options: GenerateOptions) -> dict:
         """The family's own settled options (refusing those it does not take)."""
         return {}
+
+    def image_tokens(self, plan: Plan, image: Image.Image) -> torch.Tensor:
+        """A picture at the plan's size as the clean tokens the transformer denoises toward (`[1, S, C]`, the
+        layout `tokens` gives the noise): what training targets."""
+        pixels = to_tensor(image.resize((plan.width, plan.height), Image.LANCZOS), self.vae.image_channels)
+        z = self.vae.normalize(self.vae.encode(pixels.to(self.info.device, self.info.dtype), tile="auto"))
+        return self.tokens(plan, z[:, None])
