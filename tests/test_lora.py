@@ -301,3 +301,25 @@ def test_a_lora_brings_its_sampling_settings(ref_v1, tmp_path):
     settings_sidecar(custom, {"steps": 3, "frobnicate": 1})
     with pytest.raises(InputError, match=r"unknown sampling settings \['frobnicate'\]"):
         pipe.set_loras([custom])
+
+
+def test_cli_lora_flags(ref21, tmp_path, capsys):
+    from qimg.cli import main
+
+    ref, folder = ref21
+    shapes = linear_shapes(ref.transformer)
+    path = write_lora(tmp_path / "style.safetensors", random_lora(shapes, seed=8), "kohya", alpha=4)
+    out = tmp_path / "o.png"
+    args = ["generate", PROMPT, "-o", str(out), "--model", str(folder), "--size", f"{SIZE}x{SIZE}", "--steps",
+            str(STEPS), "--seed", str(SEED), "--cfg", "1", "--dtype", "float32", "--device", "cpu"]
+    assert main([*args, "--lora", f"{path}:0.8"]) == 0
+    err = capsys.readouterr().err
+    assert "LoRA style at 0.8: kohya" in err and f"{len(shapes)} of {len(shapes)} layers, fused" in err
+    with reference_with(ref, [(path, 0.8)]):
+        expected = reference_picture(ref)
+    assert max_diff(Image.open(out), expected) <= 2
+    assert main([*args, "--lora", f"{path}:0.8", "--lora-mode", "unfused", "--quiet"]) == 0
+    assert max_diff(Image.open(out), expected) <= 2
+    out.unlink()
+    assert main([*args, "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert "LoRA file not found" in capsys.readouterr().err and not out.exists()

@@ -1,7 +1,9 @@
 """Training a LoRA for a loaded pipeline on a folder of examples.
 
 Examples: `NAME.png` + `NAME.txt` (text-to-image: the picture and its prompt) and, for models that edit,
-`NAME_source.png` + `NAME_target.png` + `NAME.txt` (the instruction); .jpg/.jpeg/.webp pictures too. The base
+`NAME_source.png` + `NAME_target.png` + `NAME.txt` (the instruction); .jpg/.jpeg/.webp pictures too. An optional
+`NAME_mask.png` (grey levels) marks what matters: the latent tokens it touches count `1 + mask_weight` times in the
+loss (most of a picture is often easy background that would otherwise drown the subject). The base
 weights are frozen; low-rank `lora_A`/`lora_B` pairs beside the chosen Linear layers of the transformer are trained
 on the flow-matching loss in the model's own parameterisation (x_t = (1 - sigma) x0 + sigma noise, target velocity
 noise - x0), through the pipeline's own conditioning and velocity hooks. Prompts and pictures are encoded once.
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -46,6 +49,7 @@ class TrainOptions:
     minutes: float | None = None  # stop (with a checkpoint) after this long; rerun to resume
     save_every: int = 100
     checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
+    mask_weight: float = 8.0  # extra weight of the tokens an example's mask marks
 
     def __post_init__(self):
         object.__setattr__(self, "data", Path(self.data))
@@ -68,7 +72,7 @@ class TrainOptions:
     def recipe(self) -> dict:
         """What a checkpoint must agree on to be resumed."""
         return {"rank": self.rank, "alpha": self.alpha, "targets": self.targets, "seed": self.seed,
-                "batch": self.batch, "resolution": self.resolution}
+                "batch": self.batch, "resolution": self.resolution, "mask_weight": self.mask_weight}
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Example:
     prompt: str
     target: Image.Image
     source: Image.Image | None = None
+    mask: Image.Image | None = None
 
 
 def read_examples(folder: Path) -> list[Example]:
@@ -88,11 +93,13 @@ def read_examples(folder: Path) -> list[Example]:
         single = [p for p in (folder / f"{stem}{s}" for s in PICTURES) if p.is_file()]
         sources = [p for p in (folder / f"{stem}_source{s}" for s in PICTURES) if p.is_file()]
         targets = [p for p in (folder / f"{stem}_target{s}" for s in PICTURES) if p.is_file()]
+        masks = [p for p in (folder / f"{stem}_mask{s}" for s in PICTURES) if p.is_file()]
+        mask = _open(masks[0]) if masks else None
         prompt = text.read_text(encoding="utf-8").strip()
         if sources and targets:
-            out.append(Example(stem, prompt, _open(targets[0]), _open(sources[0])))
+            out.append(Example(stem, prompt, _open(targets[0]), _open(sources[0]), mask))
         elif single:
-            out.append(Example(stem, prompt, _open(single[0])))
+            out.append(Example(stem, prompt, _open(single[0]), mask=mask))
         else:
             raise InputError(f"{text} has no picture: expected {stem}.png, or {stem}_source.png and "
                              f"{stem}_target.png, beside it")
@@ -165,6 +172,17 @@ class TrainableLora(nn.Module):
         return {"lora_adapter_metadata": json.dumps(config), "format": "pt"}
 
 
+def token_weights(mask: Image.Image | None, plan, extra: float) -> torch.Tensor | None:
+    """`[1, tokens]` loss weights from a mask picture: 1 + extra where a token's 16x16 pixels hold any of the mask
+    (every family here lays out one token per 16x16 pixels, row by row); None without a mask."""
+    if mask is None:
+        return None
+    pixels = mask.convert("L").resize((plan.width, plan.height), Image.NEAREST)
+    grey = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0)
+    touched = F.max_pool2d(grey[None, None], 16)[0, 0].flatten()
+    return (1 + extra * touched)[None]
+
+
 def sample_sigma(generator: torch.Generator) -> float:
     """A third logit-normal, a third uniform, a third in [0.9, 1]: few-step sampling starts at sigma 1, where
     colours and layout are decided, which logit-normal alone rarely trains."""
@@ -202,7 +220,8 @@ def train_lora(pipe, options: TrainOptions, progress: Callable[[int, int, float]
             plan = pipe.plan(GenerateOptions(prompt=ex.prompt, images=(ex.source,) if ex.source else (),
                                              resolution=resolution, steps=1, seed=0, cfg=1.0, use_kv_cache=False,
                                              **size))
-            encoded.append((plan, pipe.encode(plan), pipe.image_tokens(plan, ex.target)))
+            encoded.append((plan, pipe.encode(plan), pipe.image_tokens(plan, ex.target),
+                            token_weights(ex.mask, plan, options.mask_weight)))
     generator = torch.Generator().manual_seed(options.seed)
     lora = TrainableLora(transformer, target_layers(transformer, options.targets), options.rank,
                          float(options.alpha or options.rank), generator)
@@ -215,14 +234,15 @@ def train_lora(pipe, options: TrainOptions, progress: Callable[[int, int, float]
             noise_gen = torch.Generator().manual_seed(options.seed * 100_003 + step)
             total = 0.0
             for _ in range(options.batch):
-                plan, cond, x0 = encoded[rng.randrange(len(encoded))]
+                plan, cond, x0, weight = encoded[rng.randrange(len(encoded))]
                 sigma = sample_sigma(noise_gen)
                 noise = torch.randn(x0.shape, generator=noise_gen).to(x0.device, x0.dtype)
                 x_t = (1 - sigma) * x0 + sigma * noise
                 velocity = pipe.velocity(plan, cond.positive, cond.extra)
                 sigmas = torch.full((x0.shape[0],), sigma, device=x0.device)
                 v = velocity(x_t, sigmas, block_hook=hook)
-                loss = F.mse_loss(v.float(), (noise - x0).float()) / options.batch
+                error = (v.float() - (noise - x0).float()).pow(2).mean(-1)
+                loss = (error.mean() if weight is None else (error * weight).sum() / weight.sum()) / options.batch
                 loss.backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(lora.parameters(), 1.0)

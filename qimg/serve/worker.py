@@ -228,8 +228,9 @@ class Worker:
 
 
     def _use_loras(self, pipe, task: Task) -> None:
-        """The model's LoRAs for this job: the server's own (`--lora`) and the request's, unfused, so that the next
-        job with another set reuses the loaded model; nothing changes when the set is the one already active."""
+        """The model's LoRAs for this job: the server's own (`--lora`) and the request's, unfused unless the server
+        was started with `--lora-mode fused` (then each change of set re-fuses); the loaded model is reused either
+        way, and nothing changes when the set is the one already active."""
         if not hasattr(pipe, "set_loras"):
             if task.spec.loras:
                 raise ApiError(400, f"model {task.model!r} takes no LoRAs", param="loras")
@@ -238,9 +239,10 @@ class Worker:
 
         wanted = list(self.settings.load.loras) + [LoraSpec(str(self.loras.path(item["name"])), item["scale"],
                                                             name=item["name"]) for item in task.spec.loras]
+        fused = self.settings.load.lora_mode == "fused" and bool(wanted)
         active = [(a["path"], a["scale"]) for a in pipe.adapters.describe()]
-        if active != [(w.path, w.scale) for w in wanted] or pipe.adapters.fused:
-            pipe.set_loras(wanted, fused=False, partial=self.settings.load.lora_partial)
+        if active != [(w.path, w.scale) for w in wanted] or pipe.adapters.fused != fused:
+            pipe.set_loras(wanted, fused=fused, partial=self.settings.load.lora_partial)
 
 
 class Progress:

@@ -26,23 +26,24 @@ Public contract (prompts, edits and renders depend on it; do not change lightly)
 Rendering is 4x4 supersampled (analytic shapes, FreeType glyphs) and cached per
 (shape, size, cell) / (word, cell), so a scene renders in well under 1 ms.
 
-Modules: `scene` (vocabulary, scenes, validation), `render` (pictures and layers), `language` (prompts,
+Modules: `scene` (vocabulary, scenes, validation), `drawing` (pictures and layers), `language` (prompts,
 parsing, the held-out split), `edits` (instructions, applying them, training batches).
 """
 
-from qimg.tiny.world.scene import (  # noqa: F401
-    CANVAS, CAP_PX, CELL, COLOURS, EDIT_KINDS, Edit, FONT_PATH, HELD_OUT_PERCENT, LETTERS, Obj, POSITIONS,
-    SHAPES, SIZES, SS, Scene, WORD_GAP_PX, WORD_MAX_W_PX, Word, random_scene, random_word, validate,
-)
-from qimg.tiny.world.render import (  # noqa: F401
-    cell_box, cell_centre, composite, composite_array, glyph_mask, layer_arrays, render, render_array,
-    render_layers, shape_alpha, word_alpha, word_mask_4x,
+from qimg.tiny.world.edits import (  # noqa: F401
+    apply_edit, batch, edit_instruction, edit_possible, find_object, paraphrase_edit, parse_edit, random_edit,
+    random_edit_spec, valid_edits,
 )
 from qimg.tiny.world.language import (  # noqa: F401
     POSITION_PHRASES, PREFIXES, PREPOSITIONS, SHAPE_WORDS, SIZE_WORDS, held_out, is_held_out, join_phrases,
     object_phrase, paraphrase, parse_position, parse_prompt, prompt, random_train_scene, word_clause,
 )
-from qimg.tiny.world.edits import (  # noqa: F401
-    apply_edit, batch, edit_instruction, edit_possible, find_object, paraphrase_edit, parse_edit, random_edit,
-    random_edit_spec, valid_edits,
+from qimg.tiny.world.drawing import (  # noqa: F401
+    cell_box, cell_centre, composite, composite_array, glyph_mask, layer_arrays, render, render_array,
+    render_layers, shape_alpha, word_alpha, word_mask_4x,
+)
+from qimg.tiny.world.scene import (  # noqa: F401
+    ALL_COLOURS, CANVAS, CAP_PX, CELL, COLOURS, EDIT_KINDS, EXTRA_COLOURS, FONT_PATH, HELD_OUT_PERCENT, LETTERS,
+    POSITIONS, SHAPES, SIZES, SS, WORD_GAP_PX, WORD_MAX_W_PX, Edit, Obj, Scene, Word, random_scene, random_word,
+    validate,
 )

@@ -7,36 +7,12 @@ import re
 from dataclasses import replace
 
 from qimg.errors import InputError
-from qimg.tiny.world.language import (
-    _SHAPE_LOOKUP,
-    _SIZE_LOOKUP,
-    POSITION_PHRASES,
-    SHAPE_WORDS,
-    SIZE_WORDS,
-    _colour,
-    _normalise,
-    _strip_preposition,
-    is_held_out,
-    paraphrase,
-    parse_position,
-    prompt,
-    random_train_scene,
-)
-from qimg.tiny.world.render import layer_arrays, render_array
-from qimg.tiny.world.scene import (
-    _WORD_RE,
-    COLOURS,
-    EDIT_KINDS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    Edit,
-    Obj,
-    Scene,
-    random_scene,
-    random_word,
-    validate,
-)
+from qimg.tiny.world.language import (_SHAPE_LOOKUP, _SIZE_LOOKUP, POSITION_PHRASES, SHAPE_WORDS, SIZE_WORDS, _colour,
+                                      _normalise, _strip_preposition, is_held_out, paraphrase, parse_position, prompt,
+                                      random_train_scene)
+from qimg.tiny.world.drawing import layer_arrays, render_array
+from qimg.tiny.world.scene import (_WORD_RE, COLOURS, EDIT_KINDS, POSITIONS, SHAPES, SIZES, Edit, Obj, Scene,
+                                   random_scene, random_word, validate)
 
 # ----------------------------------------------------------------------------- edits
 

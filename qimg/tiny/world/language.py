@@ -7,17 +7,8 @@ import random
 import re
 
 from qimg.errors import InputError
-from qimg.tiny.world.scene import (
-    _WORD_RE,
-    COLOURS,
-    HELD_OUT_PERCENT,
-    POSITIONS,
-    Obj,
-    Scene,
-    Word,
-    random_scene,
-    validate,
-)
+from qimg.tiny.world.scene import (_WORD_RE, ALL_COLOURS, COLOURS, HELD_OUT_PERCENT, POSITIONS, Obj, Scene, Word,
+                                   random_scene, validate)
 
 SIZE_WORDS = {"small": ["small", "tiny", "little"], "large": ["large", "big"]}
 SHAPE_WORDS = {"circle": ["circle", "disc"], "square": ["square", "box"], "triangle": ["triangle"]}
@@ -136,7 +127,7 @@ def _parse_background(main: str) -> tuple[str, str]:
 
 
 def _colour(word: str, what: str) -> str:
-    if word not in COLOURS:
+    if word not in (ALL_COLOURS if what != "background" else COLOURS):
         raise InputError(f"unknown {what} colour {word!r}")
     return word
 

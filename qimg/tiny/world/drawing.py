@@ -8,20 +8,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from qimg.errors import InputError
-from qimg.tiny.world.scene import (
-    _WORD_RE,
-    CANVAS,
-    CAP_PX,
-    CELL,
-    COLOURS,
-    FONT_PATH,
-    LETTERS,
-    SIZES,
-    SS,
-    WORD_GAP_PX,
-    WORD_MAX_W_PX,
-    Scene,
-)
+from qimg.tiny.world.scene import (_WORD_RE, ALL_COLOURS, CANVAS, CAP_PX, CELL, FONT_PATH, LETTERS, SIZES, SS,
+                                   WORD_GAP_PX, WORD_MAX_W_PX, Scene)
 
 
 def cell_centre(cell: int) -> tuple[float, float]:
@@ -152,7 +140,7 @@ def _items(scene: Scene) -> list[tuple[str, tuple[int, int, np.ndarray]]]:
 
 @lru_cache(maxsize=None)
 def _rgb(colour: str) -> tuple[np.float32, ...]:
-    return tuple(np.float32(v) for v in COLOURS[colour])
+    return tuple(np.float32(v) for v in ALL_COLOURS[colour])
 
 
 @lru_cache(maxsize=None)
@@ -161,7 +149,7 @@ def _plain(colour: str, alpha: int, dtype: str) -> np.ndarray:
     if dtype == "float32":
         arr = np.stack([np.full((CANVAS, CANVAS), v, np.float32) for v in _rgb(colour)])
     else:
-        arr = np.tile(np.asarray((*COLOURS[colour], alpha), np.uint8), (CANVAS, CANVAS, 1))
+        arr = np.tile(np.asarray((*ALL_COLOURS[colour], alpha), np.uint8), (CANVAS, CANVAS, 1))
     arr.setflags(write=False)
     return arr
 
