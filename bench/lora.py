@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from step_time import median_time, sync  # bench/ is on the path when a script here runs
 
 CONFIGS = {
     "tiny": (dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6),
@@ -25,23 +25,6 @@ CONFIGS = {
                     in_channels=64, out_channels=64, context_in_dim=768), 512, 256),
     "full-1024": (dict(), 1024, 256),  # the official 2.1 transformer (GPU only)
 }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, repeats, device) -> float:
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -85,7 +68,7 @@ def main() -> None:
               and n.startswith("transformer_blocks.")}
     adapters = Adapters(model, "2.x", "QwenImage21Pipeline")
     rows = []
-    base_s = median_time(step, args.repeats, device)
+    base_s = median_time(step, args.repeats, device)[0]
     folder = Path(tempfile.mkdtemp(prefix="qimg-bench-lora-"))
     for rank in (int(r) for r in args.rank.split(",")):
         g = torch.Generator().manual_seed(rank)
@@ -98,12 +81,12 @@ def main() -> None:
         start = time.perf_counter()
         adapters.set([(path, 0.8)], fused=False)
         attach_s = time.perf_counter() - start
-        unfused_s = median_time(step, args.repeats, device)
+        unfused_s = median_time(step, args.repeats, device)[0]
         start = time.perf_counter()
         adapters.set([(path, 0.8)], fused=True)
         sync(device)
         fuse_s = time.perf_counter() - start
-        fused_s = median_time(step, args.repeats, device)
+        fused_s = median_time(step, args.repeats, device)[0]
         start = time.perf_counter()
         adapters.set([(path, 0.5)], fused=False)  # re-weight: unfuse, no re-read
         sync(device)

@@ -3,9 +3,10 @@ a training scene) with `qimg lora train`, and measure it.
 
     python bench/lora_concept.py [--examples 200] [--minutes 15] [--eval 100] [--out DIR]
 
-1. Writes `--examples` training pairs: the world's scenes, `--azure-share` of them with one object azure, the
-   rest ordinary (they keep the LoRA from redrawing what the model already knew), each with a mask of its objects
-   (their tokens weigh 9x in the loss, as in the model's own training).
+1. Writes `--examples` examples of the world: `--azure-share` of them pictures with one object azure, `--edit-share`
+   ordinary edit triplets, the rest ordinary pictures (the ordinary ones keep the LoRA from redrawing what the
+   model already knew; with --prior they are the shipped model's own pictures for those prompts), each
+   with a mask of its objects (their tokens weigh 9x in the loss, as in the model's own training).
 2. "Drawn right" on `--eval` held-out azure prompts (other scenes, other seeds): in the azure object's cell, the
    pixels far from the background are at least 150 and their median colour is nearest to azure among the world's
    nine colours. Before (the shipped model) and after (with the LoRA at scale 1).
@@ -44,17 +45,39 @@ def azure_scene(rng: random.Random, azure: bool) -> W.Scene:
     return W.validate(W.Scene(scene.background, tuple(objects), scene.word))
 
 
-def write_examples(folder: Path, n: int, seed: int, share: float) -> None:
+def objects_mask(picture, scene: W.Scene) -> Image.Image:
+    pixels = np.asarray(picture.convert("RGB"))
+    objects = np.any(pixels != np.asarray(W.COLOURS[scene.background], np.uint8), axis=-1)
+    return Image.fromarray((objects * 255).astype(np.uint8))
+
+
+def write_examples(folder: Path, n: int, seed: int, share: float, edit_share: float, prior=None) -> None:
+    """`share` of the examples with an azure object, `edit_share` ordinary edit triplets, the rest ordinary
+    text-to-image pairs; each with a mask of its objects (their tokens weigh 9x in the loss, as in the model's own
+    training). With `prior` (the base pipeline), the ordinary examples' pictures are its own outputs for them
+    (DreamBooth's prior preservation: they teach the LoRA to leave the rest of the model as it is)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    for i in range(n):
-        scene = azure_scene(rng, azure=(i + 1) * share >= int(i * share) + 1)
-        picture = W.render(scene)
-        picture.save(folder / f"ex{i:04d}.png")
-        (folder / f"ex{i:04d}.txt").write_text(W.prompt(scene))
-        pixels = np.asarray(picture.convert("RGB"))
-        objects = np.any(pixels != np.asarray(W.COLOURS[scene.background], np.uint8), axis=-1)
-        Image.fromarray((objects * 255).astype(np.uint8)).save(folder / f"ex{i:04d}_mask.png")  # what matters
+    kinds = ["azure"] * round(n * share) + ["edit"] * round(n * edit_share)
+    kinds += ["plain"] * (n - len(kinds))
+    random.Random(seed + 1).shuffle(kinds)
+    for i, kind in enumerate(kinds):
+        name = f"ex{i:04d}"
+        if kind == "edit":
+            source = W.random_scene(rng)
+            instruction, target = W.random_edit(source, rng)
+            W.render(source).save(folder / f"{name}_source.png")
+            picture = W.render(target) if prior is None else prior.generate(
+                instruction, images=[W.render(source)], seed=i)[0]
+            picture.save(folder / f"{name}_target.png")
+            (folder / f"{name}.txt").write_text(instruction)
+        else:
+            target = azure_scene(rng, azure=kind == "azure")
+            picture = W.render(target) if prior is None or kind == "azure" else prior.generate(
+                W.prompt(target), seed=i)[0]
+            picture.save(folder / f"{name}.png")
+            (folder / f"{name}.txt").write_text(W.prompt(target))
+        objects_mask(W.render(target), target).save(folder / f"{name}_mask.png")
 
 
 def colour_of(image, scene: W.Scene) -> str | None:
@@ -83,6 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--azure-share", type=float, default=0.5)
+    parser.add_argument("--edit-share", type=float, default=0.25, help="ordinary edit triplets (keep edits working)")
+    parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=False,
+                        help="ordinary examples drawn by the shipped model itself (prior preservation)")
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--rank", type=int, default=16)
@@ -96,17 +122,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     data = out / "data"
-    write_examples(data, args.examples, seed=101, share=args.azure_share)
+    base = qimg.load(dtype="float32", device="cpu")
+    write_examples(data, args.examples, seed=101, share=args.azure_share, edit_share=args.edit_share,
+                   prior=base if args.prior else None)
     rng = random.Random(202)
     held = []
     while len(held) < args.eval:  # azure prompts that are not training examples
         scene = azure_scene(rng, azure=True)
         if scene not in held:
             held.append(scene)
-    train_prompts = {(data / f"ex{i:04d}.txt").read_text() for i in range(args.examples)}
+    train_prompts = {path.read_text() for path in data.glob("*.txt")}
     held = [s for s in held if W.prompt(s) not in train_prompts]
 
-    base = qimg.load(dtype="float32", device="cpu")
     before = concept_score(base, held)
     lora_path = out / "azure.safetensors"
     start = time.perf_counter()
@@ -135,6 +162,7 @@ def main() -> None:
     print("colours read in the azure object's cell, before:", before["reads"], "after:", after["reads"])
     path = Path(__file__).parent / "results" / "lora_concept.json"
     path.write_text(json.dumps({"examples": result["examples"], "azure_share": args.azure_share,
+                                "edit_share": args.edit_share, "prior": args.prior,
                                 "steps": result["steps"], "rank": args.rank, "targets": args.targets,
                                 "scale": args.scale,
                                 "lr": args.lr, "train_minutes": train_s / 60, "threads": args.threads,

@@ -182,16 +182,21 @@ def _unflatten(flat: str) -> str:
     return _FLAT.get(flat, flat)
 
 
-def _peft_config(metadata: dict, path: Path) -> dict:
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
+def _json_object(text: str | None, path: Path, what: str) -> dict:
+    """A JSON object the file carries ({} when there is none), or InputError naming `what` is wrong with it."""
+    if not text:
         return {}
     try:
-        config = json.loads(raw)
+        value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise InputError(f"{path}: its lora_adapter_metadata is not JSON ({err})") from None
-    if not isinstance(config, dict):
-        return {}
+        raise InputError(f"{path}: its {what} is not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: its {what} must be a JSON object, got {value!r}")
+    return value
+
+
+def _peft_config(metadata: dict, path: Path) -> dict:
+    config = _json_object(metadata.get("lora_adapter_metadata"), path, "lora_adapter_metadata")
     # a pipeline's save prefixes the component ("transformer.r"); a model's save does not
     prefixed = {k[len("transformer."):]: v for k, v in config.items() if k.startswith("transformer.")}
     return prefixed or config
@@ -277,15 +282,8 @@ def _settings(path: Path, metadata: dict) -> dict:
     sidecar = path.with_suffix(".json")
     if text is None and sidecar.is_file():
         text = sidecar.read_text()
-    if not text:
-        return {}
-    try:
-        settings = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: its sampling settings are not JSON ({err})") from None
-    if not isinstance(settings, dict):
-        raise InputError(f"{path}: its sampling settings must be a JSON object, got {settings!r}")
-    allowed = {"steps", "cfg", "scheduler", "sigmas", "shift", "preset", "sampler"}
+    settings = _json_object(text, path, "sampling settings")
+    allowed = {"steps", "cfg", "scheduler", "sigmas", "shift", "preset"}
     unknown = sorted(set(settings) - allowed)
     if unknown:
         raise InputError(f"{path}: unknown sampling settings {unknown}; known: {sorted(allowed)}")

@@ -123,7 +123,10 @@ class Adapters:
 
     # -- the active set ----------------------------------------------------------------------------------------
     def set(self, specs, *, fused: bool, partial: bool = False) -> list[dict]:
-        """Make `specs` the active adapters (replacing the previous set), fused into the weights or beside them."""
+        """Make `specs` the active adapters (replacing the previous set), fused into the weights or beside them;
+        `specs` is a list (of paths, "FILE:SCALE", (path, scale) pairs or LoraSpecs) or a {path: scale} mapping."""
+        if isinstance(specs, dict):
+            specs = list(specs.items())
         specs = [LoraSpec.of(s) for s in specs]
         names = [s.key for s in specs]
         if len(set(names)) != len(names):

@@ -20,6 +20,7 @@ class AdapterSlot(nn.Module):
         super().__init__()
         self.kinds: dict[str, Delta] = {}  # adapter -> its delta (tensors live in the buffers below)
         self.keys: dict[str, str] = {}  # adapter -> the prefix of its buffers' names (any adapter name is allowed)
+        self._views: dict[str, tuple] = {}  # adapter -> (delta on the current buffers, those buffers)
         self._next = 0
         self.scales: dict[str, float] = {}  # active adapters and their user scales
         self.fused: dict[str, float] = {}  # what is merged into the layer's weight now
@@ -36,6 +37,7 @@ class AdapterSlot(nn.Module):
 
     def remove(self, name: str) -> None:
         delta = self.kinds.pop(name, None)
+        self._views.pop(name, None)
         if delta is not None:
             key = self.keys.pop(name)
             for role in delta.tensors():
@@ -43,9 +45,13 @@ class AdapterSlot(nn.Module):
         self.scales.pop(name, None)
 
     def delta(self, name: str) -> Delta:
-        """The delta of `name` on this slot's current buffers (they move with the model)."""
+        """The delta of `name` on this slot's current buffers (they move with the model; rebuilt when they do)."""
         kind, key = self.kinds[name], self.keys[name]
-        return kind.with_tensors({role: getattr(self, f"{key}_{role}") for role in kind.tensors()})
+        tensors = {role: self._buffers[f"{key}_{role}"] for role in kind.tensors()}
+        cached = self._views.get(name)
+        if cached is None or any(cached[1][r] is not t for r, t in tensors.items()):
+            cached = self._views[name] = (kind.with_tensors(tensors), tensors)
+        return cached[0]
 
     # -- forward -----------------------------------------------------------------------------------------------
     def unfused(self) -> dict[str, float]:
