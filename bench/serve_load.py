@@ -201,7 +201,7 @@ def main(argv=None) -> int:
             print("  failure:", f)
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        from qimg.export.atomic import atomic_write
+        from qimg.atomic import atomic_write
 
         with atomic_write(out, "w") as handle:
             json.dump(result, handle, indent=2)

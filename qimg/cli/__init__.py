@@ -11,7 +11,10 @@ from qimg.errors import QimgError
 def build_parser() -> argparse.ArgumentParser:
     from qimg.cli import generate, layers, lora, serve, tiny
 
+    import qimg
+
     parser = argparse.ArgumentParser(prog="qimg", description="Qwen-Image family engine")
+    parser.add_argument("--version", action="version", version=f"qimg {qimg.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (generate, layers, lora, tiny, serve):
         command.register(sub)

@@ -12,8 +12,9 @@ def register(sub) -> None:
     train.add_argument("--model", choices=["tiny", "layered"], default="tiny",
                        help="tiny: qimg-tiny (2.x, text-to-image and edits); layered: qimg-tiny-layered")
     train.add_argument("--minutes", type=float, default=60.0, help="stop (and checkpoint) after this long")
-    train.add_argument("--out", type=Path, default=None, help="where to export the trained model "
-                       "(default: the package's embedded model)")
+    train.add_argument("--out", type=Path, default=None, help="where to export the trained model (default: "
+                       "~/.local/share/qimg/tiny/NAME, or under $QIMG_HOME; never the installed package; a fresh "
+                       "run starts from the embedded model's weights)")
     train.add_argument("--work", type=Path, default=None, help="checkpoints and caches (default: runs/tiny, "
                        "runs/tiny-layered)")
     train.add_argument("--threads", type=int, default=None)
@@ -42,10 +43,25 @@ def run_train(args) -> int:
     else:
         from qimg.tiny.train import run
 
+    from qimg.errors import InputError
+    from qimg.loading.files import embedded_model_path
+    from qimg.tiny.fit import user_dir
+
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    name = "qimg-tiny" if args.model == "tiny" else "qimg-tiny-layered"
+    out = (args.out or user_dir() / name).expanduser()
+    package = Path(__import__("qimg").__file__).resolve().parent
+    if out.resolve() == package or package in out.resolve().parents:
+        raise InputError(f"--out {out} is inside the installed qimg package ({package}); export elsewhere and "
+                         f"point --model at it")
+    shipped = embedded_model_path(name)
+    source = out if (out / "model_index.json").is_file() else shipped
     work = args.work or Path("runs/tiny" if args.model == "tiny" else "runs/tiny-layered")
-    done = run(args.minutes, work, args.out, seed=SEED if args.seed is None else args.seed)
+    done = run(args.minutes, work, out, seed=SEED if args.seed is None else args.seed, source=source)
+    print(f"export: {out}")
     print("training complete" if done else f"stopped after {args.minutes} minutes; run again to resume")
     return 0
 

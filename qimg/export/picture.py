@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from qimg.export.atomic import atomic_write
+from qimg.atomic import atomic_write
 from qimg.imaging import flatten
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}

@@ -13,7 +13,7 @@ from typing import Sequence
 from PIL import Image
 
 from qimg.errors import InputError
-from qimg.export.atomic import atomic_write
+from qimg.atomic import atomic_write
 from qimg.export.layers import layers_and_names, open_png, paste, png_bytes, require
 
 EMU_PER_INCH = 914400

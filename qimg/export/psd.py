@@ -17,7 +17,7 @@ from typing import Sequence
 from PIL import Image
 
 from qimg.errors import InputError
-from qimg.export.atomic import atomic_write
+from qimg.atomic import atomic_write
 from qimg.export.layers import layers_and_names, paste, require
 
 PSD_MAX_SIDE = 30000  # the PSD format's limit; larger documents need PSB

@@ -10,7 +10,7 @@ from typing import Sequence
 from PIL import Image
 
 from qimg.errors import InputError
-from qimg.export.atomic import atomic_write
+from qimg.atomic import atomic_write
 from qimg.export.layers import composite, layer_filenames, layers_and_names, open_png, png_bytes
 
 MANIFEST = "manifest.json"

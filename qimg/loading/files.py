@@ -28,6 +28,14 @@ def embedded_model_path(name: str = "qimg-tiny") -> Path:
     return Path(qimg.__file__).parent / "tiny" / "weights" / name
 
 
+def embedded_name(folder: Path) -> str | None:
+    """The embedded model's name when `folder` is one, else None."""
+    for name in EMBEDDED:
+        if Path(folder).resolve() == embedded_model_path(name).resolve():
+            return name
+    return None
+
+
 def default_model_path(task: str | None = None) -> Path:
     """The embedded model used when no model is named: qimg-tiny-layered for `task="layers"`, else qimg-tiny."""
     return embedded_model_path(TASK_DEFAULTS.get(task or "", "qimg-tiny"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from qimg.loading.files import read_model_index, resolve_model
+from qimg.loading.files import embedded_name, read_model_index, resolve_model
 from qimg.loading.weights import open_state_dict
 
 
@@ -27,4 +27,5 @@ def describe_checkpoint(model=None) -> dict:
             comp.update(parameters=params, bytes=nbytes, dtypes=dict(dtypes), tensors=len(tensors))
             del tensors
         components[name] = comp
-    return {"folder": str(folder), "pipeline": index.get("_class_name"), "components": components}
+    return {"folder": str(folder), "pipeline": index.get("_class_name"), "embedded": embedded_name(folder),
+            "components": components}

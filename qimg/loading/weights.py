@@ -12,7 +12,6 @@ import math
 import mmap
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -232,13 +231,7 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, metada
     """Write a safetensors file atomically (temporary file beside `path`, then rename)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from qimg.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from qimg.adapters.manager import Adapters
 from qimg.errors import Cancelled, InputError
-from qimg.loading.files import read_json
+from qimg.loading.files import embedded_name, read_json
 from qimg.loading.weights import load_module
 from qimg.models.hooks import BlockStep
 from qimg.options import LoadOptions, SamplingOptions
@@ -195,7 +195,8 @@ class Pipeline(ABC):
         """The family's condition encoder, loaded with its weights onto `device`."""
 
     def describe(self) -> dict:
-        return {"pipeline": self.pipeline_class, "folder": str(self.info.folder), "dtype": str(self.info.dtype),
+        return {"pipeline": self.pipeline_class, "folder": str(self.info.folder),
+                "embedded": embedded_name(self.info.folder), "dtype": str(self.info.dtype),
                 "device": str(self.info.device), "offload": self.placement.offload,
                 "default_resolution": self.defaults.resolution, "default_steps": self.defaults.steps,
                 "default_cfg": self.defaults.cfg, "default_edit_cfg": self.defaults.cfg_for(True),

@@ -201,9 +201,19 @@ def wants_async(request: Request) -> bool:
     return any(p.strip().lower() == "respond-async" for p in request.headers.get("prefer", "").split(","))
 
 
+async def precheck(svc, task: Task) -> None:
+    """When the model is loaded, settle the request against it (sizes, image counts, presets) before a job exists,
+    so that a request it refuses is a 400 with no job behind it."""
+    entry = svc.models.get(task.model)
+    plan = getattr(entry.pipeline, "plan", None) if entry is not None else None
+    if plan is not None:
+        await run_in_threadpool(plan, task.spec.options)
+
+
 async def run_job(request: Request, task: Task, respond, *, stream: bool = False, partials: int = 0,
                   prefix: str = "image_generation", stream_meta: dict | None = None):
     svc = services(request)
+    await precheck(svc, task)
     sub = svc.bus.subscribe(task.job_id, partials=partials if stream else 0)
     try:
         await run_in_threadpool(svc.worker.submit, task)  # writes the input files: off the event loop
@@ -271,6 +281,7 @@ async def generations(req: GenerationRequest, request: Request):
     svc = services(request)
     model = svc.models.pick(req.model, "generate")
     spec, params = image_spec(req, svc.settings.limits, svc.loras)
+    params["warning"] = svc.models.get(model).warning(req.prompt, editing=False)
     task = Task(new_job_id(), "generate", model, spec, params)
     url_base = base_url(request)
     return await run_job(request, task, lambda result: images_body(result, req, url_base), stream=bool(req.stream),
@@ -327,6 +338,7 @@ async def edits(request: Request):
         await form.close()
     model = svc.models.pick(req.model, "edit")
     spec, params = image_spec(req, limits, svc.loras, [d.image for d in decoded])
+    params["warning"] = svc.models.get(model).warning(req.prompt, editing=True)
     task = Task(new_job_id(), "edit", model, spec, params, inputs=decoded)
     url_base = base_url(request)
     return await run_job(request, task, lambda result: images_body(result, req, url_base), stream=bool(req.stream),

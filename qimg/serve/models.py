@@ -43,7 +43,29 @@ class ModelEntry:
                 out["details"] = {k: v for k, v in self.pipeline.describe().items() if k != "tasks"}
             except Exception:
                 pass
+            if out.get("details", {}).get("embedded"):  # what the page offers as placeholders and examples
+                from qimg.tiny.grammar import EXAMPLES
+
+                out["details"]["examples"] = EXAMPLES
         return out
+
+    def warning(self, prompt: str | None, editing: bool) -> str | None:
+        """For an embedded tiny model, a prompt its world cannot parse: drawn anyway, with this warning."""
+        embedded = self.source is None or self.source in ("qimg-tiny", "qimg-tiny-layered")
+        if self.pipeline is not None:
+            try:
+                embedded = bool(self.pipeline.describe().get("embedded"))
+            except Exception:
+                return None
+        if not embedded or not prompt:
+            return None
+        from qimg.tiny.grammar import understands
+
+        if understands(prompt, editing):
+            return None
+        return ("the embedded qimg-tiny only knows coloured circles, squares and triangles in a 3x3 grid on a plain "
+                "background, with short words; it will not draw this prompt well (serve a real checkpoint with "
+                "--model)")
 
 
 class ModelRegistry:

@@ -1,4 +1,4 @@
-"""`FileStore` on a local folder: `<root>/<file id>.<ext>`, written with `qimg.export.atomic.atomic_write`.
+"""`FileStore` on a local folder: `<root>/<file id>.<ext>`, written with `qimg.atomic.atomic_write`.
 
 Names on disk are made here from a server-generated id and a fixed extension; a client's text never reaches a path.
 """
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from qimg.export.atomic import atomic_write
+from qimg.atomic import atomic_write
 from qimg.serve.store import FILE_ID, FileRecord, FileStore, JobStore, new_file_id
 
 log = logging.getLogger("qimg.serve")

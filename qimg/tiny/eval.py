@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from qimg.export.atomic import atomic_write
+from qimg.atomic import atomic_write
 from qimg.tiny import checker, world
 
 

@@ -262,13 +262,25 @@ def export_weights(folder: Path, base_name: str = "diffusion_pytorch_model") -> 
     return {k: v.float().clone() for k, v in open_state_dict(folder, base_name).items()}
 
 
-def run_stages(minutes: float, work: Path, out: Path, stages, seed: int, fits: list, resume, export_fn) -> bool:
+def user_dir() -> Path:
+    """The user's folder for tiny-model exports: $QIMG_HOME/tiny, else $XDG_DATA_HOME/qimg/tiny, else
+    ~/.local/share/qimg/tiny."""
+    import os
+
+    if os.environ.get("QIMG_HOME"):
+        return Path(os.environ["QIMG_HOME"]).expanduser() / "tiny"
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base).expanduser() / "qimg" / "tiny"
+
+
+def run_stages(minutes: float, work: Path, out: Path, stages, seed: int, fits: list, resume, export_fn,
+               source: Path | None = None) -> bool:
     """The stage runner both tiny trainers share. `fits` are (name, fit(work, deadline, seed) -> finished) in
     order; every stage must finish before the next starts, except the last (the transformer), which is exported
     from its latest checkpoint even when the deadline stops it."""
     work.mkdir(parents=True, exist_ok=True)
     record_seed(work, seed)
-    resume(out, work)
+    resume(source or out, work)
     deadline = time.time() + minutes * 60
     *before, (last, fit_last) = fits
     for name, fit in before:
@@ -276,5 +288,6 @@ def run_stages(minutes: float, work: Path, out: Path, stages, seed: int, fits: l
             return False
     done = fit_last(work, deadline, seed) if last in stages else True
     if "export" in stages and (work / "state-dit.pt").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
         log(f"exported {export_fn(work, out)}")
     return done

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from qimg.models.vae21 import VAE21, VAE21Config
 from qimg.tiny import world
-from qimg.tiny.fit import (SEED, _save, cosine_lr, decoder_steps, export_weights, fit_autoencoder, fit_decoder,
+from qimg.tiny.fit import (user_dir, SEED, _save, cosine_lr, decoder_steps, export_weights, fit_autoencoder, fit_decoder,
                            load_trained_vae, log, optimizer_step, patch_any, resume_state, rgba_tensor, run_stages,
                            sample_sigmas, seed_vae_from_export, step_seed, work_seed, write_export)
 
@@ -484,17 +484,21 @@ def resume_from_export(out: Path, work: Path) -> bool:
 
 
 def default_out() -> Path:
-    return Path(__file__).parent / "weights" / "qimg-tiny"
+    """Where an export goes unless told: the user's data folder, never the installed package."""
+    return user_dir() / "qimg-tiny"
 
 
 STAGES = ("vae", "latents", "decoder", "dit", "export")
 
 
-def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int = SEED) -> bool:
+def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int = SEED,
+        source: Path | None = None) -> bool:
     """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
-    whole run (a work folder keeps the one it was started with)."""
+    whole run (a work folder keeps the one it was started with). An empty work folder is seeded from the export
+    at `source` (default: `out`) when there is one."""
     fits = [("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder), ("dit", train_dit)]
-    return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export)
+    return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export,
+                      source)
 
 
 def length_histogram(cond: Conditioning, texts: list[str]) -> Counter:

@@ -108,6 +108,16 @@ async function loadModels() {
       select.append(opt);
     }
   });
+  // an embedded tiny model offers its own example prompts as placeholders (it draws coloured shapes only)
+  const chosen = (select) => state.models.find((m) => m.id === select.value);
+  [["#panel-generate", "#gen-prompt", "generate"], ["#panel-edit", "#edit-prompt", "edit"]].forEach(([form, box, task]) => {
+    const model = chosen($(`${form} .model-select`));
+    const examples = model && model.details && model.details.examples;
+    if (examples && examples[task]) {
+      $(box).placeholder = examples[task][0];
+      $(box).title = "this server's model is the embedded qimg-tiny; it knows prompts like: " + examples[task].join(" | ");
+    }
+  });
   // the sampler menus list what the server's pipelines offer (their describe()), euler first as the default
   const offered = state.models.find((m) => m.details && Array.isArray(m.details.samplers));
   if (offered) {
@@ -231,6 +241,7 @@ async function runJob(path, body, button) {
     if (final.status !== "succeeded") {
       throw new ApiError(final.error ? final.error.message : `job ${final.status}`, 0);
     }
+    if (final.params && final.params.warning) showError(`note: ${final.params.warning}`);
     return final;
   } finally {
     button.disabled = false;
