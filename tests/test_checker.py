@@ -203,7 +203,7 @@ def test_psnr_and_inputs():
     a = np.zeros((128, 128, 3), np.uint8)
     assert C.psnr(a, a) == C.PSNR_CAP
     assert C.psnr(a, a + 255) == pytest.approx(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="PSNR over an empty region"):
         C.psnr(a, a, np.zeros((128, 128), bool))
     with pytest.raises(ValueError, match="shape"):
         C.analyse(np.zeros((128, 128), np.uint8))

@@ -1,5 +1,5 @@
 """The HTTP server against live uvicorn servers on 127.0.0.1 (threads of this process), with the tiny random
-Qwen-Image 2.x checkpoint and, for /v1/images/layers, the `FakeLayered` TEST DOUBLE (see test_serve_support: it
+Qwen-Image 2.x checkpoint and, for /v1/images/layers, the `FakeLayered` TEST DOUBLE (see serve_support: it
 stands in for the Layered pipeline, which is written elsewhere; the route code under test is the real one).
 
 The official `openai` client drives the OpenAI-compatible routes.
@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx2")
 
 from PIL import Image  # noqa: E402
 
-from tests.test_serve_support import (FakeLayered, ServerThread, make_settings, png_bytes,  # noqa: E402
+from tests.serve_support import (FakeLayered, ServerThread, make_settings, png_bytes,  # noqa: E402
                                       wait_models_loaded)
 
 KEY = "test-key-0123456789"
@@ -115,7 +115,7 @@ def test_sampling_extras_reach_the_pipeline_and_the_record(client, http, server)
     """sampler, sigmas, scheduler_config, shift and cfg_normalize travel through extra_body into the library's
     GenerateOptions; the picture is the library's for the same options, and the job records them."""
     import qimg
-    from tests.test_serve_support import reference_checkpoint
+    from tests.serve_support import reference_checkpoint
 
     extra = {"seed": 3, "sampler": "dpmpp-2m", "sigmas": [1.0, 0.7, 0.4], "scheduler_config": {"max_shift": 1.2},
              "shift": 2.0, "guidance_scale": 2.0, "cfg_normalize": True}
@@ -152,9 +152,16 @@ def test_generate_url_and_formats(client, http):
     assert decode(webp.data[0].b64_json).format == "WEBP"
 
 
-def test_generate_default_size_and_aliases(client):
-    result = client.images.generate(prompt="defaults", extra_body={"num_inference_steps": 1, "true_cfg_scale": 1.0})
+def test_generate_default_size_and_aliases(client, http):
+    """No size: the checkpoint's default; the diffusers names num_inference_steps / true_cfg_scale reach the job."""
+    raw = client.images.with_raw_response.generate(prompt="defaults", extra_body={"num_inference_steps": 1,
+                                                                                  "true_cfg_scale": 1.5})
+    result = raw.parse()
     assert result.size == "64x64"  # the checkpoint's default resolution
+    job = http.get(f"/v1/jobs/{raw.headers['x-qimg-job-id']}").json()
+    assert job["params"]["steps"] == 1 and job["params"]["cfg"] == 1.5 and job["result"]["steps"] == 1
+    meta = json.loads(decode(result.data[0].b64_json).text["qimg"])
+    assert meta["steps"] == 1 and meta["cfg"] == 1.5
 
 
 def test_bad_size(client, http):
@@ -587,7 +594,7 @@ def test_cli_registers_serve_and_parses_options(tmp_path):
     assert parse_models([]) == {"qimg-tiny": None, **({"qimg-tiny-layered": "qimg-tiny-layered"} if layered else {})}
     assert parse_models([str(folder), "other=/x/y", "Qwen/Qwen-Image"]) == {
         "my-model": str(folder), "other": "/x/y", "Qwen/Qwen-Image": "Qwen/Qwen-Image"}
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="the name 'a' is used twice"):
         parse_models(["a=/x", "a=/y"])
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")

@@ -20,7 +20,7 @@ if not os.path.exists(CHROMIUM):
                 f"test", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
-from tests.test_serve_support import FakeLayered, ServerThread, make_settings, png_bytes, wait_models_loaded  # noqa
+from tests.serve_support import FakeLayered, ServerThread, make_settings, png_bytes, wait_models_loaded  # noqa
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -50,7 +50,7 @@ def test_page_generate_history_layers(tmp_path, browser):
     picture.write_bytes(png_bytes(96, 72))
     import qimg
     from tests.lora_files import linear_shapes, random_lora, write_lora
-    from tests.test_serve_support import reference_checkpoint
+    from tests.serve_support import reference_checkpoint
 
     loras = tmp_path / "loras"
     loras.mkdir()

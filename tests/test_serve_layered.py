@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx2")
 
 from PIL import Image  # noqa: E402
 
-from tests.test_serve_support import ServerThread, make_settings, png_bytes, wait_models_loaded  # noqa: E402
+from tests.serve_support import ServerThread, make_settings, png_bytes, wait_models_loaded  # noqa: E402
 
 
 def test_layers_with_the_layered_pipeline(ref_layered, tmp_path):

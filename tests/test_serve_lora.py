@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx2")
 
 import numpy as np  # noqa: E402
 
-from tests.test_serve_support import ServerThread, make_settings, png_bytes, reference_checkpoint  # noqa: E402
+from tests.serve_support import ServerThread, make_settings, png_bytes, reference_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

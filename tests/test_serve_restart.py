@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx2")
 
 from PIL import Image  # noqa: E402
 
-from tests.test_serve_support import ServerProcess  # noqa: E402
+from tests.serve_support import ServerProcess  # noqa: E402
 
 
 def test_sigkill_while_running_then_restart(tmp_path):
@@ -122,7 +122,7 @@ def test_queued_jobs_at_start_no_requeue_and_unrebuildable(tmp_path):
     """Rows a previous process left queued: with requeue off they are failed; with it on, one whose input picture
     is gone fails with the reason while the others run."""
     from qimg.serve.store_sqlite import SQLiteJobStore
-    from tests.test_serve_support import ServerThread, make_settings, wait_models_loaded
+    from tests.serve_support import ServerThread, make_settings, wait_models_loaded
 
     def leave_queued(data, job_id, kind, params):
         data.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def test_queued_jobs_at_start_no_requeue_and_unrebuildable(tmp_path):
 
 
 def test_graceful_stop_keeps_queued_jobs_for_the_next_start(tmp_path):
-    from tests.test_serve_support import FakeLayered, ServerThread, make_settings, png_bytes, wait_models_loaded
+    from tests.serve_support import FakeLayered, ServerThread, make_settings, png_bytes, wait_models_loaded
 
     data = tmp_path / "data"
     image = {"image": ("in.png", png_bytes(32, 32), "image/png")}

@@ -54,11 +54,21 @@ def test_generates_pictures_the_checker_scores(tiny):
 
 
 def test_edit_keeps_the_picture(tiny):
-    scene = world.held_out(1, seed=3)[0]
-    source = world.render(scene)
-    out = tiny.generate("change the background to " + next(c for c in world.COLOURS if c != scene.background
-                        and all(o.colour != c for o in scene.objects)), images=[source], seed=0)[0]
-    assert out.size == source.size
+    """A recolour edit leaves the rest of the picture as it was: the untouched region stays close to the source
+    (the shipped model averages about 28 dB there on held-out scenes), and the picture does change."""
+    import random
+
+    from qimg.tiny import checker
+
+    kept = []
+    for i, scene in enumerate(world.held_out(4, seed=3)):
+        instruction, target = world.random_edit(scene, random.Random(i), kind="recolour")
+        source = world.render(scene)
+        out = tiny.generate(instruction, images=[source], seed=i)[0]
+        assert out.size == source.size
+        kept.append(checker.score_edit(source, out, scene, target)["untouched_psnr"])
+        assert np.abs(np.asarray(out.convert("RGB"), int) - np.asarray(source.convert("RGB"), int)).max() > 16
+    assert np.mean(kept) >= 22, kept
 
 
 def test_guidance_and_steps_default_per_task(tiny):

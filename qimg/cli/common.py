@@ -51,7 +51,8 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
                                                   f"(default: the embedded {default})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and compute (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None)
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None,
+                   help="where to run (default: CUDA when torch sees a GPU, else the CPU)")
     p.add_argument("--offload", action="store_true",
                    help="keep the encoder and the transformer in CPU memory, each moved to the GPU for its phase "
                         "(GPUs too small to hold both; slower)")

@@ -27,7 +27,8 @@ def register(sub) -> None:
                        description="Decompose IMAGE into RGBA layers (bottom to top) and write them as a layered "
                                    "file: .psd (Photoshop), .ora (OpenRaster), .pptx (PowerPoint) or .zip (PNGs).")
     p.add_argument("image", help="input picture (any mode; transparency is kept)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.{psd,ora,pptx,zip}")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.{psd,ora,pptx,zip}",
+                   help="the layered file to write; its suffix picks the format")
     p.add_argument("--layers", type=int, default=4, metavar="N", help="number of layers, 2-10 (default 4)")
     p.add_argument("--resolution", type=parse_resolution, default=None, metavar="640|1024|N",
                    help="working size: about N*N pixels (default 640; smaller multiples of 32 for previews)")

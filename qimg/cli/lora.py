@@ -17,22 +17,24 @@ def register(sub) -> None:
                                         "it in the diffusers/PEFT format. A run stopped early (--minutes, Ctrl-C "
                                         "between checkpoints) resumes from OUT.train.pt when started again.")
     train.add_argument("--data", required=True, type=Path, help="folder of examples")
-    train.add_argument("--out", required=True, type=Path, metavar="FILE.safetensors")
-    train.add_argument("--rank", type=int, default=16)
+    train.add_argument("--out", required=True, type=Path, metavar="FILE.safetensors",
+                       help="the LoRA to write (its checkpoint goes beside it as FILE.train.pt)")
+    train.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     train.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
-    train.add_argument("--steps", type=int, default=1000)
-    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (default 1000)")
+    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     train.add_argument("--batch", type=int, default=4, help="examples per optimizer step")
     train.add_argument("--targets", default="blocks",
                        help="blocks (every Linear in the transformer blocks), all, or comma-separated name pieces")
     train.add_argument("--resolution", type=int, default=None, help="train at about N*N pixels (default: the "
                                                                      "model's)")
     train.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--save-every", type=int, default=100, metavar="STEPS")
+    train.add_argument("--seed", type=int, default=0, help="fixes the run: initial weights, examples, noise")
+    train.add_argument("--save-every", type=int, default=100, metavar="STEPS",
+                       help="write the resumable checkpoint every STEPS steps (default 100)")
     train.add_argument("--checkpointing", action="store_true",
                        help="recompute block activations in the backward pass (less memory; for GPUs)")
-    train.add_argument("--quiet", action="store_true")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
     model_args(train)
     train.set_defaults(handler=run_train)
 

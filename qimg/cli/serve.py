@@ -64,7 +64,7 @@ def register(sub) -> None:
                    help="checkpoint folder or cached repo id, optionally named (repeatable; default: the embedded "
                         "qimg-tiny and qimg-tiny-layered). The first model that does a task is the default for it")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--data-dir", default=None,
                    help="jobs database and stored files (default $QIMG_DATA_DIR or ~/.local/share/qimg/serve)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -77,8 +77,10 @@ def register(sub) -> None:
     p.add_argument("--lazy", action="store_true", help="load each model on its first job instead of at start")
     p.add_argument("--no-requeue", action="store_true",
                    help="mark jobs still queued at shutdown failed instead of running them on the next start")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights and compute (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None,
+                   help="where to run (default: CUDA when torch sees a GPU, else the CPU)")
     p.add_argument("--offload", action="store_true",
                    help="keep the encoders and transformers in CPU memory, each moved to the GPU for its phase")
     p.add_argument("--attention", default="sdpa", metavar="NAME",
@@ -88,10 +90,11 @@ def register(sub) -> None:
                    help="LoRAs requests may name ('loras': [{'name', 'scale'}]; listed at /v1/loras)")
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image file (default 32)")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="most pixels in an uploaded image")
-    p.add_argument("--max-prompt-chars", type=int, default=32000)
+    p.add_argument("--max-prompt-chars", type=int, default=32000, help="longest prompt accepted (default 32000)")
     p.add_argument("--allow-remote-without-key", action="store_true",
                    help="allow a non-loopback --host with no API key (refused otherwise)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log detail (default info; debug also logs every request)")
     p.set_defaults(handler=run)
 
 

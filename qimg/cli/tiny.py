@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -17,7 +18,7 @@ def register(sub) -> None:
                        "run starts from the embedded model's weights)")
     train.add_argument("--work", type=Path, default=None, help="checkpoints and caches (default: runs/tiny, "
                        "runs/tiny-layered)")
-    train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     train.add_argument("--seed", type=int, default=None,
                        help="fixes the whole run: model init, data, noise (default 1234; a --work folder keeps the "
                             "seed it was started with)")
@@ -27,9 +28,10 @@ def register(sub) -> None:
     ev.add_argument("--out", type=Path, default=Path("eval"), help="folder for eval.json and samples.png")
     ev.add_argument("--model", default=None, help="for t2i and edit (default: qimg-tiny)")
     ev.add_argument("--layered-model", default=None, help="for layers (default: qimg-tiny-layered)")
-    ev.add_argument("--steps", type=int, default=None)
-    ev.add_argument("--cfg", type=float, default=None)
+    ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: each model's)")
+    ev.add_argument("--cfg", type=float, default=None, help="guidance scale (default: each model's)")
     ev.add_argument("--tasks", default="t2i,edit,layers", help="comma-separated: t2i, edit, layers")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(handler=run_eval)
 
 
@@ -79,7 +81,21 @@ def run_eval(args) -> int:
         raise InputError(f"--tasks takes t2i, edit, layers; got {args.tasks!r}")
     pipe = qimg.load(args.model) if {"t2i", "edit"} & set(tasks) else None
     layered = qimg.load(args.layered_model, task="layers") if "layers" in tasks else None
-    result = evaluate(pipe, n=args.n, out=args.out, steps=args.steps, cfg=args.cfg, tasks=tasks, layered=layered)
+    bars = {}
+
+    def progress(task, done, total):
+        if args.quiet:
+            return
+        if task not in bars:
+            from tqdm import tqdm
+
+            bars[task] = tqdm(total=total, desc=f"eval {task}", unit="scene", file=sys.stderr, dynamic_ncols=True)
+        bars[task].update(done - bars[task].n)
+        if done >= total:
+            bars[task].close()
+
+    result = evaluate(pipe, n=args.n, out=args.out, steps=args.steps, cfg=args.cfg, tasks=tasks, layered=layered,
+                      progress=progress)
     for task in ("t2i", "edit", "layers"):
         if task in result:
             print(task, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[task].items()})

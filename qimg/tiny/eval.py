@@ -24,9 +24,17 @@ def by_objects(values: list, scenes) -> dict:
     return {str(n): mean(v for v, s in zip(values, scenes) if len(s.objects) == n) for n in (1, 2, 3)}
 
 
-def eval_t2i(pipe, scenes, steps=None, cfg=None) -> tuple[dict, list]:
+def ticking(items, progress, task: str):
+    """`items`, calling `progress(task, done, total)` after each one."""
+    for i, item in enumerate(items):
+        yield item
+        if progress is not None:
+            progress(task, i + 1, len(items))
+
+
+def eval_t2i(pipe, scenes, steps=None, cfg=None, progress=None) -> tuple[dict, list]:
     rows, samples, seconds = [], [], []
-    for i, scene in enumerate(scenes):
+    for i, scene in enumerate(ticking(scenes, progress, "t2i")):
         text = world.prompt(scene)
         start = time.perf_counter()
         image = pipe.generate(text, seed=i, steps=steps, cfg=cfg)[0]
@@ -51,9 +59,9 @@ def eval_t2i(pipe, scenes, steps=None, cfg=None) -> tuple[dict, list]:
     }, samples
 
 
-def eval_edits(pipe, scenes, rng: random.Random, steps=None, cfg=None) -> tuple[dict, list]:
+def eval_edits(pipe, scenes, rng: random.Random, steps=None, cfg=None, progress=None) -> tuple[dict, list]:
     rows, samples, seconds, kinds = [], [], [], []
-    for i, source in enumerate(scenes):
+    for i, source in enumerate(ticking(scenes, progress, "edit")):
         instruction, target = world.random_edit(source, rng)
         src_img = world.render(source)
         start = time.perf_counter()
@@ -73,10 +81,10 @@ def eval_edits(pipe, scenes, rng: random.Random, steps=None, cfg=None) -> tuple[
     }, samples
 
 
-def eval_layers(pipe, scenes, steps=None, cfg=None) -> tuple[dict, list]:
+def eval_layers(pipe, scenes, steps=None, cfg=None, progress=None) -> tuple[dict, list]:
     """Decompose each held-out render into as many layers as it was built from (the model captions it itself)."""
     rows, samples, seconds = [], [], []
-    for i, scene in enumerate(scenes):
+    for i, scene in enumerate(ticking(scenes, progress, "layers")):
         truth, picture = world.render_layers(scene), world.render(scene)
         start = time.perf_counter()
         layers = pipe.layers(picture, layers=len(truth), seed=i, steps=steps, cfg=cfg)
@@ -143,8 +151,9 @@ def grid(samples, path: Path, columns: int = 6) -> None:
 
 
 def evaluate(pipe, n: int = 200, out: Path = Path("eval"), steps=None, cfg=None, seed: int = 0,
-             tasks=("t2i", "edit"), layered=None) -> dict:
-    """Score `pipe` (2.x: t2i, edit) and `layered` (a Layered pipeline: layers) on `n` held-out scenes per task."""
+             tasks=("t2i", "edit"), layered=None, progress=None) -> dict:
+    """Score `pipe` (2.x: t2i, edit) and `layered` (a Layered pipeline: layers) on `n` held-out scenes per task;
+    `progress(task, done, total)` after each scene."""
     out.mkdir(parents=True, exist_ok=True)
     scenes = world.held_out(n, seed=seed)
     result = {"held_out_scenes": n, "steps": steps, "cfg": cfg}
@@ -154,13 +163,13 @@ def evaluate(pipe, n: int = 200, out: Path = Path("eval"), steps=None, cfg=None,
         result["layered_model"] = layered.describe()
     samples = []
     if "t2i" in tasks:
-        result["t2i"], s = eval_t2i(pipe, scenes, steps, cfg)
+        result["t2i"], s = eval_t2i(pipe, scenes, steps, cfg, progress)
         samples += s[:18]
     if "edit" in tasks:
-        result["edit"], s = eval_edits(pipe, scenes, random.Random(seed), steps, cfg)
+        result["edit"], s = eval_edits(pipe, scenes, random.Random(seed), steps, cfg, progress)
         samples += s[:12]
     if "layers" in tasks:
-        result["layers"], s = eval_layers(layered, scenes, steps, cfg)
+        result["layers"], s = eval_layers(layered, scenes, steps, cfg, progress)
         samples += s
     with atomic_write(out / "eval.json", "w") as handle:
         json.dump(result, handle, indent=2)
