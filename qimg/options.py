@@ -84,6 +84,7 @@ class LoadOptions:
     loras: tuple = ()
     lora_mode: str = "fused"
     lora_partial: bool = False
+    download: bool = False  # fetch a repo id that is not in the Hugging Face cache (`qimg pull`) first
 
     def __post_init__(self):
         import torch

@@ -59,6 +59,9 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
     p.add_argument("--attention", default="sdpa", metavar="NAME",
                    help="attention backend: sdpa (default) or math (explicit softmax, a check on the fused kernels)")
     lora_args(p, default_mode="fused")
+    p.add_argument("--download", action="store_true",
+                   help="fetch --model from the Hugging Face Hub first when it is not cached (else qimg stays "
+                        "offline)")
 
 
 def lora_args(p: argparse.ArgumentParser, default_mode: str) -> None:
@@ -76,7 +79,7 @@ def load_options(args, task: str | None = None):
 
     return LoadOptions(model=args.model, task=task, dtype=args.dtype, device=args.device, offload=args.offload,
                        attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
-                       lora_partial=args.lora_partial)
+                       lora_partial=args.lora_partial, download=args.download)
 
 
 def describe_loras(pipe) -> str:

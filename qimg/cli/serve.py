@@ -86,6 +86,8 @@ def register(sub) -> None:
     p.add_argument("--attention", default="sdpa", metavar="NAME",
                    help="attention backend: sdpa (default) or math (explicit softmax, a check on the fused kernels)")
     lora_args(p, default_mode="unfused")
+    p.add_argument("--download", action="store_true",
+                   help="fetch each --model from the Hugging Face Hub first when it is not cached")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="LoRAs requests may name ('loras': [{'name', 'scale'}]; listed at /v1/loras)")
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image file (default 32)")
@@ -121,7 +123,7 @@ def settings_from_args(args):
                     preload=not args.lazy, requeue=not args.no_requeue, limits=limits,
                     load=LoadOptions(dtype=args.dtype, device=args.device, offload=args.offload,
                                      attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
-                                     lora_partial=args.lora_partial),
+                                     lora_partial=args.lora_partial, download=args.download),
                     lora_dir=Path(args.lora_dir).expanduser() if args.lora_dir else None)
 
 

@@ -50,9 +50,10 @@ def hf_cache_dir() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
-def resolve_model(model: str | os.PathLike | None, task: str | None = None) -> Path:
+def resolve_model(model: str | os.PathLike | None, task: str | None = None, download: bool = False) -> Path:
     """Return the folder holding `model_index.json` for a folder path, a cached repo id, an embedded model's name
-    ("qimg-tiny", "qimg-tiny-layered"), or None (the embedded model for `task`)."""
+    ("qimg-tiny", "qimg-tiny-layered"), or None (the embedded model for `task`). With `download`, a repo id that is
+    not cached is pulled from the Hub first."""
     if model is None or (isinstance(model, str) and model in EMBEDDED and not Path(model).exists()):
         folder = default_model_path(task) if model is None else embedded_model_path(model)
         if not folder.is_dir():
@@ -70,12 +71,16 @@ def resolve_model(model: str | os.PathLike | None, task: str | None = None) -> P
         found = _from_hf_cache(text)
         if found is not None:
             return found
+        if download:
+            from qimg.loading.pull import pull
+
+            return _check_folder(pull(text))
         cache = hf_cache_dir()
         raise CheckpointError(
             f"model {text!r} is neither a folder nor a repo id in the local Hugging Face cache "
             f"(searched {cache / _repo_folder_name(text)}; cache dirs: $HF_HUB_CACHE, else $HF_HOME/hub, "
-            f"else ~/.cache/huggingface/hub). qimg never downloads: fetch it first, e.g. "
-            f"`huggingface-cli download {text}`, or pass the path of a diffusers-layout folder containing {MODEL_INDEX}"
+            f"else ~/.cache/huggingface/hub). qimg stays offline unless asked: fetch it with `qimg pull {text}` (or "
+            f"add --download), or pass the path of a diffusers-layout folder containing {MODEL_INDEX}"
         )
     raise CheckpointError(f"model folder not found: {path.absolute()}")
 

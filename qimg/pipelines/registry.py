@@ -26,7 +26,7 @@ def pipeline_class(name: str):
 
 
 def load_pipeline(options: LoadOptions):
-    folder = resolve_model(options.model, options.task)
+    folder = resolve_model(options.model, options.task, download=options.download)
     index = read_model_index(folder)
     name = index.get("_class_name")
     if not name:
