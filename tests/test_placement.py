@@ -101,7 +101,8 @@ def test_2x_offload_leaves_the_lm_head_behind():
     with the head's weight on the meta device (any use would fail) the states are unchanged."""
     pipe = qimg.load(dtype="float32", device="cpu")
     conditioner = pipe.conditioner
-    assert conditioner.encoder is conditioner.model.model
+    model = conditioner.model  # the VLM (loaded on first need; text-only prompts do not need it)
+    assert conditioner.encoder is model.model
     expected = conditioner.encode("a small red circle in the center on a blue background")
     head = conditioner.model.lm_head.weight
     conditioner.model.lm_head.weight = nn.Parameter(torch.empty(head.shape, device="meta"), requires_grad=False)

@@ -110,6 +110,16 @@ class _Mapped:
             self.mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
 
+class _Renamed:
+    """A mapping's `release(key)` under another key name (for a prefixed part of a checkpoint)."""
+
+    def __init__(self, mapped: _Mapped, key: str):
+        self.mapped, self.key = mapped, key
+
+    def release(self, key: str) -> None:
+        self.mapped.release(self.key)
+
+
 def _locate(folder: Path, base_name: str | None) -> list[Path]:
     """The safetensors file(s) of a component folder (or a single .safetensors file path)."""
     folder = Path(folder)
@@ -192,10 +202,12 @@ def load_module(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     base_name: str | None = "diffusion_pytorch_model",
+    prefix: str | None = None,
 ) -> torch.nn.Module:
     """Build `factory()` on the meta device and assign the checkpoint's tensors to it (eval, no grad).
 
-    - Keys and shapes must match exactly (CheckpointError otherwise).
+    - Keys and shapes must match exactly (CheckpointError otherwise); with `prefix`, only the checkpoint's keys
+      under it are read (a part of a larger model), without it.
     - With `dtype`, floating-point tensors are cast one at a time; the source pages of each cast tensor are
       dropped from memory right away, so the peak is the converted model plus one tensor.
     - On CPU without a cast, parameters stay zero-copy views on the file mapping.
@@ -208,6 +220,10 @@ def load_module(
     with torch.device("meta"):
         module = factory()
     sd, owner = _open(Path(folder), base_name)
+    if prefix is not None:  # a part of a larger checkpoint: only its keys, without the prefix
+        owner = {k[len(prefix):]: m for k, m in owner.items() if k.startswith(prefix)}
+        sd = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
+        owner = {k: _Renamed(m, prefix + k) for k, m in owner.items()}
     check_state_dict(module.state_dict(), sd, str(folder))
     for key, t in sd.items():
         new = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)

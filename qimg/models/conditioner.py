@@ -53,11 +53,29 @@ class Condition:
 
 
 class Qwen3VLConditioner:
-    """Qwen-Image 2.x: Qwen3-VL's last decoder layer output before the final norm, after the system turn."""
+    """Qwen-Image 2.x: Qwen3-VL's last decoder layer output before the final norm, after the system turn.
 
-    def __init__(self, model, processor):
-        self.model = model
-        self.processor = processor
+    Built from a transformers model and processor, or loaded from a folder (`load`): then a prompt without
+    pictures runs through `qimg.models.qwen3_text` on the language model's weights alone, and transformers' VLM
+    (whose import costs seconds) is loaded the first time a picture, `model` or `processor` is needed; from then on
+    both paths read its weights.
+    """
+
+    def __init__(self, model=None, processor=None, *, folder: Path | None = None, dtype=None, device=None,
+                 text=None, tokenizer=None, text_config=None):
+        self._model, self._processor = model, processor
+        self.folder, self.dtype, self.load_device = folder, dtype, device
+        self.text_config = text_config
+        self._text = text  # a qwen3_text.Qwen3Text while the VLM is not loaded
+        self._tokenizer = tokenizer  # a tokenizers.Tokenizer
+        if processor is not None:
+            self._from_processor(processor)
+        else:
+            system = tokenizer.encode(f"<|im_start|>system\n{SYSTEM_21}<|im_end|>\n").ids
+            self.drop_idx = len(system)
+            self.image_token_id = tokenizer.token_to_id("<|image_pad|>")
+
+    def _from_processor(self, processor) -> None:
         sys_message = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_21}]}]
         tokens = processor.apply_chat_template(sys_message, tokenize=True, return_dict=False)
         self.drop_idx = len(tokens[0])
@@ -65,26 +83,79 @@ class Qwen3VLConditioner:
 
     @classmethod
     def load(cls, folder: Path, *, dtype: torch.dtype, device) -> "Qwen3VLConditioner":
+        """The light form: the tokenizer and the language model's weights now, the VLM when first needed. A folder
+        without `processor/tokenizer.json` loads the VLM at once."""
+        for sub in ("text_encoder", "processor"):
+            if not (folder / sub).is_dir():
+                raise CheckpointError(f"missing component folder {folder / sub}")
+        if not (folder / "processor" / "tokenizer.json").is_file():
+            model, processor = cls._load_vlm(folder, dtype, device)
+            return cls(model, processor)
+        from tokenizers import Tokenizer
+
+        from qimg.loading.files import read_json
+        from qimg.loading.weights import load_module
+        from qimg.models.qwen3_text import PREFIX, Qwen3Text, Qwen3TextConfig
+
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "processor" / "tokenizer.json"))
+            config = Qwen3TextConfig.from_vlm_config(read_json(folder / "text_encoder" / "config.json"))
+        except (OSError, ValueError, KeyError, Exception) as err:  # tokenizers raises its own Exception type
+            raise CheckpointError(f"cannot read the Qwen3-VL condition encoder in {folder}: {err}") from err
+        text = load_module(lambda: Qwen3Text(config), folder / "text_encoder", dtype=dtype, device=device,
+                           base_name="model", prefix=PREFIX)
+        return cls(folder=folder, dtype=dtype, device=device, text=text, tokenizer=tokenizer, text_config=config)
+
+    @staticmethod
+    def _load_vlm(folder: Path, dtype, device):
         from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
-        for sub in ("text_encoder", "processor"):
-            if not (folder / sub).is_dir():
-                raise CheckpointError(f"missing component folder {folder / sub}")
         try:
             processor = image_only(Qwen3VLProcessor).from_pretrained(str(folder / "processor"))
             model = Qwen3VLForConditionalGeneration.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
         except (OSError, ValueError, KeyError) as err:
             raise CheckpointError(f"cannot load the Qwen3-VL condition encoder from {folder}: {err}") from err
-        return cls(model.to(device).eval().requires_grad_(False), processor)
+        return model.to(device).eval().requires_grad_(False), processor
+
+    # -- the VLM, loaded on first need ---------------------------------------------------------------------------
+    @property
+    def model(self):
+        if self._model is None:
+            device = self._text.embed_tokens.weight.device if self._text is not None else self.load_device
+            self._model, self._processor = self._load_vlm(self.folder, self.dtype, device)
+            self._from_processor(self._processor)
+            self._text = None  # the VLM's language model holds the same weights
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model, self._text = value, None
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            self.model  # noqa: B018 - loads both
+        return self._processor
+
+    def to(self, device) -> "Qwen3VLConditioner":
+        """Move what is loaded (the language model, or the whole VLM) to `device`."""
+        (self._text if self._model is None else self._model).to(device)
+        self.load_device = device
+        return self
+
+    @property
+    def text_module(self):
+        """The module whose weights the text-only path reads."""
+        return self._text if self._text is not None else self._model.model.language_model
 
     @property
     def encoder(self):
         """The part of the model that encoding runs: the vision tower and the decoder layers, not the LM head (1.2
-        GB of an 8B Qwen3-VL in bfloat16 that offload then need not move to the GPU)."""
-        return self.model.model
+        GB of an 8B Qwen3-VL in bfloat16 that offload then need not move to the GPU); before the VLM is loaded,
+        the language model alone."""
+        return self._text if self._model is None else self._model.model
 
     @staticmethod
     def template(n_images: int) -> str:
@@ -94,12 +165,14 @@ class Qwen3VLConditioner:
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.text_config.hidden_size
+        return self.text_config.hidden_size if self.text_config else self.model.config.text_config.hidden_size
 
     @torch.no_grad()
     def encode(self, prompt: str, images: list[Image.Image] = (), max_tokens: int = MAX_PROMPT_TOKENS) -> Condition:
         """Encode one prompt with its condition images (already resized to their VAE size)."""
         text = self.template(len(images)).format(prompt or " ")
+        if not images and self._tokenizer is not None:
+            return self._encode_text(text, max_tokens)
         kwargs = {"text": [text], "padding": True, "padding_side": "left", "return_tensors": "pt"}
         if images:
             kwargs["images"] = [on_white(img) for img in images]
@@ -115,6 +188,18 @@ class Qwen3VLConditioner:
         states = self._pre_norm_states(forward)
         states = states[0][inputs.attention_mask[0].bool()][self.drop_idx:]
         return Condition(states[None], ids[self.drop_idx:] == self.image_token_id)
+
+    def _encode_text(self, text: str, max_tokens: int) -> Condition:
+        """A prompt without pictures through `qwen3_text` (no padding: one prompt)."""
+        from qimg.models.qwen3_text import last_hidden_states
+
+        ids = torch.tensor(self._tokenizer.encode(text).ids)
+        n_text = len(ids) - self.drop_idx
+        if n_text > max_tokens:
+            raise InputError(f"the prompt is {n_text} tokens after the template; the limit is {max_tokens}")
+        module = self.text_module
+        states = last_hidden_states(module, self.text_config, ids[None].to(module.embed_tokens.weight.device))
+        return Condition(states[:, self.drop_idx:], torch.zeros(n_text, dtype=torch.bool))
 
     def _pre_norm_states(self, forward: dict) -> torch.Tensor:
         """The last decoder layer's output, i.e. the input of the language model's final norm."""
@@ -226,6 +311,10 @@ class Qwen25VLConditioner:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def to(self, device) -> "Qwen25VLConditioner":
+        self.model.to(device)
+        return self
 
     def encode_text(self, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> Condition:
         """Text-to-image (and Layered) conditioning: the t2i template through the tokenizer."""

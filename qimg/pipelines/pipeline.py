@@ -142,7 +142,10 @@ class Pipeline(ABC):
         if options.loras:
             adapters.set(options.loras, fused=options.lora_mode == "fused", partial=options.lora_partial)
         if staged:
-            transformer, vae, conditioner.model = transformer.to(home), vae.to(device), conditioner.model.to(home)
+            transformer, vae = transformer.to(home), vae.to(device)
+            conditioner.to(home)
+        if home != device and hasattr(conditioner, "text_module"):
+            conditioner.model  # noqa: B018 - offload moves the whole VLM: load it now, not on the first picture
         transformer.set_attention(options.attention)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
         placement = Placement.of_pipeline(device, home != device, conditioner, transformer)
