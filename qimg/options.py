@@ -231,6 +231,8 @@ class GenerateOptions(SamplingOptions):
 
         if not isinstance(self.prompt, str):
             raise InputError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not self.prompt.strip():
+            raise InputError("prompt is empty: describe the picture, or for an edit the change to make")
         super().__post_init__()
         object.__setattr__(self, "images", tuple(check_image(img, i) for i, img in enumerate(self.images or ())))
         for name in ("width", "height"):

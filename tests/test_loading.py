@@ -89,7 +89,7 @@ def test_repo_id_not_cached(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as e:
         resolve_model("Qwen/Not-A-Model")
     msg = str(e.value)
-    assert "Qwen/Not-A-Model" in msg and str(tmp_path) in msg and "never downloads" in msg
+    assert "Qwen/Not-A-Model" in msg and str(tmp_path) in msg and "qimg pull Qwen/Not-A-Model" in msg
 
 
 def test_default_model_missing_or_present():

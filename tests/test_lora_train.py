@@ -11,6 +11,8 @@ from qimg.adapters.train import TrainOptions, train_lora
 from qimg.cli import main
 from qimg.errors import InputError
 
+pytestmark = pytest.mark.slow  # quick subset: python -m pytest -q -m 'not slow'
+
 diffusers = pytest.importorskip("diffusers")
 
 

@@ -15,6 +15,7 @@ QIMG = Path(__file__).resolve().parent.parent / "qimg"
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(prompt=3), "prompt must be a string, got int"),
+    (dict(prompt=" \n"), "prompt is empty"),
     (dict(steps=0), "steps must be an integer from 1 to 1000, got 0"),
     (dict(steps=2.5), "steps must be an integer"),
     (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*64\)"),

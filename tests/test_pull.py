@@ -12,6 +12,8 @@ import pytest
 from qimg.loading.files import embedded_model_path
 from tests.fake_hub import FakeHub
 
+pytestmark = pytest.mark.slow  # quick subset: python -m pytest -q -m 'not slow'
+
 PROMPT = "a large red circle in the center on a blue background"
 
 

@@ -22,6 +22,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 
 from tests.serve_support import FakeLayered, ServerThread, make_settings, png_bytes, wait_models_loaded  # noqa
 
+pytestmark = pytest.mark.slow  # quick subset: python -m pytest -q -m 'not slow'
+
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).parent / "artifacts"

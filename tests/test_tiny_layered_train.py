@@ -16,6 +16,8 @@ from qimg.models.vae import VAE
 from qimg.tiny import checker, world
 from qimg.tiny.train import rgba_tensor
 
+pytestmark = pytest.mark.slow  # quick subset: python -m pytest -q -m 'not slow'
+
 
 def test_frames_are_the_composite_then_layers_in_reading_order():
     rng = random.Random(4)

@@ -16,6 +16,8 @@ from qimg.models.vae import VAE
 from qimg.models.vae21 import VAE21
 from qimg.tiny import world
 
+pytestmark = pytest.mark.slow  # quick subset: python -m pytest -q -m 'not slow'
+
 
 def test_vae_loss_falls():
     torch.manual_seed(0)
@@ -223,7 +225,7 @@ def test_tiny_train_cli_takes_a_seed(tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "out"
     args = ["tiny", "train", "--minutes", "0", "--work", str(work), "--out", str(out)]
     assert main([*args, "--seed", "5"]) == 0
-    assert "run again to resume" in capsys.readouterr().out
+    assert f"export: {out}" in capsys.readouterr().out
     assert json.loads((work / "seed.json").read_text()) == {"seed": 5}
     assert main([*args, "--seed", "6"]) == 2
     assert "was started with seed 5; resume it with --seed 5" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Find a model folder (a path or a repo id in the local Hugging Face cache) and read its JSON files.
 
-qimg never downloads anything: a repo id is only looked up in the local cache.
+qimg downloads nothing unless asked (`qimg pull`, `--download`): a repo id is looked up in the local cache.
 """
 
 from __future__ import annotations

@@ -284,7 +284,12 @@ def run_stages(minutes: float, work: Path, out: Path, stages, seed: int, fits: l
     deadline = time.time() + minutes * 60
     *before, (last, fit_last) = fits
     for name, fit in before:
-        if name in stages and not fit(work, deadline, seed):
+        if name not in stages:
+            continue
+        if time.time() >= deadline:  # a stage such as the latent pool would otherwise run to its end
+            log(f"time is up before the {name} stage")
+            return False
+        if not fit(work, deadline, seed):
             return False
     done = fit_last(work, deadline, seed) if last in stages else True
     if "export" in stages and (work / "state-dit.pt").exists():
