@@ -93,6 +93,12 @@ def register(sub) -> None:
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image file (default 32)")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="most pixels in an uploaded image")
     p.add_argument("--max-prompt-chars", type=int, default=32000, help="longest prompt accepted (default 32000)")
+    p.add_argument("--job-timeout", type=float, default=600, metavar="SECONDS",
+                   help="stop a job that runs longer than this (default 600; 0: no limit)")
+    p.add_argument("--max-job-cost", type=float, default=1000, metavar="MPX_STEPS",
+                   help="refuse a job costing more megapixel-steps (steps x output megapixels x pictures x frames: "
+                        "the output and each condition image) than this (default 1000, e.g. 50 steps at 2048x2048 "
+                        "with 3 condition images; 0: no limit)")
     p.add_argument("--allow-remote-without-key", action="store_true",
                    help="allow a non-loopback --host with no API key (refused otherwise)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -114,13 +120,18 @@ def settings_from_args(args):
     if not keys and not is_loopback(args.host) and not args.allow_remote_without_key:
         raise InputError(f"--host {args.host} is reachable from other machines: set --api-key (or "
                          f"$QIMG_API_KEYS), or pass --allow-remote-without-key")
+    if args.job_timeout < 0 or args.max_job_cost < 0:
+        raise InputError(f"--job-timeout and --max-job-cost must be >= 0 (0: no limit), got {args.job_timeout} "
+                         f"and {args.max_job_cost}")
     max_upload = int(args.max_upload_mb * 1024 * 1024)
     limits = Limits(max_image_bytes=max_upload, max_request_bytes=max(max_upload * 11, 16 * 1024 * 1024),
-                    max_image_pixels=args.max_pixels, max_prompt_chars=args.max_prompt_chars)
+                    max_image_pixels=args.max_pixels, max_prompt_chars=args.max_prompt_chars,
+                    max_job_cost=args.max_job_cost or None)
     return Settings(models=parse_models(args.model), host=args.host, port=args.port,
                     data_dir=Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(),
                     api_keys=keys, max_queue=args.max_queue, cors_origins=tuple(args.cors_origin),
                     preload=not args.lazy, requeue=not args.no_requeue, limits=limits,
+                    job_timeout=args.job_timeout or None,
                     load=LoadOptions(dtype=args.dtype, device=args.device, offload=args.offload,
                                      attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
                                      lora_partial=args.lora_partial, download=args.download),

@@ -18,19 +18,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from qimg.options import GenerateOptions, LayersOptions
 from qimg.serve import runner
-from qimg.serve.errors import bad_request, error_response, from_exception, validation_error
+from qimg.serve.budget import check_cost
+from qimg.serve.errors import SafeJSONResponse, bad_request, error_response, from_exception
+from qimg.serve.requests import (EditRequest, ExportRequest, GenerationRequest, ImageOptions, LayersRequest, form_body, json_body,
+                                 read_form, read_json, validate)
 from qimg.serve.store import SUCCEEDED, new_job_id
-from qimg.serve.uploads import check_prompt, decode_image, parse_size
+from qimg.serve.uploads import check_prompt, decode_image, human_bytes, parse_size
 from qimg.serve.worker import Task
 
 router = APIRouter()
@@ -39,92 +40,7 @@ JOB_HEADER = "x-qimg-job-id"
 USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
          "total_tokens": 0}
 KEEPALIVE_S = 15.0
-
-
-class LoraChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=300)
-    scale: float = Field(1.0, ge=-8, le=8)
-
-
-class SamplingFields(BaseModel):
-    """qimg's sampling extras, shared by every route (checked again, with the library's messages, by the options)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    loras: list[LoraChoice] | None = Field(None, max_length=8)
-
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _loras_from_form(cls, value):  # multipart forms send the list as JSON text
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"loras must be a JSON list of {{'name', 'scale'}} objects ({err.msg})") from None
-        return value
-
-    def lora_record(self, library) -> list[dict]:
-        return library.specs([choice.model_dump() for choice in self.loras or []])
-
-    steps: int | None = Field(None, ge=1, le=1000)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    negative_prompt: str | None = None
-    guidance_scale: float | None = Field(None, ge=0, le=100)
-    true_cfg_scale: float | None = Field(None, ge=0, le=100)
-    cfg_normalize: bool | None = None
-    sampler: str | None = None
-    preset: str | None = None
-    sigmas: list[float] | None = Field(None, min_length=1, max_length=1000)
-    scheduler_config: dict | None = None
-    shift: float | None = Field(None, gt=0, le=100)
-
-    def sampling(self, negative_prompt: str | None) -> dict:
-        """The sampling fields of the library's options."""
-        return dict(steps=self.steps, seed=self.seed, negative_prompt=negative_prompt, cfg=requested_cfg(self),
-                    cfg_normalize=self.cfg_normalize, sampler=self.sampler or "euler", preset=self.preset,
-                    sigmas=self.sigmas, scheduler=self.scheduler_config, shift=self.shift)
-
-
-class ImageOptions(SamplingFields):
-    """Fields shared by generations and edits (OpenAI's, then qimg's extras)."""
-
-    prompt: str
-    model: str | None = None
-    n: int = Field(1, ge=1)
-    size: str | None = "auto"
-    quality: str | None = None
-    response_format: Literal["url", "b64_json"] | None = None
-    output_format: Literal["png", "jpeg", "webp"] | None = None
-    output_compression: int | None = Field(None, ge=0, le=100)
-    background: Literal["transparent", "opaque", "auto"] | None = None
-    moderation: str | None = None
-    style: str | None = None
-    user: str | None = None
-    stream: bool | None = False
-    partial_images: int | None = Field(None, ge=0, le=3)
-    num_inference_steps: int | None = Field(None, ge=1, le=1000)
-
-
-class GenerationRequest(ImageOptions):
-    pass
-
-
-class EditRequest(ImageOptions):
-    input_fidelity: str | None = None
-
-
-class LayersRequest(SamplingFields):
-    model: str | None = None
-    layers: int = Field(4, ge=1)
-    resolution: int | None = Field(None, ge=32, le=4096)
-    prompt: str | None = None
-    format: Literal["psd", "ora", "pptx", "zip", "json"] = "json"
-    response_format: Literal["url", "b64_json"] | None = None
-    user: str | None = None
-    recurse: int | None = Field(None, ge=0)
-    caption_language: Literal["en", "zh"] = "en"
+DISCONNECT_POLL_S = 0.25
 
 
 def services(request: Request):
@@ -133,18 +49,6 @@ def services(request: Request):
 
 def base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
-
-
-def validate(model, data: dict):
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise validation_error(err.errors()) from None
-
-
-def requested_cfg(req) -> float | None:
-    """`guidance_scale`, else its diffusers name `true_cfg_scale` (None: the model's default)."""
-    return req.guidance_scale if req.guidance_scale is not None else req.true_cfg_scale
 
 
 def image_spec(req: ImageOptions, limits, library, images=()) -> tuple[runner.Spec, dict]:
@@ -201,19 +105,20 @@ def wants_async(request: Request) -> bool:
     return any(p.strip().lower() == "respond-async" for p in request.headers.get("prefer", "").split(","))
 
 
-async def precheck(svc, task: Task) -> None:
-    """When the model is loaded, settle the request against it (sizes, image counts, presets) before a job exists,
-    so that a request it refuses is a 400 with no job behind it."""
-    entry = svc.models.get(task.model)
+async def precheck(svc, model: str, kind: str, options) -> None:
+    """When the model is loaded, settle the request against it (sizes, image counts, presets, the cost budget)
+    before a job exists, so that a request it refuses is a 400 with no job behind it. (The worker checks the budget
+    again when it runs a job whose model was not loaded yet.)"""
+    entry = svc.models.get(model)
     plan = getattr(entry.pipeline, "plan", None) if entry is not None else None
     if plan is not None:
-        await run_in_threadpool(plan, task.spec.options)
+        settled = await run_in_threadpool(plan, options)
+        check_cost(kind, settled, svc.settings.limits)
 
 
 async def run_job(request: Request, task: Task, respond, *, stream: bool = False, partials: int = 0,
                   prefix: str = "image_generation", stream_meta: dict | None = None):
     svc = services(request)
-    await precheck(svc, task)
     sub = svc.bus.subscribe(task.job_id, partials=partials if stream else 0)
     try:
         await run_in_threadpool(svc.worker.submit, task)  # writes the input files: off the event loop
@@ -224,25 +129,42 @@ async def run_job(request: Request, task: Task, respond, *, stream: bool = False
     if wants_async(request):
         svc.bus.unsubscribe(sub)
         job = svc.store.get(task.job_id)
-        return JSONResponse(job.to_json(base_url(request), svc.bus.progress(job.id)), status_code=202,
+        return SafeJSONResponse(job.to_json(base_url(request), svc.bus.progress(job.id)), status_code=202,
                             headers={**headers, "location": f"/v1/jobs/{task.job_id}"})
     if stream:
-        return StreamingResponse(stream_job(svc, sub, prefix, stream_meta or {}), media_type="text/event-stream",
+        return StreamingResponse(stream_job(svc, sub, task.job_id, prefix, stream_meta or {}),
+                                 media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
     try:
-        while True:
-            event = await sub.queue.get()
-            if event["type"] == "done":
-                break
+        event = await wait_done(request, svc, sub, task.job_id)
     finally:
         svc.bus.unsubscribe(sub)
+    if event is None:  # the client is gone: nobody reads an answer
+        return SafeJSONResponse({}, status_code=499, headers=headers)
     if event["status"] == SUCCEEDED:
-        return JSONResponse(respond(event["outcome"]), headers=headers)
+        return SafeJSONResponse(respond(event["outcome"]), headers=headers)
     return error_response(from_exception(event["outcome"]), headers=headers)
 
 
-async def stream_job(svc, sub, prefix: str, meta: dict):
-    """OpenAI's image streaming: `<prefix>.partial_image` events, then `<prefix>.completed` per image."""
+async def wait_done(request: Request, svc, sub, job_id: str):
+    """The job's `done` event; None when the client disconnected first (the job is then cancelled: dropped if
+    queued, stopped before its next step if running)."""
+    while True:
+        try:
+            event = await asyncio.wait_for(sub.queue.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                await run_in_threadpool(svc.worker.cancel, job_id, "the client disconnected")
+                return None
+            continue
+        if event["type"] == "done":
+            return event
+
+
+async def stream_job(svc, sub, job_id: str, prefix: str, meta: dict):
+    """OpenAI's image streaming: `<prefix>.partial_image` events, then `<prefix>.completed` per image. A client
+    that goes away cancels the job."""
+    finished = False
     try:
         while True:
             event = await next_event(sub)
@@ -255,6 +177,7 @@ async def stream_job(svc, sub, prefix: str, meta: dict):
                     "partial_image_index": event["index"], "created_at": int(time.time()), "size": event["size"],
                     **meta})
             elif event["type"] == "done":
+                finished = True
                 if event["status"] == SUCCEEDED:
                     result = event["outcome"]
                     for stored in result.images:
@@ -268,6 +191,8 @@ async def stream_job(svc, sub, prefix: str, meta: dict):
                 return
     finally:
         svc.bus.unsubscribe(sub)
+        if not finished:
+            svc.worker.cancel(job_id, "the client disconnected")
 
 
 def stream_meta(req: ImageOptions) -> dict:
@@ -276,51 +201,38 @@ def stream_meta(req: ImageOptions) -> dict:
             "output_format": req.output_format or "png"}
 
 
-@router.post("/v1/images/generations")
-async def generations(req: GenerationRequest, request: Request):
+@router.post("/v1/images/generations", openapi_extra=json_body(GenerationRequest))
+async def generations(request: Request):
     svc = services(request)
+    req = validate(GenerationRequest, await read_json(request), strict=True)
     model = svc.models.pick(req.model, "generate")
     spec, params = image_spec(req, svc.settings.limits, svc.loras)
+    await precheck(svc, model, "generate", spec.options)
     params["warning"] = svc.models.get(model).warning(req.prompt, editing=False)
-    task = Task(new_job_id(), "generate", model, spec, params)
+    task = Task(new_job_id(), "generate", model, params)
     url_base = base_url(request)
     return await run_job(request, task, lambda result: images_body(result, req, url_base), stream=bool(req.stream),
                          partials=req.partial_images or 0, prefix="image_generation", stream_meta=stream_meta(req))
 
 
-async def read_form(request: Request, limits, file_fields: tuple[str, ...]):
-    """(scalar fields, {file field: [UploadFile]}); repeated scalars and files in scalar fields are refused."""
-    form = await request.form(max_files=limits.max_images * 2 + 2, max_fields=64,
-                              max_part_size=limits.max_prompt_chars * 4 + 4096)
-    scalars, files = {}, {}
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            base = key[:-2] if key.endswith("[]") else key
-            if base not in file_fields:
-                raise bad_request(f"unexpected file in field {key!r}; files go in {', '.join(file_fields)}",
-                                  param=key)
-            files.setdefault(base, []).append(value)
-        else:
-            if key.endswith("[]") and key[:-2] in file_fields or key in file_fields:
-                raise bad_request(f"{key!r} must be an uploaded file (multipart/form-data), not text", param=key)
-            if key in scalars:
-                raise bad_request(f"parameter {key!r} is given more than once", param=key)
-            scalars[key] = value
-    return form, scalars, files
-
-
 async def read_upload(upload: UploadFile, label: str, limits, param: str):
+    """The upload checked and decoded (off the event loop); its size is refused before it is read in full."""
+    size = getattr(upload, "size", None)
+    if size is not None and size > limits.max_image_bytes:
+        raise bad_request(f"{label} is {human_bytes(size)}; the limit is {human_bytes(limits.max_image_bytes)}",
+                          param=param, code="image_too_large")
     data = await upload.read(limits.max_image_bytes + 1)
-    return await run_in_threadpool(decode_image, data, label, limits, param)  # decoding is CPU work
+    # decoding is CPU work; the job decodes the picture again (converted) when it runs
+    return await run_in_threadpool(lambda: decode_image(data, label, limits, param, convert=False))
 
 
-@router.post("/v1/images/edits")
-async def edits(request: Request):
-    svc = services(request)
+async def edit_task(request: Request, svc) -> tuple[Task, EditRequest]:
+    """The checked edit as a job: the pictures are decoded here to check them and settle the request, and only
+    their encoded bytes go with the job (decoded again when it runs), so a queued edit holds no pixels."""
     limits = svc.settings.limits
     form, scalars, files = await read_form(request, limits, ("image", "mask"))
     try:
-        req = validate(EditRequest, scalars)
+        req = validate(EditRequest, scalars, strict=False)
         if files.get("mask"):
             raise bad_request("mask is not supported: Qwen-Image edits follow the instruction in the prompt; describe "
                               "the region to change there instead of sending a mask", param="mask",
@@ -338,25 +250,25 @@ async def edits(request: Request):
         await form.close()
     model = svc.models.pick(req.model, "edit")
     spec, params = image_spec(req, limits, svc.loras, [d.image for d in decoded])
+    await precheck(svc, model, "edit", spec.options)
     params["warning"] = svc.models.get(model).warning(req.prompt, editing=True)
-    task = Task(new_job_id(), "edit", model, spec, params, inputs=decoded)
+    return Task(new_job_id(), "edit", model, params, inputs=[d.encoded() for d in decoded]), req
+
+
+@router.post("/v1/images/edits", openapi_extra=form_body(EditRequest, ("image",)))
+async def edits(request: Request):
+    svc = services(request)
+    task, req = await edit_task(request, svc)
     url_base = base_url(request)
     return await run_job(request, task, lambda result: images_body(result, req, url_base), stream=bool(req.stream),
                          partials=req.partial_images or 0, prefix="image_edit", stream_meta=stream_meta(req))
 
 
-@router.post("/v1/images/layers")
-async def layers(request: Request):
-    """Decompose one picture into RGBA layers (bottom to top), optionally exported as PSD, ORA, PPTX or ZIP.
-
-    Answer: OpenAI's envelope with one `data` entry per layer (PNG, `b64_json` or `url`), plus `file` (the
-    exported stack: id, url, bytes) when `format` is not "json".
-    """
-    svc = services(request)
+async def layers_task(request: Request, svc) -> tuple[Task, LayersRequest]:
     limits = svc.settings.limits
     form, scalars, files = await read_form(request, limits, ("image",))
     try:
-        req = validate(LayersRequest, scalars)
+        req = validate(LayersRequest, scalars, strict=False)
         uploads = files.get("image", [])
         if len(uploads) != 1:
             raise bad_request(f"layers takes exactly one 'image' file, got {len(uploads)}", param="image")
@@ -375,8 +287,19 @@ async def layers(request: Request):
                             recurse=req.recurse, caption_language=req.caption_language, **req.sampling(negative))
     params = {**options.to_record(), "format": req.format, "response_format": req.response_format or "b64_json",
               "loras": req.lora_record(svc.loras)}
-    spec = runner.spec_from_params("layers", params, [upload.image])
-    task = Task(new_job_id(), "layers", model, spec, params, inputs=[upload])
+    await precheck(svc, model, "layers", runner.spec_from_params("layers", params, [upload.image]).options)
+    return Task(new_job_id(), "layers", model, params, inputs=[upload.encoded()]), req
+
+
+@router.post("/v1/images/layers", openapi_extra=form_body(LayersRequest, ("image",)))
+async def layers(request: Request):
+    """Decompose one picture into RGBA layers (bottom to top), optionally exported as PSD, ORA, PPTX or ZIP.
+
+    Answer: OpenAI's envelope with one `data` entry per layer (PNG, `b64_json` or `url`), plus `file` (the
+    exported stack: id, url, bytes) when `format` is not "json".
+    """
+    svc = services(request)
+    task, req = await layers_task(request, svc)
     url_base = base_url(request)
 
     def respond(result: runner.LayersResult) -> dict:
@@ -389,20 +312,13 @@ async def layers(request: Request):
     return await run_job(request, task, respond)
 
 
-class ExportRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    layers: list[str] = Field(min_length=1, max_length=64)
-    format: Literal["psd", "ora", "pptx", "zip"]
-    names: list[str] | None = None
-
-
-@router.post("/v1/images/layers/export")
-async def export_stack(req: ExportRequest, request: Request):
+@router.post("/v1/images/layers/export", openapi_extra=json_body(ExportRequest))
+async def export_stack(request: Request):
     """Write stored layer PNGs (file ids, bottom to top: a reordered or filtered stack) as one PSD/ORA/PPTX/ZIP."""
     from qimg.serve.store import FILE_ID
 
     svc = services(request)
+    req = validate(ExportRequest, await read_json(request), strict=True)
     limits = svc.settings.limits
     if req.names is not None and (len(req.names) != len(req.layers) or any(len(n) > 200 for n in req.names)):
         raise bad_request("names must give one name (at most 200 characters) per layer", param="names")

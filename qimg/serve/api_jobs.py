@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import qimg
 from qimg.serve.api_images import JOB_HEADER, base_url, next_event, services, sse
-from qimg.serve.errors import ApiError, bad_request
+from qimg.serve.errors import ApiError, SafeJSONResponse, bad_request
 from qimg.serve.store import CANCELLED, FILE_ID, JOB_ID
 
 router = APIRouter()
@@ -86,7 +86,7 @@ async def cancel_job(job_id: str, request: Request):
     outcome = svc.worker.cancel(job_id)
     job = svc.store.get(job_id)
     body = {**job_json(svc, job, base_url(request)), "cancel": outcome}
-    return JSONResponse(body, status_code=200 if outcome == CANCELLED else 202, headers={JOB_HEADER: job_id})
+    return SafeJSONResponse(body, status_code=200 if outcome == CANCELLED else 202, headers={JOB_HEADER: job_id})
 
 
 @router.get("/v1/jobs/{job_id}/events")
@@ -124,7 +124,7 @@ async def job_events(job_id: str, request: Request):
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no", JOB_HEADER: job_id})
 
 
-@router.get("/v1/files/{file_id}")
+@router.api_route("/v1/files/{file_id}", methods=["GET", "HEAD"])
 async def read_file(file_id: str, request: Request, download: bool = False):
     """A stored file by its server-generated id (`file_` + 32 hex digits; a known extension may follow)."""
     svc = services(request)

@@ -110,6 +110,7 @@ def create_app(settings: Settings, *, pipelines: dict[str, object] | None = None
             lock.release()
 
     app = FastAPI(title="qimg", version=qimg.__version__, lifespan=lifespan,
+                  default_response_class=errors.SafeJSONResponse,
                   description="Qwen-Image family server: OpenAI Images API, layers, jobs.")
     app.state.services = services
     errors.install(app)
@@ -117,7 +118,8 @@ def create_app(settings: Settings, *, pipelines: dict[str, object] | None = None
     app.include_router(api_jobs.router)
     app.mount("/static", StaticFiles(directory=os.fspath(api_jobs.STATIC)), name="static")
     app.add_middleware(GuardMiddleware, api_keys=settings.api_keys,
-                       max_request_bytes=settings.limits.max_request_bytes)
+                       max_form_bytes=settings.limits.max_form_bytes(),
+                       max_json_bytes=min(settings.limits.max_json_bytes, settings.limits.max_request_bytes))
     if settings.cors_origins:  # added last: outermost, so preflights and 401s carry CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],

@@ -6,6 +6,7 @@ FastAPI's 422 validation answer is replaced by HTTP 400 in this shape, and so ar
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -18,8 +19,17 @@ from qimg.errors import Cancelled, CheckpointError, InputError
 log = logging.getLogger("qimg.serve")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-         405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+         405: "invalid_request_error", 408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
          429: "rate_limit_error"}
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON whose text is always UTF-8: a string UTF-8 cannot encode (a lone surrogate) is sent as its `\\u`
+    escape instead of failing the response with a 500."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None,
+                          separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 class ApiError(Exception):
@@ -46,9 +56,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def error_response(err: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     merged = {**err.headers, **(headers or {})}
-    if err.status >= 500 or err.status == 409:
+    if err.status >= 500 or err.status in (408, 409):
         merged.setdefault("x-should-retry", "false")  # a failed job fails again: tell OpenAI clients not to retry
-    return JSONResponse(err.body(), status_code=err.status, headers=merged)
+    return SafeJSONResponse(err.body(), status_code=err.status, headers=merged)
 
 
 def from_exception(exc: BaseException) -> ApiError:
@@ -75,7 +85,9 @@ def validation_error(errors) -> ApiError:
     param = _loc(first.get("loc", ()))
     msg = str(first.get("msg", "invalid request"))
     kind = first.get("type")
-    if kind == "missing":
+    if kind == "missing" and param is None:
+        message = 'the request body is empty: send a JSON object such as {"prompt": "a red circle"}'
+    elif kind == "missing":
         message = f"missing required parameter: {param!r}"
     elif kind == "extra_forbidden":
         message = f"unknown parameter: {param!r}"

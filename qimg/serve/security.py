@@ -2,8 +2,9 @@
 
 With keys set, every route needs `Authorization: Bearer <key>` (compared with `hmac.compare_digest`) except the
 page itself (`/`, `/static/...`, `/favicon.ico`) and `/health`. Missing or wrong keys get HTTP 401 in OpenAI's
-error shape. A body larger than `max_request_bytes` gets HTTP 413 (from Content-Length before reading, or while
-reading a chunked body).
+error shape. A body larger than its limit gets HTTP 413 (from Content-Length before reading, or while reading a
+chunked body): multipart forms may carry the pictures (`Limits.max_form_bytes()`), every other body is JSON and
+small (`Limits.max_json_bytes`), so a huge JSON body is refused before it is read or parsed.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ async def _send_error(send, status: int, message: str, type: str, code: str, ext
 
 
 class GuardMiddleware:
-    def __init__(self, app, *, api_keys: tuple[str, ...], max_request_bytes: int):
-        self.app, self.api_keys, self.max_bytes = app, tuple(api_keys), max_request_bytes
+    def __init__(self, app, *, api_keys: tuple[str, ...], max_form_bytes: int, max_json_bytes: int):
+        self.app, self.api_keys = app, tuple(api_keys)
+        self.max_form_bytes, self.max_json_bytes = max_form_bytes, max_json_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -65,10 +67,13 @@ class GuardMiddleware:
                 return await _send_error(send, 401, message, "authentication_error",
                                          "missing_api_key" if missing else "invalid_api_key",
                                          [(b"www-authenticate", b"Bearer")])
+        form = headers.get("content-type", "").lower().startswith("multipart/")
+        limit = self.max_form_bytes if form else self.max_json_bytes
+        kind = "a multipart body" if form else "a JSON body"
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_error(send, 413, f"the request body is {int(length):,} bytes; the limit is "
-                                                f"{self.max_bytes:,}", "invalid_request_error", "request_too_large")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _send_error(send, 413, f"the request body is {int(length):,} bytes; the limit for {kind} is "
+                                                f"{limit:,}", "invalid_request_error", "request_too_large")
         seen = 0
         started = exceeded = replaced = False
 
@@ -77,9 +82,9 @@ class GuardMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     exceeded = True
-                    raise BodyTooLarge(self.max_bytes)
+                    raise BodyTooLarge(limit)
             return message
 
         async def guarded_send(message):
@@ -90,7 +95,7 @@ class GuardMiddleware:
                 started = True
                 if exceeded:
                     replaced = True
-                    await _send_error(send, 413, f"the request body is larger than {self.max_bytes:,} bytes",
+                    await _send_error(send, 413, f"the request body is larger than {limit:,} bytes",
                                       "invalid_request_error", "request_too_large")
                     return
             elif replaced:
@@ -101,5 +106,5 @@ class GuardMiddleware:
             await self.app(scope, limited_receive, guarded_send)
         except BodyTooLarge:
             if not started:
-                await _send_error(send, 413, f"the request body is larger than {self.max_bytes:,} bytes",
+                await _send_error(send, 413, f"the request body is larger than {limit:,} bytes",
                                   "invalid_request_error", "request_too_large")

@@ -34,13 +34,20 @@ def default_data_dir() -> Path:
 class Limits:
     """What one request may ask for; everything beyond is refused with HTTP 400 (413 for the body size)."""
 
-    max_request_bytes: int = 128 * 1024 * 1024  # whole HTTP body
+    max_request_bytes: int = 128 * 1024 * 1024  # whole HTTP body (multipart forms; also capped by the image limits)
+    max_json_bytes: int = 1024 * 1024  # whole body of a JSON route (and of any non-multipart request)
     max_image_bytes: int = 32 * 1024 * 1024  # one uploaded file
     max_image_pixels: int = 4096 * 4096  # decoded pixels of one uploaded image (checked from the header)
     max_images: int = 10  # images in one edit request
     max_prompt_chars: int = 32000
     max_n: int = 10
     max_layers: int = 16
+    max_job_cost: float | None = 1000.0  # megapixel-steps (qimg.serve.budget); None: no limit
+
+    def max_form_bytes(self) -> int:
+        """A multipart body: the pictures at their limit, the text fields and the form's own framing."""
+        return min(self.max_request_bytes, self.max_images * self.max_image_bytes + self.max_prompt_chars * 8 +
+                   256 * 1024)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     preview_interval: float = 0.5  # seconds between live previews sent to /v1/jobs/{id}/events
     preview_side: int = 256  # longest side of those previews
+    job_timeout: float | None = 600.0  # seconds a job may run before it is stopped (None: no limit)
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -79,3 +87,5 @@ class Settings:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         if self.max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        if self.job_timeout is not None and not self.job_timeout > 0:
+            raise ValueError(f"job_timeout must be > 0 seconds (or None for no limit), got {self.job_timeout}")

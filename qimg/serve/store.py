@@ -21,6 +21,22 @@ JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 FILE_ID = re.compile(r"^file_[0-9a-f]{32}$")
 
 
+def storable(value):
+    """`value` with every string UTF-8 can encode: a lone UTF-16 surrogate (which JSON's escapes can carry in) is
+    written out as the text `\\udXXX`. Rows stored before requests were checked are read back through this."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
+
+
 def new_job_id() -> str:
     return "job_" + secrets.token_hex(16)
 

@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from qimg.serve.store import (CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL, FileRecord, Job, JobStore)
+from qimg.serve.store import (CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL, FileRecord, Job, JobStore, storable)
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -71,9 +71,9 @@ class SQLiteJobStore(JobStore):
     def _job(self, row) -> Job:
         files = [self._file(r) for r in self._db.execute(
             "SELECT * FROM files WHERE job_id=? ORDER BY role, idx", (row["id"],))]
-        return Job(row["id"], row["kind"], row["status"], row["model"], json.loads(row["params"]),
-                   json.loads(row["result"] or "{}"), row["error"], row["error_type"], row["created_at"],
-                   row["started_at"], row["finished_at"], files)
+        return Job(row["id"], row["kind"], row["status"], row["model"], storable(json.loads(row["params"])),
+                   storable(json.loads(row["result"] or "{}")), storable(row["error"]), row["error_type"],
+                   row["created_at"], row["started_at"], row["finished_at"], files)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -111,7 +111,7 @@ class SQLiteJobStore(JobStore):
             cur = self._db.execute(
                 f"UPDATE jobs SET status=?, result=?, error=?, error_type=?, finished_at=? "
                 f"WHERE id=? AND status NOT IN ({marks})",
-                (status, json.dumps(result or {}), error, error_type, time.time(), job_id, *TERMINAL))
+                (status, json.dumps(result or {}), storable(error), error_type, time.time(), job_id, *TERMINAL))
             return cur.rowcount == 1
 
     def recover(self, keep_queued: bool = False) -> list[str]:

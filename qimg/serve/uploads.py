@@ -15,19 +15,35 @@ _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 
 
 def human_bytes(n: int) -> str:
-    return f"{n / 1024 / 1024:.0f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KiB"
+    mib = n / 1024 / 1024
+    if mib >= 1:
+        return f"{mib:.0f} MiB" if mib == int(mib) else f"{mib:.1f} MiB"
+    return f"{n / 1024:.0f} KiB"
 
 
-class Upload:
-    """A checked, decoded picture with the bytes it came from."""
+class Encoded:
+    """A checked picture as the bytes it came in (what a queued job holds: no pixels)."""
 
-    def __init__(self, image: Image.Image, data: bytes, fmt: str):
-        self.image, self.data, self.format = image, data, fmt
+    def __init__(self, data: bytes, fmt: str):
+        self.data, self.format = data, fmt
         self.mime, self.ext = FORMATS[fmt]
 
 
-def decode_image(data: bytes, label: str, limits: Limits, param: str = "image") -> Upload:
-    """PNG, JPEG or WebP only; the pixel count is checked from the header before any pixel is decoded."""
+class Upload(Encoded):
+    """A checked, decoded picture with the bytes it came from."""
+
+    def __init__(self, image: Image.Image, data: bytes, fmt: str):
+        super().__init__(data, fmt)
+        self.image = image
+
+    def encoded(self) -> Encoded:
+        return Encoded(self.data, self.format)
+
+
+def decode_image(data: bytes, label: str, limits: Limits, param: str = "image", *, convert: bool = True) -> Upload:
+    """PNG, JPEG or WebP only; the pixel count is checked from the header before any pixel is decoded. Every
+    pixel is decoded (a truncated file is refused here); `convert=False` keeps the file's own mode (a 1-bit PNG
+    stays one byte per pixel instead of four), enough to check the request."""
     if not data:
         raise bad_request(f"{label} is empty", param=param, code="invalid_image")
     if len(data) > limits.max_image_bytes:
@@ -54,7 +70,7 @@ def decode_image(data: bytes, label: str, limits: Limits, param: str = "image") 
     except (OSError, SyntaxError, ValueError) as err:
         raise bad_request(f"{label} is truncated or corrupt ({fmt}): {err}", param=param,
                           code="invalid_image") from None
-    if img.mode not in ("RGB", "RGBA"):
+    if convert and img.mode not in ("RGB", "RGBA"):
         img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
     return Upload(img, data, fmt)
 

@@ -1,8 +1,12 @@
 """The worker: one thread that runs jobs one at a time (one accelerator, one job), in arrival order.
 
 Admission is bounded: at most `max_queue` jobs wait (the running one not counted); `submit` raises HTTP 429 with
-a Retry-After estimate beyond that. Cancelling a queued job drops it; cancelling a running one sets its stop flag,
-which the pipeline polls between denoising steps (its options' `cancel`), so it ends with status "cancelled".
+a Retry-After estimate beyond that. Cancelling a queued job drops it; cancelling a running one (by request, or
+because the client of a synchronous request went away) stops it through its `JobControl`, which the pipeline polls
+between denoising steps (its options' `cancel`), so it ends with status "cancelled". The same control stops a job
+that runs past `Settings.job_timeout` (status "failed", error type "job_timeout").
+A queued job holds its parameters and its input pictures' bytes (on disk once submitted), never decoded pixels:
+they are decoded when it runs, as after a restart.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 from qimg.errors import Cancelled
 from qimg.serve import runner
+from qimg.serve.budget import check_cost
 from qimg.serve.errors import ApiError, from_exception
 from qimg.serve.events import EventBus
 from qimg.serve.loras import LoraLibrary
@@ -31,16 +36,46 @@ log = logging.getLogger("qimg.serve")
 STOPPED_RUNNING = "the server shut down while this job was running"
 STOPPED_QUEUED = "the server shut down before this job started"
 STOPPED_KEPT = "the server shut down before this job started; it stays queued and runs when the server starts again"
+TIMED_OUT = "timeout"
 
 
 @dataclass
 class Task:
+    """A queued job: its recorded parameters and, until they are stored, its input pictures' encoded bytes.
+    It holds no decoded pixels: the worker decodes the stored inputs and builds the options when the job runs."""
+
     job_id: str
     kind: str  # "generate", "edit", "layers"
     model: str
-    spec: runner.Spec
     params: dict  # what is recorded in the job row
-    inputs: list = None  # uploads.Upload objects stored as the job's "input" files
+    inputs: list = None  # uploads.Encoded pictures, stored as the job's "input" files by `submit`
+
+
+class JobControl:
+    """What stops a running job between steps: a cancel (`stop`) or the per-job time limit."""
+
+    def __init__(self, timeout: float | None):
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.reason: str | None = None
+        self._event = threading.Event()
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+
+    @property
+    def timed_out(self) -> bool:
+        return self.reason == TIMED_OUT
+
+    def __call__(self) -> bool:
+        if self._event.is_set():
+            return True
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.stop(TIMED_OUT)
+            return True
+        return False
 
 
 class Worker:
@@ -52,7 +87,7 @@ class Worker:
         self._pending: dict[str, Task] = {}
         self._lock = threading.Lock()
         self._running: str | None = None
-        self._stop_flags: dict[str, threading.Event] = {}
+        self._controls: dict[str, JobControl] = {}
         self._stopping = threading.Event()
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
         self._thread: threading.Thread | None = None
@@ -68,8 +103,8 @@ class Worker:
         with self._lock:
             waiting = list(self._pending)
             self._pending.clear()
-            for flag in self._stop_flags.values():
-                flag.set()
+            for control in self._controls.values():
+                control.stop("the server is shutting down")
         keep = self.settings.requeue
         for job_id in waiting:
             if not keep:
@@ -97,33 +132,39 @@ class Worker:
                 self.store.finish(task.job_id, FAILED, error=f"could not store the inputs: {err}",
                                   error_type="server_error")
                 raise
+            task.inputs = None  # on disk now; read back when the job runs
             self._pending[task.job_id] = task
         self._queue.put(task.job_id)
         return job
 
     def requeue(self, jobs: list) -> int:
         """At start-up, before `start`: queue again the jobs a previous process left queued (store rows, oldest
-        first), rebuilt from their recorded parameters and stored input pictures. A job that cannot be rebuilt is
-        failed with the reason. Returns how many were queued."""
+        first); each must still rebuild from its recorded parameters and stored input pictures (checked here, and
+        again when it runs). A job that cannot be rebuilt is failed with the reason. Returns how many were queued."""
         queued = 0
         for job in jobs:
+            task = Task(job.id, job.kind, job.model, job.params)
             try:
-                images = [self._input_image(record) for record in sorted(
-                    self.store.files_of_jobs([job.id], ("input",)), key=lambda r: r.index)]
-                if len(images) != job.params.get("images", len(images)):
-                    raise ValueError(f"{job.params.get('images')} input pictures were recorded, {len(images)} "
-                                     f"are stored")
-                spec = runner.spec_from_params(job.kind, job.params, images)
+                self.spec(task)
             except Exception as err:  # noqa: BLE001 - the job fails with the reason; the others still run
                 message = err.message if isinstance(err, ApiError) else str(err)
                 self.store.finish(job.id, FAILED, error=f"could not be queued again after a restart: {message}",
                                   error_type="server_restart")
                 continue
             with self._lock:
-                self._pending[job.id] = Task(job.id, job.kind, job.model, spec, job.params)
+                self._pending[job.id] = task
             self._queue.put(job.id)
             queued += 1
         return queued
+
+    def spec(self, task: Task) -> runner.Spec:
+        """The job's options, rebuilt from its row's parameters and its stored input pictures (decoded now)."""
+        records = sorted(self.store.files_of_jobs([task.job_id], ("input",)), key=lambda r: r.index)
+        images = [self._input_image(record) for record in records]
+        recorded = task.params.get("images", len(images))
+        if len(images) != recorded:
+            raise ValueError(f"{recorded} input pictures were recorded, {len(images)} are stored")
+        return runner.spec_from_params(task.kind, task.params, images)
 
     def _input_image(self, record):
         from qimg.serve.uploads import decode_image
@@ -146,9 +187,9 @@ class Worker:
                 self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": CANCELLED,
                                           "outcome": Cancelled(reason)})
                 return CANCELLED
-            flag = self._stop_flags.get(job_id)
-            if flag is not None:
-                flag.set()
+            control = self._controls.get(job_id)
+            if control is not None:
+                control.stop(reason)
                 return "stopping"
         job = self.store.get(job_id)
         return job.status if job else "unknown"
@@ -181,42 +222,35 @@ class Worker:
                 if not self.store.mark_running(job_id):
                     continue
                 self._running = job_id
-                flag = self._stop_flags[job_id] = threading.Event()
+                control = self._controls[job_id] = JobControl(self.settings.job_timeout)
             try:
-                self._run(task, flag)
+                self._run(task, control)
             except Exception:  # never let the loop die
                 log.exception("job %s crashed the worker loop", job_id)
             finally:
                 with self._lock:
                     self._running = None
-                    self._stop_flags.pop(job_id, None)
+                    self._controls.pop(job_id, None)
 
-    def _run(self, task: Task, flag: threading.Event) -> None:
+    def _run(self, task: Task, control: JobControl) -> None:
         job_id = task.job_id
         self.bus.publish(job_id, {"type": "status", "job_id": job_id, "status": RUNNING})
         started = time.perf_counter()
         try:
+            spec = self.spec(task)
             pipe = self.models.load(task.model)
             tasks = self.models.get(task.model).tasks
             if tasks is not None and task.kind not in tasks:
                 raise ApiError(400, f"model {task.model!r} does not do {task.kind!r} "
                                     f"(it does: {', '.join(tasks) or 'nothing'})", param="model")
-            self._use_loras(pipe, task)
-            progress = Progress(self, task)
+            if hasattr(pipe, "plan"):  # the route could not settle it if the model was not loaded yet
+                check_cost(task.kind, pipe.plan(spec.options), self.settings.limits)
+            self._use_loras(pipe, task.model, spec)
+            progress = Progress(self, task, spec)
             run = runner.run_layers if task.kind == "layers" else runner.run_images
-            result = run(pipe, task.spec, job_id=job_id, files=self.files, progress=progress, cancel=flag.is_set)
+            result = run(pipe, spec, job_id=job_id, files=self.files, progress=progress, cancel=control)
         except BaseException as err:  # noqa: BLE001 - every failure becomes the job's status
-            stopping = self._stopping.is_set()
-            if isinstance(err, Cancelled) and not stopping:
-                status, message, kind = CANCELLED, f"cancelled by request ({err})", "cancelled"
-            elif isinstance(err, Cancelled):
-                status, message, kind = FAILED, STOPPED_RUNNING, "server_shutdown"
-                err = ApiError(503, STOPPED_RUNNING, code="server_shutdown")
-            else:
-                api = from_exception(err)
-                status, message, kind = FAILED, api.message, api.type
-                if api.status >= 500:
-                    log.error("job %s failed", job_id, exc_info=err)
+            status, message, kind, err = self._failure(job_id, err, control)
             self.store.finish(job_id, status, error=message, error_type=kind)
             self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": status, "outcome": err})
             if not isinstance(err, Exception):
@@ -226,19 +260,33 @@ class Worker:
         self.store.finish(job_id, SUCCEEDED, result=result.summary())
         self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": SUCCEEDED, "outcome": result})
 
+    def _failure(self, job_id: str, err: BaseException, control: JobControl):
+        """(status, message, error type, what waiting clients get) for a job that raised `err`."""
+        if isinstance(err, Cancelled) and control.timed_out:
+            message = (f"the job ran past this server's limit of {control.timeout:g} s per job (--job-timeout) "
+                       f"and was stopped ({err})")
+            return FAILED, message, "job_timeout", ApiError(408, message, code="job_timeout")
+        if isinstance(err, Cancelled) and self._stopping.is_set():
+            return FAILED, STOPPED_RUNNING, "server_shutdown", ApiError(503, STOPPED_RUNNING, code="server_shutdown")
+        if isinstance(err, Cancelled):
+            return CANCELLED, f"{control.reason or 'cancelled by request'} ({err})", "cancelled", err
+        api = from_exception(err)
+        if api.status >= 500:
+            log.error("job %s failed", job_id, exc_info=err)
+        return FAILED, api.message, api.type, err
 
-    def _use_loras(self, pipe, task: Task) -> None:
+    def _use_loras(self, pipe, model: str, spec: runner.Spec) -> None:
         """The model's LoRAs for this job: the server's own (`--lora`) and the request's, unfused unless the server
         was started with `--lora-mode fused` (then each change of set re-fuses); the loaded model is reused either
         way, and nothing changes when the set is the one already active."""
         if not hasattr(pipe, "set_loras"):
-            if task.spec.loras:
-                raise ApiError(400, f"model {task.model!r} takes no LoRAs", param="loras")
+            if spec.loras:
+                raise ApiError(400, f"model {model!r} takes no LoRAs", param="loras")
             return
         from qimg.adapters.manager import LoraSpec
 
         wanted = list(self.settings.load.loras) + [LoraSpec(str(self.loras.path(item["name"])), item["scale"],
-                                                            name=item["name"]) for item in task.spec.loras]
+                                                            name=item["name"]) for item in spec.loras]
         fused = self.settings.load.lora_mode == "fused" and bool(wanted)
         active = [(a["path"], a["scale"]) for a in pipe.adapters.describe()]
         if active != [(w.path, w.scale) for w in wanted] or pipe.adapters.fused != fused:
@@ -248,8 +296,8 @@ class Worker:
 class Progress:
     """The pipeline's progress callback for one job: publishes step events, previews and partial images."""
 
-    def __init__(self, worker: Worker, task: Task):
-        self.worker, self.task, self.bus = worker, task, worker.bus
+    def __init__(self, worker: Worker, task: Task, spec: runner.Spec):
+        self.worker, self.task, self.spec, self.bus = worker, task, spec, worker.bus
         self.settings = worker.settings
         self.last_preview = 0.0
         self.partial_steps: list[int] | None = None
@@ -283,7 +331,7 @@ class Progress:
                 self.last_preview = now
             self.bus.publish(job_id, payload)
             if image is not None and want_partial:
-                data = runner.encode_image(image, self.task.spec.output)
+                data = runner.encode_image(image, self.spec.output)
                 self.bus.publish(job_id, {"type": "partial", "job_id": job_id, "index": self.partial_index,
                                           "b64_json": base64.b64encode(data).decode("ascii"),
                                           "size": f"{image.width}x{image.height}"})
