@@ -110,6 +110,38 @@ class FakeLayered:
         return out
 
 
+class BlockingImages:
+    """TEST DOUBLE for an image pipeline that runs until released (or cancelled, or timed out): it holds the worker
+    so that later jobs stay queued. Steps are reported every 20 ms; `cancel` is polled between them."""
+
+    pipeline_class = "BlockingImagesPipeline"
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.steps = 0
+
+    def describe(self) -> dict:
+        return {"pipeline": self.pipeline_class, "tasks": ["generate", "edit"], "test_double": True}
+
+    def generate(self, options):
+        from PIL import Image
+
+        from qimg.errors import Cancelled
+        from qimg.pipelines.base import ProgressEvent
+
+        self.started.set()
+        step, start = 0, time.perf_counter()
+        while not self.release.wait(0.02):
+            if options.cancel is not None and options.cancel():
+                raise Cancelled(f"cancelled after {step} steps")
+            step += 1
+            self.steps = step
+            if options.progress:
+                options.progress(ProgressEvent("denoise", step, 10**6, time.perf_counter() - start, None))
+        return [Image.new("RGB", (8, 8), (1, 2, 3))]
+
+
 def wait_health(url: str, timeout: float = 60.0, proc=None, key: str | None = None) -> dict:
     import httpx2 as httpx
 

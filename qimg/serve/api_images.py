@@ -148,17 +148,21 @@ async def run_job(request: Request, task: Task, respond, *, stream: bool = False
 
 async def wait_done(request: Request, svc, sub, job_id: str):
     """The job's `done` event; None when the client disconnected first (the job is then cancelled: dropped if
-    queued, stopped before its next step if running)."""
+    queued, stopped before its next step if running). Progress events keep coming meanwhile, so the connection is
+    checked on a clock, not only when the queue is quiet."""
+    checked = time.monotonic()
     while True:
         try:
             event = await asyncio.wait_for(sub.queue.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
+            event = None
+        if event is not None and event["type"] == "done":
+            return event
+        if time.monotonic() - checked >= DISCONNECT_POLL_S:
+            checked = time.monotonic()
             if await request.is_disconnected():
                 await run_in_threadpool(svc.worker.cancel, job_id, "the client disconnected")
                 return None
-            continue
-        if event["type"] == "done":
-            return event
 
 
 async def stream_job(svc, sub, job_id: str, prefix: str, meta: dict):

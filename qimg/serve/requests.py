@@ -13,6 +13,7 @@ from typing import Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from qimg.serve.errors import bad_request, validation_error
@@ -140,7 +141,7 @@ def unencodable(value, path: str = "") -> tuple[str, int, str] | None:
         return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        where = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+        where = f"{path}.{key}" if path else str(key)  # pydantic's way: loras.0.name
         found = unencodable(key, path or "body") if isinstance(key, str) else None
         found = found or unencodable(item, where)
         if found:
@@ -184,7 +185,7 @@ async def read_json(request: Request) -> dict:
         raise bad_request('the request body is empty: send a JSON object such as {"prompt": "a red circle"}',
                           code="empty_body")
     try:
-        data = json.loads(body)
+        data = json.loads(body.decode("utf-8-sig"))
     except RecursionError:
         raise bad_request(f"the JSON body is nested too deeply; the limit is {MAX_JSON_DEPTH} levels",
                           code="invalid_json") from None
@@ -213,8 +214,11 @@ async def read_form(request: Request, limits, file_fields: tuple[str, ...]):
     part_limit = limits.max_prompt_chars * 4 + 4096
     try:
         form = await request.form(max_files=limits.max_images * 2 + 2, max_fields=64, max_part_size=part_limit)
-    except MultiPartException as err:
-        raise bad_request(f"the multipart form could not be read: {err.message} (a text field may hold at most "
+    except (MultiPartException, HTTPException) as err:  # Starlette wraps the parser's errors in a 400
+        if isinstance(err, HTTPException) and err.status_code != 400:
+            raise
+        reason = err.message if isinstance(err, MultiPartException) else err.detail
+        raise bad_request(f"the multipart form could not be read: {reason} (a text field may hold at most "
                           f"{part_limit:,} bytes; prompts at most {limits.max_prompt_chars:,} characters)",
                           code="invalid_form") from None
     scalars, files = {}, {}
