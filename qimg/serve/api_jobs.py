@@ -124,7 +124,7 @@ async def job_events(job_id: str, request: Request):
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no", JOB_HEADER: job_id})
 
 
-@router.api_route("/v1/files/{file_id}", methods=["GET", "HEAD"])
+@router.get("/v1/files/{file_id}")
 async def read_file(file_id: str, request: Request, download: bool = False):
     """A stored file by its server-generated id (`file_` + 32 hex digits; a known extension may follow)."""
     svc = services(request)
@@ -140,6 +140,12 @@ async def read_file(file_id: str, request: Request, download: bool = False):
     return FileResponse(path, media_type=record.mime, filename=filename,
                         content_disposition_type="attachment" if download else "inline",
                         headers={"cache-control": "private, max-age=31536000, immutable"})
+
+
+@router.head("/v1/files/{file_id}")
+async def file_headers(file_id: str, request: Request, download: bool = False):
+    """The headers `GET /v1/files/{file_id}` would send (type, length, name), without the bytes."""
+    return await read_file(file_id, request, download)
 
 
 @router.get("/", include_in_schema=False)
