@@ -67,6 +67,8 @@ def rope_frequencies(positions: torch.Tensor, axes_dims: tuple[int, ...], theta:
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of `x` `[B, S, H, D]` by complex `freqs` `[S, D/2]`, in float32."""
-    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs[:, None, :]
+    """Rotate interleaved pairs of `x` `[B, S, H, D]` by complex `freqs` `[S, D/2]` (or `[B, S, D/2]`: each
+    sample's own positions), in float32."""
+    table = freqs[:, None, :] if freqs.dim() == 2 else freqs[:, :, None, :]
+    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * table
     return torch.view_as_real(rotated).flatten(3).type_as(x)

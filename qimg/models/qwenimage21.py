@@ -151,8 +151,45 @@ class Prefix:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     key_valid: torch.Tensor | None  # [B, P] bool, None when every prefix token is valid
-    target_position: int  # RoPE frame position of the target block
+    target_position: int | list[int]  # RoPE frame position of the target block (a list: one per sample)
     timestep_free: bool  # True when computed at t=0 (causal_condition): reusable at every step
+    groups: list[tuple[torch.Tensor, int]] | None = None  # stacked prefixes of unequal lengths: (rows, length)
+
+
+def stack_prefixes(prefixes: list[Prefix]) -> Prefix:
+    """Several requests' prefixes as one batch: keys and values padded at the end to the longest prefix, the
+    padding masked out, and each sample's own target position. Equal prefixes stack without a mask, so a batch
+    computes what each request computes alone."""
+    if len(prefixes) == 1:
+        return prefixes[0]
+    if len({p.timestep_free for p in prefixes}) != 1:
+        raise ValueError("prefixes computed at t=0 and per step cannot share a batch")
+    lengths = [p.keys[0].shape[1] for p in prefixes]
+    longest = max(lengths)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return t if t.shape[1] == longest else F.pad(t, (0, 0, 0, 0, 0, longest - t.shape[1]))
+
+    keys = [torch.cat([pad(p.keys[i]) for p in prefixes]) for i in range(len(prefixes[0].keys))]
+    values = [torch.cat([pad(p.values[i]) for p in prefixes]) for i in range(len(prefixes[0].values))]
+    key_valid = groups = None
+    rows = [n for p in prefixes for n in [p.keys[0].shape[1]] * p.keys[0].shape[0]]
+    if len(set(lengths)) > 1 and all(p.key_valid is None for p in prefixes):
+        # each length attends on its own rows, unpadded: the batch gives each request its own numbers
+        device = prefixes[0].keys[0].device
+        groups = [(torch.tensor([i for i, n in enumerate(rows) if n == length], device=device), length)
+                  for length in sorted(set(lengths))]
+    elif len(set(lengths)) > 1 or any(p.key_valid is not None for p in prefixes):
+        masks = []
+        for p, n in zip(prefixes, lengths):
+            valid = p.key_valid if p.key_valid is not None else torch.ones(
+                p.keys[0].shape[0], n, dtype=torch.bool, device=p.keys[0].device)
+            masks.append(F.pad(valid, (0, longest - n), value=False))
+        key_valid = torch.cat(masks)
+    positions = [q for p in prefixes for q in ([p.target_position] * p.keys[0].shape[0]
+                                                if isinstance(p.target_position, int) else p.target_position)]
+    target = positions[0] if len(set(positions)) == 1 else positions
+    return Prefix(keys, values, key_valid, target, prefixes[0].timestep_free, groups)
 
 
 def prefix_layout(slot_mask: torch.Tensor, image_shapes: list[tuple[int, int]]):
@@ -289,13 +326,19 @@ class QwenImage21Transformer(UsesAttention, nn.Module):
         return Prefix(keys, values, key_valid, end, timestep_free=self.cfg.causal_condition)
 
     def target_rope(self, prefix: Prefix, shape: tuple[int, int]) -> torch.Tensor:
-        return self._rope(target_positions(*shape, prefix.target_position))
+        """`[S, D/2]`, or `[B, S, D/2]` for a stacked prefix whose samples start their targets at other frames."""
+        if isinstance(prefix.target_position, int):
+            return self._rope(target_positions(*shape, prefix.target_position))
+        tables = {p: self._rope(target_positions(*shape, p)) for p in set(prefix.target_position)}
+        return torch.stack([tables[p] for p in prefix.target_position])
 
     def denoise(self, latents: torch.Tensor, sigma: torch.Tensor, prefix: Prefix, shape: tuple[int, int],
                 freqs: torch.Tensor | None = None, block_hook: BlockHook | None = None) -> torch.Tensor:
         """Velocity for the target tokens `[B, h*w, in_channels]` at `sigma` `[B]`, attending to the prefix;
         `block_hook` sees each block's call (`qimg.models.hooks`)."""
         freqs = self.target_rope(prefix, shape) if freqs is None else freqs
+        if sigma.numel() > 1 and bool((sigma == sigma[:1]).all()):
+            sigma = sigma[:1]  # one embedding broadcast over the batch: the same numbers at any batch size
         temb = self._temb(sigma)
         mod = self._modulation(temb)
         mask = None
@@ -306,8 +349,16 @@ class QwenImage21Transformer(UsesAttention, nn.Module):
 
         def run_block(index, block, x):
             pk, pv = prefix.keys[index], prefix.values[index]
-            return block(x, mod, freqs, lambda q, k, v: attend(q, torch.cat([pk, k], 1), torch.cat([pv, v], 1),
-                                                              mask))[0]
+            if prefix.groups is None:
+                mix = lambda q, k, v: attend(q, torch.cat([pk, k], 1), torch.cat([pv, v], 1), mask)  # noqa: E731
+            else:
+                def mix(q, k, v):
+                    out = torch.empty_like(q)
+                    for rows, n in prefix.groups:
+                        out[rows] = attend(q[rows], torch.cat([pk[rows, :n], k[rows]], 1),
+                                           torch.cat([pv[rows, :n], v[rows]], 1), None)
+                    return out
+            return block(x, mod, freqs, mix)[0]
 
         x = run_blocks(self.transformer_blocks, self.img_in(latents), run_block, block_hook)
         scale = self.norm_out.linear(F.silu(temb).to(x.dtype)).unsqueeze(1)

@@ -7,6 +7,7 @@ from PIL import Image
 
 from qimg.imaging import check_size, fit_area, to_tensor
 from qimg.options import GenerateOptions
+from qimg.pipelines.batching import batch_key, run_batch
 from qimg.pipelines.pipeline import Pipeline, Plan
 
 
@@ -25,6 +26,25 @@ class ImagePipeline(Pipeline):
                 raise TypeError("pass either a GenerateOptions or keyword options, not both")
             return self.run(self.plan(prompt))
         return self.run(self.plan(GenerateOptions(prompt=prompt, **options)))
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: list[GenerateOptions]) -> list[list[Image.Image] | Exception]:
+        """Several requests, denoised together where their plans allow (`qimg.pipelines.batching`): each gets the
+        pictures it gets alone, or the exception that refused or stopped it (in order)."""
+        outcomes: list = [None] * len(requests)
+        groups: dict = {}
+        for i, options in enumerate(requests):
+            try:
+                plan = self.plan(options)
+            except Exception as err:  # noqa: BLE001 - this request's own refusal
+                outcomes[i] = err
+                continue
+            key = batch_key(plan) if getattr(self, "batchable", None) and self.batchable(plan) else None
+            groups.setdefault(("alone", i) if key is None else key, []).append((i, plan))
+        for members in groups.values():
+            for (i, _), outcome in zip(members, run_batch(self, [plan for _, plan in members])):
+                outcomes[i] = outcome
+        return outcomes
 
     def plan(self, options: GenerateOptions) -> Plan:
         images = list(options.images)

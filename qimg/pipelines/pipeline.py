@@ -247,7 +247,7 @@ class Pipeline(ABC):
         cond = self.encode(plan)
         plan.report(ProgressEvent("encode", 1, 1, plan.clock()))
         noise = draw_noise(self.noise_shape(plan), torch.Generator("cpu").manual_seed(plan.seed), dtype)
-        x = self.tokens(plan, noise).to(device)
+        x = self.tokens(plan, noise).to(device).contiguous()  # one layout, alone or batched (`batching`)
         schedule = get_sigmas(plan.scheduler, steps=None if plan.grid is not None else plan.steps, sigmas=plan.grid,
                               mu=self.mu(plan, cond, x))
         self.placement.use(self.transformer)

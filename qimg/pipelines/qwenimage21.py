@@ -16,7 +16,7 @@ from qimg.errors import InputError
 from qimg.imaging import fit_area, flatten, to_pil, to_tensor
 from qimg.models.conditioner import Qwen3VLConditioner
 from qimg.models.latents import pack, unpack
-from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
+from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer, stack_prefixes
 from qimg.models.vae21 import VAE21, VAE21Config
 from qimg.options import GenerateOptions
 from qimg.pipelines.base import Defaults
@@ -99,6 +99,23 @@ class QwenImage21Pipeline(ImagePipeline):
             return lambda x, sigma, block_hook=None: model.denoise(x, sigma, prefix, shape, freqs, block_hook)
         return lambda x, sigma, block_hook=None: model.denoise(x, sigma, prefix_for(sigma), shape,
                                                                block_hook=block_hook)
+
+    def batchable(self, plan: Plan) -> bool:
+        """Requests share a batch through their cached prefixes (a t=0 prefix, the KV cache on)."""
+        return self.transformer.cfg.causal_condition and plan.extra["kv_cache"]
+
+    def velocity_batch(self, plans: list[Plan], conditions: list, extras: list):
+        """One guidance branch of several requests: each request's prefix computed as when it runs alone (its
+        prompt, its condition images), stacked (`stack_prefixes`), and the targets denoised together."""
+        model, shape = self.transformer, self.latent_grid(plans[0])
+        prefixes = []
+        for plan, condition, (cond_tokens, cond_shapes) in zip(plans, conditions, extras):
+            states = condition.states.to(self.info.device, self.info.dtype).expand(plan.n, -1, -1)
+            prefixes.append(model.encode_prefix(states, condition.slot_mask.to(self.info.device), cond_tokens,
+                                                cond_shapes, None, None))
+        prefix = stack_prefixes(prefixes)
+        freqs = model.target_rope(prefix, shape)
+        return lambda x, sigma, block_hook=None: model.denoise(x, sigma, prefix, shape, freqs, block_hook)
 
     def decode(self, plan: Plan, tokens: torch.Tensor) -> list[Image.Image]:
         latents = self.vae.denormalize(unpack(tokens.to(self.info.dtype), *self.latent_grid(plan)))
