@@ -99,6 +99,12 @@ def register(sub) -> None:
                    help="refuse a job costing more megapixel-steps (steps x output megapixels x pictures x frames: "
                         "the output and each condition image) than this (default 1000, e.g. 50 steps at 2048x2048 "
                         "with 3 condition images; 0: no limit)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="denoise up to N compatible queued generations together (same model, size, steps, sampler, "
+                        "guidance and LoRAs; each gets the picture it would get alone); 1 turns batching off "
+                        "(default 8)")
+    p.add_argument("--batch-megapixels", type=float, default=4.0, metavar="MPX",
+                   help="output pixels one batch may hold, n x width x height summed (default 4.0)")
     p.add_argument("--allow-remote-without-key", action="store_true",
                    help="allow a non-loopback --host with no API key (refused otherwise)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -120,6 +126,9 @@ def settings_from_args(args):
     if not keys and not is_loopback(args.host) and not args.allow_remote_without_key:
         raise InputError(f"--host {args.host} is reachable from other machines: set --api-key (or "
                          f"$QIMG_API_KEYS), or pass --allow-remote-without-key")
+    if args.max_batch < 1 or not args.batch_megapixels > 0:
+        raise InputError(f"--max-batch must be >= 1 and --batch-megapixels > 0, got {args.max_batch} and "
+                         f"{args.batch_megapixels}")
     if args.job_timeout < 0 or args.max_job_cost < 0:
         raise InputError(f"--job-timeout and --max-job-cost must be >= 0 (0: no limit), got {args.job_timeout} "
                          f"and {args.max_job_cost}")
@@ -131,7 +140,8 @@ def settings_from_args(args):
                     data_dir=Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(),
                     api_keys=keys, max_queue=args.max_queue, cors_origins=tuple(args.cors_origin),
                     preload=not args.lazy, requeue=not args.no_requeue, limits=limits,
-                    job_timeout=args.job_timeout or None,
+                    job_timeout=args.job_timeout or None, max_batch=args.max_batch,
+                    batch_megapixels=args.batch_megapixels,
                     load=LoadOptions(dtype=args.dtype, device=args.device, offload=args.offload,
                                      attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
                                      lora_partial=args.lora_partial, download=args.download),

@@ -57,10 +57,11 @@ class ImagesResult:
     seed: int | None
     seconds: float | None
     steps: int | None = None
+    batch: int = 1  # requests denoised together with this one (itself included)
 
     def summary(self) -> dict:
         return {"width": self.width, "height": self.height, "seed": self.seed, "seconds": self.seconds,
-                "steps": self.steps, "n": len(self.images)}
+                "steps": self.steps, "n": len(self.images), "batch": self.batch}
 
 
 @dataclass
@@ -110,6 +111,11 @@ def preview_b64(image: Image.Image, side: int) -> str:
 def run_images(pipe, spec: Spec, *, job_id: str, files: FileStore, progress: Callable,
                cancel: Callable[[], bool]) -> ImagesResult:
     out = pipe.generate(spec.options.with_runtime(progress=progress, cancel=cancel))
+    return store_images(out, spec, job_id=job_id, files=files)
+
+
+def store_images(out: list[Image.Image], spec: Spec, *, job_id: str, files: FileStore) -> ImagesResult:
+    """Encode and store a job's pictures (with their parameters and the job id in the metadata)."""
     mime, ext = OUTPUT_FORMATS[spec.output.format][1:]
     stored = []
     for i, image in enumerate(out):
@@ -117,7 +123,8 @@ def run_images(pipe, spec: Spec, *, job_id: str, files: FileStore, progress: Cal
         data = encode_image(image, spec.output, params)
         stored.append(Stored(files.put_bytes(data, ext=ext, mime=mime, job_id=job_id, role="output", index=i), data))
     meta = (out[0].info.get("qimg") or {}) if out else {}
-    return ImagesResult(stored, out[0].width, out[0].height, meta.get("seed"), meta.get("seconds"), meta.get("steps"))
+    return ImagesResult(stored, out[0].width, out[0].height, meta.get("seed"), meta.get("seconds"), meta.get("steps"),
+                        meta.get("batch", 1))
 
 
 def run_layers(pipe, spec: Spec, *, job_id: str, files: FileStore, progress: Callable,

@@ -78,6 +78,8 @@ class Settings:
     preview_interval: float = 0.5  # seconds between live previews sent to /v1/jobs/{id}/events
     preview_side: int = 256  # longest side of those previews
     job_timeout: float | None = 600.0  # seconds a job may run before it is stopped (None: no limit)
+    max_batch: int = 8  # queued generations denoised together (same model, size, schedule, LoRAs); 1: off
+    batch_megapixels: float = 4.0  # output pixels a batch may hold (sum of n x width x height), in millions
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -87,5 +89,8 @@ class Settings:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
         if self.max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        if self.max_batch < 1 or not self.batch_megapixels > 0:
+            raise ValueError(f"max_batch must be >= 1 and batch_megapixels > 0, got {self.max_batch} and "
+                             f"{self.batch_megapixels}")
         if self.job_timeout is not None and not self.job_timeout > 0:
             raise ValueError(f"job_timeout must be > 0 seconds (or None for no limit), got {self.job_timeout}")

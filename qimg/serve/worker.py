@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from qimg.errors import Cancelled
 from qimg.serve import runner
+from qimg.serve.batches import companions
 from qimg.serve.budget import check_cost
 from qimg.serve.errors import ApiError, from_exception
 from qimg.serve.events import EventBus
@@ -219,18 +220,24 @@ class Worker:
                 task = self._pending.pop(job_id, None)
                 if task is None:  # cancelled while queued
                     continue
-                if not self.store.mark_running(job_id):
+                batch = [t for t in [task, *self._companions(task)] if self.store.mark_running(t.job_id)]
+                if not batch:
                     continue
                 self._running = job_id
-                control = self._controls[job_id] = JobControl(self.settings.job_timeout)
+                controls = {t.job_id: JobControl(self.settings.job_timeout) for t in batch}
+                self._controls.update(controls)
             try:
-                self._run(task, control)
+                if len(batch) == 1:
+                    self._run(task, controls[job_id])
+                else:
+                    self._run_batch(batch, controls)
             except Exception:  # never let the loop die
                 log.exception("job %s crashed the worker loop", job_id)
             finally:
                 with self._lock:
                     self._running = None
-                    self._controls.pop(job_id, None)
+                    for t in batch:
+                        self._controls.pop(t.job_id, None)
 
     def _run(self, task: Task, control: JobControl) -> None:
         job_id = task.job_id
@@ -259,6 +266,92 @@ class Worker:
         self._durations.append(time.perf_counter() - started)
         self.store.finish(job_id, SUCCEEDED, result=result.summary())
         self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": SUCCEEDED, "outcome": result})
+
+    def _companions(self, task: Task) -> list[Task]:
+        """Queued tasks that join `task`'s denoising batch (lock held; they leave the pending set)."""
+        return companions(task, self._pending, self.settings)
+
+    def _run_batch(self, tasks: list[Task], controls: dict[str, JobControl]) -> None:
+        """Compatible jobs as one `generate_batch` call: each job's own options, progress, cancel and time limit;
+        each ends on its own (a cancelled one at once, the others when the batch is done)."""
+        ended: set[str] = set()
+
+        def end(task: Task, err: BaseException) -> None:
+            if task.job_id in ended:
+                return
+            ended.add(task.job_id)
+            status, message, kind, outcome = self._failure(task.job_id, err, controls[task.job_id])
+            self.store.finish(task.job_id, status, error=message, error_type=kind)
+            self.bus.publish(task.job_id, {"type": "done", "job_id": task.job_id, "status": status,
+                                           "outcome": outcome})
+
+        for task in tasks:
+            self.bus.publish(task.job_id, {"type": "status", "job_id": task.job_id, "status": RUNNING})
+        started = time.perf_counter()
+        members = []
+        try:
+            pipe = self.models.load(tasks[0].model)
+            if not hasattr(pipe, "generate_batch"):
+                for task in tasks:
+                    self._run(task, controls[task.job_id])
+                return
+            kinds = self.models.get(tasks[0].model).tasks
+            for task in tasks:
+                try:
+                    if kinds is not None and task.kind not in kinds:
+                        raise ApiError(400, f"model {task.model!r} does not do {task.kind!r} "
+                                            f"(it does: {', '.join(kinds) or 'nothing'})", param="model")
+                    spec = self.spec(task)
+                    if hasattr(pipe, "plan"):
+                        check_cost(task.kind, pipe.plan(spec.options), self.settings.limits)
+                    members.append((task, spec))
+                except Exception as err:  # noqa: BLE001 - this job's own failure
+                    end(task, err)
+            if not members:
+                return
+            self._use_loras(pipe, tasks[0].model, members[0][1])
+        except BaseException as err:  # noqa: BLE001 - the model or its LoRAs failed every job
+            for task in tasks:
+                end(task, err)
+            if not isinstance(err, Exception):
+                raise
+            return
+
+        def cancel_of(task: Task):
+            def cancel() -> bool:
+                stopped = controls[task.job_id]()
+                if stopped and task.job_id not in ended:  # tell the client now, not when the batch ends
+                    end(task, Cancelled("stopped in a batch"))
+                return stopped
+            return cancel
+
+        requests = [spec.options.with_runtime(progress=Progress(self, task, spec), cancel=cancel_of(task))
+                    for task, spec in members]
+        try:
+            outcomes = pipe.generate_batch(requests)
+        except BaseException as err:  # noqa: BLE001 - the batch as a whole failed (every job cancelled, ...)
+            for task, _ in members:
+                end(task, err)
+            if not isinstance(err, Exception):
+                raise
+            return
+        for (task, spec), outcome in zip(members, outcomes):
+            if isinstance(outcome, BaseException):
+                end(task, outcome)
+                continue
+            if task.job_id in ended:
+                continue
+            try:
+                result = runner.store_images(outcome, spec, job_id=task.job_id, files=self.files)
+            except Exception as err:  # noqa: BLE001
+                end(task, err)
+                continue
+            ended.add(task.job_id)
+            self.store.finish(task.job_id, SUCCEEDED, result=result.summary())
+            self.bus.publish(task.job_id, {"type": "done", "job_id": task.job_id, "status": SUCCEEDED,
+                                           "outcome": result})
+        each = (time.perf_counter() - started) / len(tasks)
+        self._durations.extend([each] * len(tasks))
 
     def _failure(self, job_id: str, err: BaseException, control: JobControl):
         """(status, message, error type, what waiting clients get) for a job that raised `err`."""
