@@ -1,7 +1,7 @@
 """Load test of `qimg serve` on loopback: N concurrent clients post generations; nothing may be lost.
 
-    python bench/serve_load.py [--clients 8] [--requests 48] [--steps 1] [--size 64x64] [--model PATH]
-                               [--url http://127.0.0.1:PORT] [--timeout 300]
+    python bench/serve_load.py [--clients 16] [--requests 64] [--steps N] [--size WxH] [--model PATH]
+                               [--max-batch 1,8] [--url http://127.0.0.1:PORT] [--timeout 300]
 
 Without --url it starts `qimg serve` in a subprocess on a free 127.0.0.1 port with a temporary data directory and
 stops it at the end. The model is --model, else the embedded qimg-tiny, else a tiny random reference checkpoint
@@ -9,13 +9,18 @@ built with tests/reference.py (needs diffusers). Each client sends its share of 
 an HTTP 429 (queue full) is retried after its Retry-After and counted. A request is lost if it never gets a 200
 with an image, or if its job is not "succeeded" in /v1/jobs afterwards. The run is bounded by --timeout.
 
-Prints requests/s, p50/p99 latency and lost requests; writes bench/results/serve_load.json.
+For each `--max-batch` value (default "1,16": batching off, then on) a fresh server runs the same requests (same
+prompts and seeds); the pictures of every run are compared with the first run's, byte for byte.
+
+Prints requests/s, p50/p95/p99 latency, lost requests and identical pictures per run, and the speed-up over the
+first run; writes bench/results/serve_load.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import http.client
 import json
 import os
@@ -95,18 +100,58 @@ def wait_ready(host, port, proc, timeout=120.0):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--requests", type=int, default=48)
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--size", default="64x64")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--size", default=None, help="WxH (default: the model's)")
     p.add_argument("--model", default=None)
-    p.add_argument("--url", default=None, help="an already running server (loopback only)")
+    p.add_argument("--max-batch", default="1,16", help="comma-separated: one server run per value")
+    p.add_argument("--url", default=None, help="an already running server (loopback only; one run)")
     p.add_argument("--max-queue", type=int, default=None, help="for the started server (default: --clients)")
-    p.add_argument("--timeout", type=float, default=300.0, help="bound on the whole run, seconds")
+    p.add_argument("--timeout", type=float, default=300.0, help="bound on each run, seconds")
     p.add_argument("--output", default=str(RESULTS))
     args = p.parse_args(argv)
-
+    batches = [int(b) for b in args.max_batch.split(",")] if not args.url else [None]
     workdir = Path(tempfile.mkdtemp(prefix="qimg-serve-load-"))
+    try:
+        model = "(running server)" if args.url else pick_model(args.model, workdir)
+        runs, pictures = [], []
+        for max_batch in batches:
+            result, shas = run_once(args, model, max_batch, workdir)
+            runs.append(result)
+            pictures.append(shas)
+        first = pictures[0]
+        for result, shas in zip(runs, pictures):
+            common = set(first) & set(shas)
+            result["identical_pictures"] = sum(first[k] == shas[k] for k in common)
+            result["compared_pictures"] = len(common)
+            result["speedup_vs_first"] = (round(result["requests_per_s"] / runs[0]["requests_per_s"], 3)
+                                          if runs[0]["requests_per_s"] else None)
+        print(f"\n{'max_batch':>9} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'lost':>5} "
+              f"{'identical':>10} {'speed-up':>8}")
+        for r in runs:
+            print(f"{str(r['max_batch']):>9} {r['requests_per_s']:>7} {r['latency_p50_s']:>7} {r['latency_p95_s']:>7} "
+                  f"{r['latency_p99_s']:>7} {r['lost']:>5} {r['identical_pictures']:>4}/{r['compared_pictures']:<5} "
+                  f"{r['speedup_vs_first']:>8}")
+        summary = {"clients": args.clients, "requests": args.requests, "steps": args.steps, "size": args.size,
+                   "model": model, "runs": runs,
+                   "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                               "platform": platform.platform()},
+                   "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from qimg.atomic import atomic_write
+
+        with atomic_write(out, "w") as handle:
+            json.dump(summary, handle, indent=2)
+        print(f"wrote {out}")
+        return 0 if all(r["lost"] == 0 for r in runs) else 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_once(args, model: str, max_batch: int | None, workdir: Path) -> tuple[dict, dict]:
+    """One server, all the requests: (the run's figures, {request: sha256 of its PNG})."""
     proc = None
     try:
         if args.url:
@@ -114,28 +159,37 @@ def main(argv=None) -> int:
             host, port = parts.hostname, parts.port or 80
             if host not in ("127.0.0.1", "localhost", "::1"):
                 raise SystemExit("--url must be a loopback address")
-            model = "(running server)"
         else:
             host, port = "127.0.0.1", free_port()
-            model = pick_model(args.model, workdir)
+            data = workdir / f"data-{max_batch}"
             cmd = [sys.executable, "-m", "qimg.cli", "serve", "--host", host, "--port", str(port), "--data-dir",
-                   str(workdir / "data"), "--model", f"bench={model}", "--max-queue",
-                   str(args.max_queue if args.max_queue is not None else args.clients), "--log-level", "warning"]
+                   str(data), "--model", f"bench={model}", "--max-queue",
+                   str(args.max_queue if args.max_queue is not None else args.clients), "--log-level", "warning",
+                   "--max-batch", str(max_batch)]
             proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                    stdout=subprocess.DEVNULL, stderr=open(workdir / "server.log", "wb"))
+                                    stdout=subprocess.DEVNULL, stderr=open(workdir / f"server-{max_batch}.log", "wb"))
         wait_ready(host, port, proc)
+        warm = {"prompt": "warm-up", "seed": 0, **({"size": args.size} if args.size else {}),
+                **({"steps": args.steps} if args.steps else {})}
+        request(host, port, "POST", "/v1/images/generations", warm)  # first-call costs are not the server's rate
 
         deadline = time.monotonic() + args.timeout
         lock = threading.Lock()
-        latencies, job_ids, failures = [], [], []
+        latencies, job_ids, failures, shas = [], [], [], {}
         counts = {"429": 0}
         per_client = [args.requests // args.clients + (1 if i < args.requests % args.clients else 0)
                       for i in range(args.clients)]
+        colours = ["red", "green", "blue", "yellow", "white"]
+        shapes = ["circle", "square", "triangle"]
 
         def client(index: int, n: int):
             for k in range(n):
-                body = {"prompt": f"client {index} request {k}", "size": args.size, "steps": args.steps,
-                        "seed": index * 1000 + k}
+                body = {"prompt": f"a {colours[(index + k) % 5]} {shapes[k % 3]} on a {colours[(index + 2) % 5]} "
+                                  f"background", "seed": index * 1000 + k}
+                if args.size:
+                    body["size"] = args.size
+                if args.steps:
+                    body["steps"] = args.steps
                 start = time.perf_counter()
                 while True:
                     if time.monotonic() > deadline:
@@ -154,17 +208,18 @@ def main(argv=None) -> int:
                             counts["429"] += 1
                         time.sleep(min(float(headers.get("retry-after", "1")), 5.0))
                         continue
-                    ok = False
+                    png = None
                     if status == 200:
                         try:
                             data = json.loads(raw)["data"]
-                            ok = len(data) == 1 and base64.b64decode(data[0]["b64_json"])[:8] == b"\x89PNG\r\n\x1a\n"
+                            png = base64.b64decode(data[0]["b64_json"]) if len(data) == 1 else None
                         except (ValueError, KeyError, TypeError):
-                            ok = False
+                            png = None
                     with lock:
-                        if ok:
+                        if png is not None and png[:8] == b"\x89PNG\r\n\x1a\n":
                             latencies.append(time.perf_counter() - start)
                             job_ids.append(headers.get("x-qimg-job-id"))
+                            shas[f"{index}/{k}"] = hashlib.sha256(pixels(png)).hexdigest()
                         else:
                             failures.append(f"client {index} request {k}: HTTP {status} {raw[:200]!r}")
                     break
@@ -178,35 +233,30 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - started
 
         # every answered job must be recorded as succeeded
-        unconfirmed = 0
+        unconfirmed, batch_sizes = 0, []
         for job_id in job_ids:
             status, _, raw = request(host, port, "GET", f"/v1/jobs/{job_id}")
-            if status != 200 or json.loads(raw)["status"] != "succeeded":
+            job = json.loads(raw) if status == 200 else {}
+            if job.get("status") != "succeeded":
                 unconfirmed += 1
+            batch_sizes.append((job.get("result") or {}).get("batch", 1))
         lost = args.requests - len(latencies) + unconfirmed
         result = {
-            "clients": args.clients, "requests": args.requests, "steps": args.steps, "size": args.size,
-            "model": model, "completed": len(latencies), "lost": lost, "retried_429": counts["429"],
+            "max_batch": max_batch, "completed": len(latencies), "lost": lost, "retried_429": counts["429"],
             "wall_s": round(wall, 3), "requests_per_s": round(len(latencies) / wall, 3) if wall else None,
-            "latency_p50_s": round(percentile(latencies, 0.50), 4), "latency_p99_s": round(percentile(latencies, 0.99), 4),
+            "latency_p50_s": round(percentile(latencies, 0.50), 4),
+            "latency_p95_s": round(percentile(latencies, 0.95), 4),
+            "latency_p99_s": round(percentile(latencies, 0.99), 4),
             "latency_mean_s": round(statistics.fmean(latencies), 4) if latencies else None,
-            "failures": failures[:20], "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                                   "platform": platform.platform()},
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "mean_batch": round(statistics.fmean(batch_sizes), 2) if batch_sizes else None,
+            "failures": failures[:20],
         }
-        print(f"{args.clients} clients, {args.requests} requests ({args.size}, {args.steps} step(s)): "
-              f"{result['requests_per_s']} req/s, p50 {result['latency_p50_s']} s, p99 {result['latency_p99_s']} s, "
-              f"lost {lost}, 429 retried {counts['429']}, wall {result['wall_s']} s")
+        print(f"max_batch {max_batch}: {args.clients} clients, {args.requests} requests: "
+              f"{result['requests_per_s']} req/s, p50 {result['latency_p50_s']} s, p95 {result['latency_p95_s']} s, "
+              f"lost {lost}, 429 retried {counts['429']}, mean batch {result['mean_batch']}, wall {result['wall_s']} s")
         for f in failures[:5]:
             print("  failure:", f)
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        from qimg.atomic import atomic_write
-
-        with atomic_write(out, "w") as handle:
-            json.dump(result, handle, indent=2)
-        print(f"wrote {out}")
-        return 0 if lost == 0 else 1
+        return result, shas
     finally:
         if proc is not None:
             proc.terminate()
@@ -215,7 +265,16 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def pixels(png: bytes) -> bytes:
+    """A PNG's decoded pixels (its metadata differs per job: job id, seconds, batch size)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        return img.mode.encode() + repr(img.size).encode() + img.tobytes()
 
 
 if __name__ == "__main__":

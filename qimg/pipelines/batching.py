@@ -2,8 +2,9 @@
 
 Each request is planned, encoded, noised from its own seed and decoded on its own, exactly as when it runs alone;
 only the transformer's calls are shared: the requests' tokens are concatenated and each guidance branch sees the
-requests' conditions stacked (a family supplies `batchable(plan)` and `velocity_batch`). Requests batch when their plans share what the
-denoising loop depends on (`batch_key`: size, schedule, sampler, guidance); the others run one by one.
+requests' conditions stacked (a family supplies `batchable(plan)` and `velocity_batch`). Requests batch when their
+plans share what the denoising loop depends on (`batch_key`: size, schedule, sampler, guidance); the others run one
+by one.
 """
 
 from __future__ import annotations

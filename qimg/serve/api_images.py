@@ -2,7 +2,9 @@
 
 Every accepted request becomes a job (its id in the `x-qimg-job-id` header); the handler waits for it, streams
 it (`stream=true`), or, with the header `Prefer: respond-async`, answers 202 with the queued job at once (the web
-page does that, then follows `/v1/jobs/{id}/events`). Requests refused before a job exists (bad JSON/form, bad upload, full queue) carry no job id.
+page does that, then follows `/v1/jobs/{id}/events`). Requests refused before a job exists (bad JSON/form, bad upload,
+over the cost budget, full queue) carry no job id. A client that disconnects from a waiting or streaming request
+cancels its job.
 
 qimg extras (the official client sends them with `extra_body`): `seed`, `steps` (or `num_inference_steps`),
 `negative_prompt`, `guidance_scale` (or `true_cfg_scale`), `cfg_normalize`, `sampler`, `preset`, `sigmas`,
@@ -28,8 +30,8 @@ from qimg.options import GenerateOptions, LayersOptions
 from qimg.serve import runner
 from qimg.serve.budget import check_cost
 from qimg.serve.errors import SafeJSONResponse, bad_request, error_response, from_exception
-from qimg.serve.requests import (EditRequest, ExportRequest, GenerationRequest, ImageOptions, LayersRequest, form_body, json_body,
-                                 read_form, read_json, validate)
+from qimg.serve.requests import (EditRequest, ExportRequest, GenerationRequest, ImageOptions, LayersRequest,
+                                 form_body, json_body, read_form, read_json, validate)
 from qimg.serve.store import SUCCEEDED, new_job_id
 from qimg.serve.uploads import check_prompt, decode_image, human_bytes, parse_size
 from qimg.serve.worker import Task
