@@ -35,16 +35,16 @@ import secrets
 import select
 import shutil
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "serve_attack.json"
@@ -56,6 +56,18 @@ sys.set_int_max_str_digits(0)  # the bench itself builds 5000-digit numbers
 
 
 # -- servers ---------------------------------------------------------------------------------------------------
+def code_version() -> dict:
+    """The commit the server ran (read-only git queries) and whether qimg/ differed from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qimg"], cwd=ROOT, capture_output=True,
+                               text=True, check=False).stdout.strip()
+        return {"commit": commit, "qimg_modified": bool(dirty)}
+    except OSError:
+        return {}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,8 +81,9 @@ class Server:
         self.data = workdir / f"{name}-data"
         cmd = [sys.executable, "-m", "qimg.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--data-dir", str(self.data), "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"), start_new_session=True)
+        with open(self.log, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                         stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
 
     def wait_ready(self, timeout=180.0, need_models=True):
         deadline = time.monotonic() + timeout
@@ -405,9 +418,7 @@ class Case:
 def expect_ok(expect: str | None, status: int | None) -> bool:
     if expect is None or status is None:
         return True
-    if expect.endswith("xx"):
-        return str(status)[0] == expect[0]
-    return any(status == int(e) for e in expect.split("|"))
+    return any(str(status)[0] == e[0] if e.endswith("xx") else status == int(e) for e in expect.split("|"))
 
 
 GEN = {"prompt": "a red circle", "size": "128x128", "steps": 1, "seed": 7}
@@ -489,7 +500,7 @@ def generation_cases() -> list[Case]:
         ("size.1e3x1e3", with_(size="1e3x1e3"), "4xx"), ("size.fullwidth_digits", with_(size="１２８x１２８"), None),
         ("size.1000000x1", with_(size="1000000x1"), "4xx"), ("size.empty", with_(size=""), "4xx"),
         ("size.100_chars", with_(size="1" * 100), "4xx"), ("size.101_chars", with_(size="1" * 101), "4xx"),
-        ("size.1024x1024_steps1_in_budget", with_(size="1024x1024"), "2xx"),
+        ("size.512x512_steps1_in_budget", with_(size="512x512"), "2xx"),
         ("seed.0", with_(seed=0), "2xx"), ("seed.2**63-1", with_(seed=2**63 - 1), "2xx"),
         ("seed.2**63", with_(seed=2**63), "4xx"), ("seed.2**64", with_(seed=2**64), "4xx"),
         ("seed.-1", with_(seed=-1), "4xx"), ("seed.-2**63", with_(seed=-2**63), "4xx"),
@@ -520,11 +531,22 @@ def generation_cases() -> list[Case]:
         ("loras.scale_NaN", with_(loras=[{"name": "a", "scale": float("nan")}]), "4xx"),
         ("loras.empty_name", with_(loras=[{"name": ""}]), "4xx"),
         ("scheduler_config.unknown_key", with_(scheduler_config={"bogus": 1}), "4xx"),
-        ("scheduler_config.shift_negative", with_(scheduler_config={"shift": -1}), "4xx"),
-        ("scheduler_config.timesteps_0", with_(scheduler_config={"num_train_timesteps": 0}), "4xx"),
-        ("scheduler_config.value_NaN", with_(scheduler_config={"shift": float("nan")}), "4xx"),
+        ("scheduler_config.shift_negative", with_(scheduler_config={"shift": -1}), None),
+        ("scheduler_config.timesteps_0", with_(scheduler_config={"num_train_timesteps": 0}), None),
         ("scheduler_config.value_object", with_(scheduler_config={"shift": {"a": 1}}), "4xx"),
-        ("scheduler_config.dunder_key", with_(scheduler_config={"__class__": "x"}), "4xx"),
+        ("scheduler_config.underscore_key_is_metadata", with_(scheduler_config={"__class__": "x"}), None),
+        ("scheduler_config.fixed_shift_string", with_(scheduler_config={"use_dynamic_shifting": False,
+                                                                        "shift": "abc"}), "4xx"),
+        ("scheduler_config.fixed_shift_negative", with_(scheduler_config={"use_dynamic_shifting": False,
+                                                                          "shift": -1}), None),
+        ("scheduler_config.seq_len_equal_div0", with_(scheduler_config={"use_dynamic_shifting": True,
+                                                                        "base_image_seq_len": 4096}), None),
+        ("scheduler_config.max_shift_1e308", with_(scheduler_config={"use_dynamic_shifting": True,
+                                                                     "max_shift": 1e308}), None),
+        ("scheduler_config.shift_terminal_2", with_(scheduler_config={"shift_terminal": 2}), None),
+        ("scheduler_config.dynamic_string", with_(scheduler_config={"use_dynamic_shifting": "yes"}), "4xx"),
+        ("scheduler_config.timesteps_string", with_(scheduler_config={"num_train_timesteps": "x"}), "4xx"),
+        ("scheduler_config.time_shift_type_list", with_(scheduler_config={"time_shift_type": ["linear"]}), "4xx"),
         ("sampler.unknown", with_(sampler="nope"), "4xx"), ("sampler.101_chars", with_(sampler="e" * 101), "4xx"),
         ("preset.unknown", with_(preset="nope"), "4xx"),
         ("response_format.url", with_(response_format="url"), "2xx"),
@@ -536,7 +558,7 @@ def generation_cases() -> list[Case]:
         ("model.traversal", with_(model="../../etc/passwd"), "4xx"),
         ("user.1001_chars", with_(user="u" * 1001), "4xx"),
         ("prompt.empty", with_(prompt=""), "4xx"), ("prompt.blank", with_(prompt=" \t\n "), "4xx"),
-        ("prompt.32000_at_limit", with_(prompt="a" * 32000), "2xx"),
+        ("prompt.32000_at_limit", with_(prompt="a" * 32000), None),
         ("prompt.32001_over_limit", with_(prompt="a" * 32001), "4xx"),
         ("prompt.100k_chars", with_(prompt="a red circle " * 7700), "4xx"),
         ("negative_prompt.32001", with_(negative_prompt="b" * 32001), "4xx"),
@@ -603,7 +625,7 @@ def generation_cases() -> list[Case]:
         ("body.content_length_negative", jbody(GEN), [JSON_CT, ("Content-Length", "-1")], "4xx"),
         ("body.content_length_not_a_number", jbody(GEN), [JSON_CT, ("Content-Length", "abc")], "4xx"),
         ("body.content_length_huge", jbody(GEN), [JSON_CT, ("Content-Length", "99999999999999999999")], "4xx"),
-        ("body.content_length_and_chunked", None, None, "4xx"),
+        ("body.content_length_and_chunked", None, None, None),
         ("ctype.none", jbody(GEN), [], None),
         ("ctype.text_plain", jbody(GEN), [("Content-Type", "text/plain")], None),
         ("ctype.form_urlencoded", b"prompt=a+red+circle&steps=1", [("Content-Type", "application/x-www-form-urlencoded")],
@@ -612,7 +634,7 @@ def generation_cases() -> list[Case]:
         ("ctype.multipart_no_boundary", jbody(GEN), [("Content-Type", "multipart/form-data")], "4xx"),
         ("ctype.json_charset_utf16", jbody(GEN), [("Content-Type", "application/json; charset=utf-16")], None),
         ("ctype.garbage", jbody(GEN), [("Content-Type", "\x01\x02;;;=")], None),
-        ("ctype.huge_header_value", jbody(GEN), [("Content-Type", "application/json;" + "a" * 100_000)], "4xx"),
+        ("ctype.huge_header_value", jbody(GEN), [("Content-Type", "application/json;" + "a" * 100_000)], None),
         ("prefer.async_with_invalid_body", jbody(with_(n=0)), [JSON_CT, ("Prefer", "respond-async")], "4xx"),
         ("prefer.garbage_value", jbody(GEN), [JSON_CT, ("Prefer", "respond-async;;;\x01, wait=-1")], None),
     ]
@@ -664,7 +686,7 @@ def replace_field(route, name, key, value, expect="4xx") -> Case:
 
 def upload_cases(route: str, images: dict) -> list[Case]:
     png = images["png"]
-    img = lambda data, filename="a.png", ctype="image/png", name="image": (name, data, filename, ctype)  # noqa: E731
+    img = lambda data, filename="a.png", ctype="image/png", name="image": (name, data, filename, ctype)
     cases = [
         form_case(route, "upload.no_image", []),
         form_case(route, "upload.empty_image", [img(b"")]),
@@ -845,7 +867,7 @@ def export_cases(ctx) -> list[Case]:
 def resource_cases(ctx) -> list[Case]:
     job, done, out = ctx["job_id"], ctx["job_id"], ctx["output_file"]
     ghost_job, ghost_file = "job_" + "0" * 32, "file_" + "0" * 32
-    g = lambda name, method, path, expect, headers=(), body=None: Case(  # noqa: E731
+    g = lambda name, method, path, expect, headers=(), body=None: Case(
         name, method, path, list(headers), body, expect, group=name.split(".")[0])
     return [
         # jobs
@@ -973,27 +995,29 @@ def protocol_cases() -> list[Case]:
         ("http_2_preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
         ("no_host_http11", b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"),
         ("http_1.0", b"GET /health HTTP/1.0\r\n\r\n"),
-        ("header_100kb", b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"),
+        ("header_100kb", b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 100_000
+         + b"\r\n\r\n"),
         ("header_no_colon", b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nbroken header\r\n\r\n"),
         ("header_nul", b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-A: a\0b\r\n\r\n"),
         ("lf_only_line_endings", b"GET /health HTTP/1.1\nHost: x\nConnection: close\n\n"),
         ("1000_headers", b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
          + b"".join(b"X-H%d: v\r\n" % i for i in range(1000)) + b"\r\n"),
-        ("bad_chunk_size", b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
-        ("pipelined_two_requests", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/nope HTTP/1.1\r\nHost: x\r\n"
-         b"Connection: close\r\n\r\n"),
+        ("bad_chunk_size", (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")),
+        ("pipelined_two_requests", (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/nope HTTP/1.1\r\nHost: x\r\n"
+                                    b"Connection: close\r\n\r\n")),
         ("space_in_path", b"GET /v1/jobs/a b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
         ("url_64kb", b"GET /v1/jobs/" + b"a" * 65536 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
     ]
     return [Case(f"protocol.{n}", raw=r, expect="4xx" if n not in ("http_1.0", "pipelined_two_requests",
-                                                                    "lf_only_line_endings") else None,
+                                                                    "lf_only_line_endings", "header_100kb",
+                                                                    "1000_headers") else None,
                  group="protocol") for n, r in raw]
 
 
 def auth_cases() -> list[Case]:
     gen = jbody(GEN)
-    c = lambda name, headers, expect, method="GET", path="/v1/jobs", body=None: Case(  # noqa: E731
+    c = lambda name, headers, expect, method="GET", path="/v1/jobs", body=None: Case(
         f"auth.{name}", method, path, list(headers), body, expect, server="auth", group="auth")
     return [
         c("no_header", [], "401"),
@@ -1114,16 +1138,52 @@ def case_queue_full(ctx):
     return answer, f"{len(ids)} accepted before the answer; retry-after {answer.headers.get('retry-after')}; all cancelled"
 
 
+def case_nan_job(ctx, prefer_async=False):
+    """A generation whose scheduler_config carries NaN (JSON's NaN literal): if it is accepted, its job must still
+    read back (GET /v1/jobs/{id} and the list)."""
+    port = ctx["port"]
+    headers = [JSON_CT] + ([("Prefer", "respond-async")] if prefer_async else [])
+    post = exchange(port, "POST", "/v1/images/generations", headers,
+                    jbody(with_(seed=777 + prefer_async, scheduler_config={"shift": float("nan")})))
+    job_id = post.headers.get("x-qimg-job-id")
+    if prefer_async:
+        note = f"POST (Prefer: respond-async) -> {post.status}, job {job_id}"
+        if job_id is None and "data" in ctx:
+            rows = stored_jobs(ctx["data"])
+            nan = [r for r in rows if r["seed"] == 778]
+            if nan:
+                note += f"; yet the job was created: {nan[-1]['id']} is {nan[-1]['status']} in the database"
+        if job_id:
+            time.sleep(1.0)
+            got = exchange(port, "GET", f"/v1/jobs/{job_id}")
+            note += f"; GET /v1/jobs/{job_id} -> {got.status}"
+        return post, note
+    if not job_id:
+        return post, f"POST -> {post.status} without a job"
+    got = exchange(port, "GET", f"/v1/jobs/{job_id}")
+    listed = exchange(port, "GET", "/v1/jobs?limit=5")
+    note = (f"POST -> {post.status} (job {job_id}); GET /v1/jobs/{job_id} -> {got.status}; "
+            f"GET /v1/jobs?limit=5 -> {listed.status}")
+    got.ok_override = post.status == 400 or (got.status == 200 and listed.status == 200)
+    return got, note
+
+
 def custom_cases() -> list[Case]:
     return [
+
         Case("conn.disconnect_mid_body_generations", fn=case_disconnect_mid_body, group="connection"),
         Case("conn.disconnect_mid_body_edits", group="connection",
              fn=lambda ctx: case_disconnect_mid_body(ctx, "/v1/images/edits", "multipart/form-data; boundary=x")),
         Case("conn.disconnect_during_sync_job", fn=case_disconnect_during_job, group="connection"),
         Case("conn.slowloris_partial_headers_5s", fn=case_slowloris, group="connection"),
         Case("conn.queue_full_429", fn=case_queue_full, expect="429", group="connection"),
-        Case("gen.limit.steps_1000_sync_hits_job_timeout", "POST", "/v1/images/generations", [JSON_CT],
-             jbody(with_(steps=1000, seed=31337)), "408", group="generations"),
+        Case("gen.limit.steps_1000_256px_sync_hits_job_timeout", "POST", "/v1/images/generations", [JSON_CT],
+             jbody(with_(steps=1000, size="256x256", seed=31337)), "408", group="generations"),
+        # last: if a NaN gets into a stored job, reading the job list may break for every case after it
+        Case("gen.limit.scheduler_config.value_NaN.then_read_job", fn=case_nan_job, expect="200",
+             group="generations"),
+        Case("gen.limit.scheduler_config.value_NaN.async_202", fn=lambda ctx: case_nan_job(ctx, True),
+             expect="4xx|202", group="generations"),
     ]
 
 
@@ -1163,16 +1223,17 @@ def run_case(case: Case, ctx) -> dict:
     if resp.status == 202 and job_id:
         d = exchange(port, "DELETE", f"/v1/jobs/{job_id}")
         note = (note + "; " if note else "") + f"cancelled its job: DELETE -> {d.status}"
-    if resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream"):
-        if b"event: error" in resp.body:
-            note = (note + "; " if note else "") + "the stream ended with an error event: " + \
-                resp.body[resp.body.find(b"event: error"):][:200].decode("utf-8", "replace")
+    sse = resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream")
+    if sse and b"event: error" in resp.body:
+        note = (note + "; " if note else "") + "the stream ended with an error event: " + \
+            resp.body[resp.body.find(b"event: error"):][:200].decode("utf-8", "replace")
     if resp.status == 200 and not message:
         data = resp.json()
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             message = f"{len(data['data'])} item(s)"
     five = resp.status is not None and resp.status >= 500
-    ok = not five and not resp.hang and shaped is not False and expect_ok(case.expect, resp.status)
+    parser = resp.body.startswith(b"Invalid HTTP request received")
+    ok = not five and not resp.hang and (shaped is not False or parser) and expect_ok(case.expect, resp.status)
     if case.fn is not None and override is not None:
         ok = ok and override
     # the server must still answer /health quickly
@@ -1187,6 +1248,7 @@ def run_case(case: Case, ctx) -> dict:
             "expect": case.expect, "expected": expect_ok(case.expect, resp.status), "client_error": resp.error,
             "job_id": job_id, "note": note, "health_ms": round(h.elapsed * 1000, 1), "health_ok": health_ok,
             "http_parser": resp.body.startswith(b"Invalid HTTP request received"),
+            "rss_mb": ctx["rss"]() if "rss" in ctx else None,
             "request_bytes": len(case.body) if case.body is not None else (len(case.raw) if case.raw else 0),
             "ok": ok}
 
@@ -1236,6 +1298,24 @@ def setup(ctx) -> None:
         print(f"(layers fixture: HTTP {r.status} {r.body[:200]!r}; export cases use a generated PNG)")
 
 
+def stored_jobs(data_dir: Path) -> list[dict]:
+    """The job rows as the server stored them (read-only): for when the API cannot list them."""
+    db = sqlite3.connect(f"file:{data_dir / 'jobs.sqlite3'}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = db.execute("SELECT id, status, error, error_type, params FROM jobs ORDER BY seq").fetchall()
+    finally:
+        db.close()
+    out = []
+    for job_id, status, error, error_type, params in rows:
+        try:
+            seed = json.loads(params).get("seed")
+        except ValueError:
+            seed = None
+        out.append({"id": job_id, "status": status, "seed": seed, "params_text": params,
+                    "error": {"message": error, "type": error_type} if error else None})
+    return out
+
+
 def all_jobs(port) -> tuple[list[dict], list[str]]:
     jobs, problems, before = [], [], None
     for _ in range(1000):
@@ -1258,6 +1338,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=HANG_S, help="seconds without an answer that make a hang")
     p.add_argument("--output", default=str(RESULTS))
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (server logs, data)")
+    p.add_argument("--heavy", action="store_true",
+                   help="add a 2048x2048 1-step generation (within the cost budget): does --job-timeout 20 stop it? "
+                        "(about 45 s of CPU for the tiny model on 2 cores)")
     args = p.parse_args(argv)
 
     wall_start = time.perf_counter()
@@ -1270,10 +1353,13 @@ def main(argv=None) -> int:
         images = make_images()
         main_srv.wait_ready()
         auth_srv.wait_ready(need_models=False)
-        ctx = {"port": main_srv.port, "auth_port": auth_srv.port}
+        ctx = {"port": main_srv.port, "auth_port": auth_srv.port, "rss": main_srv.rss_mb, "data": main_srv.data}
         setup(ctx)
         cases = (generation_cases() + edit_cases(images) + layers_cases(images) + export_cases(ctx)
                  + resource_cases(ctx) + protocol_cases() + auth_cases() + custom_cases())
+        if args.heavy:
+            cases.append(Case("gen.heavy.2048x2048_steps1_vs_job_timeout_20s", "POST", "/v1/images/generations",
+                              [JSON_CT], jbody(with_(size="2048x2048", seed=2048)), "408", group="generations"))
         names = [c.name for c in cases]
         dupes = {n for n in names if names.count(n) > 1}
         assert not dupes, f"duplicate case names: {sorted(dupes)}"
@@ -1293,18 +1379,25 @@ def main(argv=None) -> int:
             msg = (row.get("message") or row.get("client_error") or row.get("bench_error") or "").replace("\n", " ")
             flag = "ok" if row["ok"] else "NO"
             ms = f"{row['ms']:.0f}" if row.get("ms") is not None else "-"
-            print(f"{case.name[:58]:<58} {str(row['status']):>6} {ms:>8}  {flag:<3} {msg[:110]}", flush=True)
+            print(f"{case.name[:58]:<58} {row['status']!s:>6} {ms:>8}  {flag:<3} {msg[:110]}", flush=True)
         rss_after = main_srv.rss_mb()
         alive = main_srv.alive() and auth_srv.alive()
         jobs, job_problems = all_jobs(main_srv.port)
+        listed_by = "GET /v1/jobs"
+        if job_problems:  # the API cannot list them: take the rows from the database and read each by id
+            jobs, listed_by = stored_jobs(main_srv.data), "the database (the list failed)"
         for job in jobs:
             r = exchange(main_srv.port, "GET", f"/v1/jobs/{job['id']}")
             if r.status != 200:
                 job_problems.append(f"GET /v1/jobs/{job['id']} -> {r.status} {r.body[:200]!r}")
-        server_failed = [{"id": j["id"], "error": j.get("error"), "params": {k: j["params"].get(k) for k in
-                                                                                ("prompt", "width", "height", "steps")}}
+        server_failed = [{"id": j["id"], "error": j.get("error"),
+                          "params": {k: v for k, v in (j.get("params") or {}).items() if k in ("prompt", "width",
+                                                                                                  "height", "steps",
+                                                                                                  "scheduler")}
+                          or j.get("params_text", "")[:300]}
                          for j in jobs if j["status"] == "failed" and (j.get("error") or {}).get("type")
                          in ("server_error", "internal_error", "model_error")]
+        nan_jobs = [j["id"] for j in stored_jobs(main_srv.data) if re.search(r"\bNaN\b|Infinity", j["params_text"])]
         statuses = {}
         for j in jobs:
             statuses[j["status"]] = statuses.get(j["status"], 0) + 1
@@ -1324,13 +1417,14 @@ def main(argv=None) -> int:
             "4xx_without_openai_shape_app_routes": len(unshaped_app), "unexpected_status": len(unexpected),
             "health_over_2s": len(slow_health), "not_ok": len(failed_rows), "server_alive": alive,
             "rss_before_mb": rss_before, "rss_after_mb": rss_after, "jobs_listed": len(jobs),
-            "job_statuses": statuses, "job_read_problems": job_problems, "jobs_failed_with_server_error": server_failed,
+            "jobs_listed_from": listed_by, "job_statuses": statuses, "job_read_problems": job_problems[:50],
+            "jobs_failed_with_server_error": server_failed, "jobs_stored_with_nan_or_infinity": nan_jobs,
             "wall_s": round(time.perf_counter() - wall_start, 1),
         }
         line = (f"{n} cases, {len(five)} 5xx, {len(hangs)} hangs, {len(unshaped)} 4xx without OpenAI shape "
                 f"({len(unshaped_app)} not from uvicorn's HTTP parser), {len(unexpected)} unexpected status, "
-                f"{len(slow_health)} slow /health, server alive {alive}, {len(jobs)} jobs listed "
-                f"({len(job_problems)} unreadable, {len(server_failed)} failed with a server error), "
+                f"{len(slow_health)} slow /health, server alive {alive}, {len(jobs)} jobs (from {listed_by}; "
+                f"{len(job_problems)} read problems, {len(server_failed)} failed with a server error), "
                 f"server RSS {rss_before} MB before / {rss_after} MB after, wall {summary['wall_s']} s")
         print()
         for r in failed_rows:
@@ -1346,7 +1440,7 @@ def main(argv=None) -> int:
         print(line)
         result = {"summary": summary, "summary_line": line, "cases": results, "server_log_errors": log_errors[:200],
                   "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                              "platform": platform.platform()},
+                              "platform": platform.platform()}, "code": code_version(),
                   "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "server": "qimg serve (embedded qimg-tiny, qimg-tiny-layered) --max-queue 16 --job-timeout 20"}
         out = Path(args.output)

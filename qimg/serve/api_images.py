@@ -107,15 +107,18 @@ def wants_async(request: Request) -> bool:
     return any(p.strip().lower() == "respond-async" for p in request.headers.get("prefer", "").split(","))
 
 
-async def precheck(svc, model: str, kind: str, options) -> None:
+async def precheck(svc, model: str, kind: str, options) -> int | None:
     """When the model is loaded, settle the request against it (sizes, image counts, presets, the cost budget)
     before a job exists, so that a request it refuses is a 400 with no job behind it. (The worker checks the budget
-    again when it runs a job whose model was not loaded yet.)"""
+    again when it runs a job whose model was not loaded yet.) Returns the output pixels it settled on (n x width x
+    height), which the worker's batching counts."""
     entry = svc.models.get(model)
     plan = getattr(entry.pipeline, "plan", None) if entry is not None else None
-    if plan is not None:
-        settled = await run_in_threadpool(plan, options)
-        check_cost(kind, settled, svc.settings.limits)
+    if plan is None:
+        return None
+    settled = await run_in_threadpool(plan, options)
+    check_cost(kind, settled, svc.settings.limits)
+    return settled.width * settled.height * settled.n
 
 
 async def run_job(request: Request, task: Task, respond, *, stream: bool = False, partials: int = 0,
@@ -213,9 +216,9 @@ async def generations(request: Request):
     req = validate(GenerationRequest, await read_json(request), strict=True)
     model = svc.models.pick(req.model, "generate")
     spec, params = image_spec(req, svc.settings.limits, svc.loras)
-    await precheck(svc, model, "generate", spec.options)
+    pixels = await precheck(svc, model, "generate", spec.options)
     params["warning"] = svc.models.get(model).warning(req.prompt, editing=False)
-    task = Task(new_job_id(), "generate", model, params)
+    task = Task(new_job_id(), "generate", model, params, pixels=pixels)
     url_base = base_url(request)
     return await run_job(request, task, lambda result: images_body(result, req, url_base), stream=bool(req.stream),
                          partials=req.partial_images or 0, prefix="image_generation", stream_meta=stream_meta(req))
@@ -256,9 +259,9 @@ async def edit_task(request: Request, svc) -> tuple[Task, EditRequest]:
         await form.close()
     model = svc.models.pick(req.model, "edit")
     spec, params = image_spec(req, limits, svc.loras, [d.image for d in decoded])
-    await precheck(svc, model, "edit", spec.options)
+    pixels = await precheck(svc, model, "edit", spec.options)
     params["warning"] = svc.models.get(model).warning(req.prompt, editing=True)
-    return Task(new_job_id(), "edit", model, params, inputs=[d.encoded() for d in decoded]), req
+    return Task(new_job_id(), "edit", model, params, inputs=[d.encoded() for d in decoded], pixels=pixels), req
 
 
 @router.post("/v1/images/edits", openapi_extra=form_body(EditRequest, ("image",)))

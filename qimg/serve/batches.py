@@ -21,6 +21,8 @@ def batch_key(task) -> str | None:
 
 
 def output_pixels(task) -> int:
+    if task.pixels:
+        return task.pixels
     params = task.params
     width, height = params.get("width"), params.get("height")
     each = width * height if width and height else UNKNOWN_SIZE

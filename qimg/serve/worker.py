@@ -50,6 +50,7 @@ class Task:
     model: str
     params: dict  # what is recorded in the job row
     inputs: list = None  # uploads.Encoded pictures, stored as the job's "input" files by `submit`
+    pixels: int | None = None  # output pixels (n x width x height) when the route settled it
 
 
 class JobControl:
