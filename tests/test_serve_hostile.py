@@ -73,14 +73,14 @@ def test_a_lone_surrogate_in_a_form_field_and_in_lora_names(http):
 
 
 def test_rows_stored_with_unencodable_text_read_back_escaped(tmp_path):
-    """A job row written before requests were checked (a surrogate in its params and error) is served escaped, by
-    the list and by id, also after a restart."""
+    """A job row written before requests were checked (a surrogate in its params and error, a NaN) is served
+    escaped, by the list and by id, also after a restart."""
     settings = make_settings(tmp_path / "data")
     with ServerThread(settings) as srv:
         wait_models_loaded(srv.url)
     db = sqlite3.connect(tmp_path / "data" / "jobs.sqlite3")
     job_id = "job_" + "a" * 32
-    params = json.dumps({"prompt": "a \ud800 b", "width": 64, "height": 64})
+    params = json.dumps({"prompt": "a \ud800 b", "width": 64, "height": 64, "scheduler": {"shift": float("nan")}})
     db.execute("INSERT INTO jobs (id, kind, status, model, params, error, error_type, created_at, finished_at) "
                "VALUES (?, 'generate', 'failed', 'tiny', ?, ?, 'internal_error', 1.0, 2.0)",
                (job_id, params, "bad \\ud800 text"))
@@ -92,6 +92,7 @@ def test_rows_stored_with_unencodable_text_read_back_escaped(tmp_path):
         one = c.get(f"/v1/jobs/{job_id}")
         assert one.status_code == 200
         assert one.json()["params"]["prompt"] == "a \\ud800 b"  # the escape, as text
+        assert one.json()["params"]["scheduler"] == {"shift": "nan"}  # NaN is not JSON: written out
         assert [j["id"] for j in listed.json()["data"]] == [job_id]
 
 
@@ -305,3 +306,58 @@ def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
         handle.write(b"done")
     assert not dead.exists() and alive.exists() and other.exists()
     assert (tmp_path / "out.png").read_bytes() == b"done"
+
+
+# -- found by bench/serve_attack.py ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw,message", [
+    (b'{"prompt": "x", "scheduler_config": {"shift": NaN}}', "NaN is not a JSON number"),
+    (b'{"prompt": "x", "guidance_scale": Infinity}', "Infinity is not a JSON number"),
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "integer string conversion"),
+    (b'{"prompt": "x", "scheduler_config": {"shift": "abc"}}', "shift must be a number in (0, 1000], got 'abc'"),
+    (b'{"prompt": "x", "scheduler_config": {"use_dynamic_shifting": "yes"}}', "must be true or false, got 'yes'"),
+    (b'{"prompt": "x", "scheduler_config": "{}"}', "invalid value for 'scheduler_config'"),
+])
+def test_numbers_and_scheduler_values_are_checked_at_entry(http, raw, message):
+    before = job_count(http)
+    r = http.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})
+    assert message in error_of(r)["message"]
+    assert job_count(http) == before and http.get("/v1/jobs").status_code == 200
+
+
+def test_form_values_and_names(http):
+    r = http.post("/v1/images/edits", data={"prompt": "x", "guidance_scale": "nan"},
+                  files={"image": ("a.png", png_bytes(), "image/png")})
+    assert "finite number" in error_of(r)["message"]
+    r = http.post("/v1/images/edits", data={"prompt": "x", "": "1"}, files={"image": ("a.png", png_bytes(), "image/png")})
+    assert "unknown parameter: '' (an empty name)" in error_of(r)["message"]
+
+
+def test_an_edit_of_a_sliver_is_refused(http):
+    r = http.post("/v1/images/edits", data={"prompt": "x", "model": "tiny", "size": "64x64", "steps": "1"},
+                  files={"image": ("a.png", png_bytes(4096, 1), "image/png")})
+    assert "image 1 is 4096x1" in error_of(r)["message"] and "aspect ratio is too extreme" in error_of(r)["message"]
+
+
+def test_byte_ranges_of_a_file(http):
+    r = http.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "steps": 1, "model": "tiny",
+                                                  "response_format": "url"})
+    url = r.json()["data"][0]["url"]
+    whole = http.get(url).content
+    part = http.get(url, headers={"Range": "bytes=0-9"})
+    assert part.status_code == 206 and part.content == whole[:10]
+    for header in ("bytes=abc", "bytes=10-5", "items=0-1", "bytes=0-" + "9" * 5000, "bytes=-"):
+        assert error_of(http.get(url, headers={"Range": header}))["code"] == "invalid_range", header
+    far = http.get(url, headers={"Range": "bytes=100000000-100000010"})
+    assert error_of(far, 416)["code"] == "range_not_satisfiable"
+    assert far.headers["content-range"] == f"bytes */{len(whole)}"
+
+
+def test_a_long_step_stops_between_blocks(tmp_path):
+    """The time limit is polled before every transformer block, not only between steps: a 1024x1024 step of the
+    embedded model stops inside the step."""
+    settings = make_settings(tmp_path / "data", models={"tiny": None}, job_timeout=0.2)
+    with ServerThread(settings) as srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
+        wait_models_loaded(srv.url)
+        r = c.post("/v1/images/generations", json={"prompt": "a red circle", "size": "1024x1024", "steps": 1})
+        err = error_of(r, 408)
+        assert "between transformer blocks" in err["message"], err

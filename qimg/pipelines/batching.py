@@ -42,7 +42,8 @@ def run_batch(pipe, plans: list) -> list[list[Image.Image] | BaseException]:
     for plan in plans:
         plan.report(ProgressEvent("encode", 0, 1, plan.clock()))
     pipe.placement.use(pipe.conditioner.encoder)
-    conds = [pipe.encode(plan) for plan in plans]
+    with pipe.sharing_texts():  # the negative prompt most requests share is encoded once
+        conds = [pipe.encode(plan) for plan in plans]
     for plan in plans:
         plan.report(ProgressEvent("encode", 1, 1, plan.clock()))
     xs = [pipe.tokens(plan, draw_noise(pipe.noise_shape(plan), torch.Generator("cpu").manual_seed(plan.seed), dtype))

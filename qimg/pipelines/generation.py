@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from qimg.errors import InputError
 from qimg.imaging import check_size, fit_area, to_tensor
 from qimg.options import GenerateOptions
 from qimg.pipelines.batching import batch_key, run_batch
@@ -50,6 +51,11 @@ class ImagePipeline(Pipeline):
         images = list(options.images)
         self.check_images(images)
         resolution = self.defaults.resolution if options.resolution is None else options.resolution
+        for i, img in enumerate(images):  # condition images are read at about resolution^2 pixels
+            w, h = fit_area(resolution * resolution, img.width / img.height)
+            if min(w, h) < 32:
+                raise InputError(f"image {i + 1} is {img.width}x{img.height}: at resolution {resolution} it would be "
+                                 f"{w}x{h}; its aspect ratio is too extreme (crop or pad it)")
         width, height = options.width, options.height
         if images and (width is None or height is None):
             ref = self.size_image(images)

@@ -11,6 +11,7 @@ the schedule, guidance, block hooks, the sampler, progress and cancellation, the
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,20 @@ def with_block_hook(velocity: Callable, hook: Callable | None, branch: str) -> C
         return velocity(x, sigma, block_hook=lambda index, state, step: hook(where, index, state, step))
 
     return run
+
+
+def stop_between_blocks(plan: Plan, hook: Callable | None) -> Callable | None:
+    """A block hook that also polls the plan's cancel before every transformer block, so that a large step (a
+    2048^2 one on a CPU) stops within a block, not after the whole step (the user's hook still runs)."""
+    if plan.options.cancel is None:
+        return hook
+
+    def checked(where: BlockStep, index, state, run):
+        if index > 0 and plan.cancelled():
+            raise Cancelled(f"cancelled during model call {where.step + 1} (between transformer blocks)")
+        return hook(where, index, state, run) if hook is not None else run(state)
+
+    return checked
 
 
 class Pipeline(ABC):
@@ -261,7 +276,7 @@ class Pipeline(ABC):
         return out
 
     def sample(self, plan: Plan, cond: Conditioning, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        hook = plan.options.block_hook
+        hook = stop_between_blocks(plan, plan.options.block_hook)
         branches = [("cond", cond.positive)] + ([("uncond", cond.negative)] if cond.negative is not None else [])
         velocities = [with_block_hook(self.velocity(plan, c, cond.extra), hook, name) for name, c in branches]
         velocity = guided(velocities[0], velocities[1] if len(velocities) > 1 else None, plan.cfg,
@@ -281,6 +296,24 @@ class Pipeline(ABC):
         if plan.cancelled():
             raise Cancelled(f"cancelled after 0 of {total} steps")
         return SAMPLERS[plan.options.sampler](model, x, sigmas, callback)
+
+    def condition(self, prompt: str | None, images=()):
+        """The conditioner's encoding of a prompt; a text-only prompt is encoded once per `sharing_texts()` scope
+        (a batch whose requests share the negative prompt)."""
+        memo = getattr(self, "_texts", None)
+        if memo is None or images:
+            return self.conditioner.encode(prompt, images)
+        if prompt not in memo:
+            memo[prompt] = self.conditioner.encode(prompt, images)
+        return memo[prompt]
+
+    @contextlib.contextmanager
+    def sharing_texts(self):
+        self._texts = {}
+        try:
+            yield
+        finally:
+            self._texts = None
 
     def parameters(self, plan: Plan, cond: Conditioning, schedule: np.ndarray) -> dict:
         """What a picture records about how it was made (PNG metadata, job results)."""

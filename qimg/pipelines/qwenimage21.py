@@ -61,8 +61,8 @@ class QwenImage21Pipeline(ImagePipeline):
     def encode(self, plan: Plan) -> Conditioning:
         area = plan.extra["resolution"] ** 2
         sized = [img.resize(fit_area(area, img.width / img.height), Image.LANCZOS) for img in plan.images]
-        cond = self.conditioner.encode(plan.prompt, sized)
-        neg = self.conditioner.encode(plan.negative_prompt, sized) if plan.guided else None
+        cond = self.condition(plan.prompt, sized)
+        neg = self.condition(plan.negative_prompt, sized) if plan.guided else None
         tokens, shapes = [], []
         for img in sized:
             pixels = to_tensor(img, self.vae.image_channels).to(self.info.device, self.info.dtype)
@@ -108,11 +108,16 @@ class QwenImage21Pipeline(ImagePipeline):
         """One guidance branch of several requests: each request's prefix computed as when it runs alone (its
         prompt, its condition images), stacked (`stack_prefixes`), and the targets denoised together."""
         model, shape = self.transformer, self.latent_grid(plans[0])
-        prefixes = []
+        prefixes, shared = [], {}
         for plan, condition, (cond_tokens, cond_shapes) in zip(plans, conditions, extras):
-            states = condition.states.to(self.info.device, self.info.dtype).expand(plan.n, -1, -1)
-            prefixes.append(model.encode_prefix(states, condition.slot_mask.to(self.info.device), cond_tokens,
-                                                cond_shapes, None, None))
+            key = (id(condition), plan.n) if not cond_shapes else None  # one text prompt several requests share
+            if key is None or key not in shared:
+                states = condition.states.to(self.info.device, self.info.dtype).expand(plan.n, -1, -1)
+                prefix = model.encode_prefix(states, condition.slot_mask.to(self.info.device), cond_tokens,
+                                             cond_shapes, None, None)
+                if key is not None:
+                    shared[key] = prefix
+            prefixes.append(shared.get(key) or prefix)
         prefix = stack_prefixes(prefixes)
         freqs = model.target_rope(prefix, shape)
         return lambda x, sigma, block_hook=None: model.denoise(x, sigma, prefix, shape, freqs, block_hook)

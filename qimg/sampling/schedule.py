@@ -48,6 +48,10 @@ class SchedulerConfig:
         an InputError naming it."""
         if not overrides:
             return self
+        known = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        for key, value in overrides.items():
+            if key in known:  # an unknown key is named by config_from_dict
+                _check_override(key, value)
         try:
             return config_from_dict(SchedulerConfig, {**dataclasses.asdict(self), **overrides})
         except CheckpointError as err:
@@ -59,6 +63,26 @@ class SchedulerConfig:
         if shift is None:
             return self
         return dataclasses.replace(self, shift=float(shift), use_dynamic_shifting=False)
+
+
+_KINDS = {"num_train_timesteps": "count", "base_image_seq_len": "count", "max_image_seq_len": "count",
+          "shift": "positive", "base_shift": "number", "max_shift": "number", "shift_terminal": "fraction",
+          "time_shift_type": "text"}
+
+
+def _check_override(key: str, value) -> None:
+    """A scheduler override's value has its field's type (and a sane range): InputError naming the key."""
+    kind = _KINDS.get(key, "flag")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = {"count": isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10**7,
+          "positive": number and 0 < value <= 1000, "number": number and abs(value) <= 1000,
+          "fraction": value is None or (number and 0 < value < 1), "text": isinstance(value, str),
+          "flag": isinstance(value, bool)}[kind]
+    if not ok:
+        wanted = {"count": "an integer from 1 to 10000000", "positive": "a number in (0, 1000]",
+                  "number": "a finite number", "fraction": "null or a number in (0, 1)", "text": "a string",
+                  "flag": "true or false"}[kind]
+        raise InputError(f"scheduler config: {key} must be {wanted}, got {value!r}")
 
 
 def mu_for_tokens(cfg: SchedulerConfig, image_tokens: int) -> float:

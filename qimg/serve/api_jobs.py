@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
@@ -124,6 +125,26 @@ async def job_events(job_id: str, request: Request):
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no", JOB_HEADER: job_id})
 
 
+RANGE = re.compile(r"^bytes=(\d{1,15})?-(\d{1,15})?$")
+
+
+def check_range(header: str | None, size: int) -> None:
+    """One byte range (`bytes=START-END`, `bytes=START-`, `bytes=-SUFFIX`) that the file can satisfy, else an error
+    in OpenAI's shape (400, or 416 with the file's size) instead of the file server's plain-text answer."""
+    if header is None:
+        return
+    match = RANGE.match(header.strip())
+    if not match or match.groups() == (None, None):
+        raise bad_request(f"Range must be one byte range such as 'bytes=0-1023', got {header[:100]!r}",
+                          param="range", code="invalid_range")
+    start, end = (None if g is None else int(g) for g in match.groups())
+    if start is not None and end is not None and end < start:
+        raise bad_request(f"Range {header!r} ends before it starts", param="range", code="invalid_range")
+    if (start is not None and start >= size) or (start is None and end == 0):
+        raise ApiError(416, f"Range {header!r} is outside the file ({size:,} bytes)", param="range",
+                       code="range_not_satisfiable", headers={"content-range": f"bytes */{size}"})
+
+
 @router.get("/v1/files/{file_id}")
 async def read_file(file_id: str, request: Request, download: bool = False):
     """A stored file by its server-generated id (`file_` + 32 hex digits; a known extension may follow)."""
@@ -136,6 +157,7 @@ async def read_file(file_id: str, request: Request, download: bool = False):
     if found is None:
         raise ApiError(404, f"no file {stem!r}", param="file_id", code="file_not_found")
     record, path = found
+    check_range(request.headers.get("range"), path.stat().st_size)
     filename = f"qimg-{record.id}{path.suffix}"
     return FileResponse(path, media_type=record.mime, filename=filename,
                         content_disposition_type="attachment" if download else "inline",

@@ -20,6 +20,7 @@ log = logging.getLogger("qimg.serve")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
          405: "invalid_request_error", 408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
+         416: "invalid_request_error",
          429: "rate_limit_error"}
 
 
@@ -44,6 +45,10 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
+
+
+class ClientGone(Exception):
+    """The client went away before its request body arrived: nobody reads an answer (logged quietly)."""
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -90,8 +95,9 @@ def validation_error(errors) -> ApiError:
     elif kind == "missing":
         message = f"missing required parameter: {param!r}"
     elif kind == "extra_forbidden":
-        message = f"unknown parameter: {param!r}"
-    elif kind in ("json_invalid", "model_attributes_type", "dict_type") or param is None:
+        raw = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header", "form")]
+        message = f"unknown parameter: {'.'.join(raw)!r}" + (" (an empty name)" if raw == [""] else "")
+    elif param is None:
         message = f"the request body is not a valid JSON object: {msg}"
     else:
         message = f"invalid value for {param!r}: {msg}"
@@ -113,6 +119,11 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
         return error_response(ApiError(exc.status_code, message), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):
+        log.debug("client went away during %s %s", request.method, request.url.path)
+        return error_response(ApiError(400, "the client disconnected before the request body arrived"))
 
     @app.exception_handler(InputError)
     async def _input(request: Request, exc: InputError):

@@ -14,15 +14,16 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.formparsers import MultiPartException
 
-from qimg.serve.errors import bad_request, validation_error
+from qimg.serve.errors import ClientGone, bad_request, validation_error
 
 MAX_JSON_DEPTH = 16  # the deepest a valid request goes is 3 (loras: list of objects)
 
 
 class LoraChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=300)
     scale: float = Field(1.0, ge=-8, le=8)
@@ -31,7 +32,7 @@ class LoraChoice(BaseModel):
 class SamplingFields(BaseModel):
     """qimg's sampling extras, shared by every route (checked again, with the library's messages, by the options)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     loras: list[LoraChoice] | None = Field(None, max_length=8)
 
@@ -170,6 +171,10 @@ def nesting(value) -> int:
 
 
 # -- bodies ----------------------------------------------------------------------------------------------------
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number (send a finite number)")
+
+
 def is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/")
 
@@ -180,12 +185,15 @@ async def read_json(request: Request) -> dict:
     if is_multipart(request):
         raise bad_request(f"{request.url.path} takes a JSON body (Content-Type: application/json), not a multipart "
                           f"form", code="unsupported_media_type")
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise ClientGone() from None
     if not body.strip():
         raise bad_request('the request body is empty: send a JSON object such as {"prompt": "a red circle"}',
                           code="empty_body")
     try:
-        data = json.loads(body.decode("utf-8-sig"))
+        data = json.loads(body.decode("utf-8-sig"), parse_constant=_no_constant)
     except RecursionError:
         raise bad_request(f"the JSON body is nested too deeply; the limit is {MAX_JSON_DEPTH} levels",
                           code="invalid_json") from None
@@ -195,6 +203,8 @@ async def read_json(request: Request) -> dict:
     except json.JSONDecodeError as err:
         raise bad_request(f"the request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}",
                           code="invalid_json") from None
+    except ValueError as err:  # NaN / Infinity (not JSON), an integer of thousands of digits
+        raise bad_request(f"the request body is not valid JSON: {err}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     if (depth := nesting(data)) > MAX_JSON_DEPTH:
@@ -214,13 +224,15 @@ async def read_form(request: Request, limits, file_fields: tuple[str, ...]):
     part_limit = limits.max_prompt_chars * 4 + 4096
     try:
         form = await request.form(max_files=limits.max_images * 2 + 2, max_fields=64, max_part_size=part_limit)
+    except ClientDisconnect:
+        raise ClientGone() from None
     except (MultiPartException, HTTPException) as err:  # Starlette wraps the parser's errors in a 400
         if isinstance(err, HTTPException) and err.status_code != 400:
             raise
         reason = err.message if isinstance(err, MultiPartException) else err.detail
-        raise bad_request(f"the multipart form could not be read: {reason} (a text field may hold at most "
-                          f"{part_limit:,} bytes; prompts at most {limits.max_prompt_chars:,} characters)",
-                          code="invalid_form") from None
+        hint = (f" (a text field may hold at most {part_limit:,} bytes; prompts at most "
+                f"{limits.max_prompt_chars:,} characters)" if "size" in str(reason).lower() else "")
+        raise bad_request(f"the multipart form could not be read: {reason}{hint}", code="invalid_form") from None
     scalars, files = {}, {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):

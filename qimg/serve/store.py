@@ -6,6 +6,7 @@ Implementations: `store_sqlite.SQLiteJobStore` (jobs and the file index in one S
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from abc import ABC, abstractmethod
@@ -30,6 +31,8 @@ def storable(value):
             return value
         except UnicodeEncodeError:
             return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN / Infinity: not JSON
+        return repr(value)
     if isinstance(value, dict):
         return {storable(k): storable(v) for k, v in value.items()}
     if isinstance(value, list):
