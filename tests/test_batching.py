@@ -4,6 +4,8 @@ others untouched. Then the server: queued jobs batched behind a busy worker (`Bl
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 
 import numpy as np
@@ -94,19 +96,27 @@ def test_v1_runs_each_request_alone(ref_v1):
 
 
 # -- the server ------------------------------------------------------------------------------------------------------
-def test_queued_jobs_run_as_one_batch_with_their_own_pictures(tmp_path, pipe):
+@contextlib.contextmanager
+def held_server(tmp_path, max_batch: int):
+    """A server with the embedded model whose worker a `BlockingImages` job holds, so that jobs posted now queue
+    up; yields (client, the blocker: `blocker.release.set()` lets the worker go on)."""
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx2")
     from tests.serve_support import BlockingImages, ServerThread, make_settings, wait_models_loaded
 
     blocker = BlockingImages()
-    settings = make_settings(tmp_path / "data", models={"tiny": None}, max_batch=3)
+    settings = make_settings(tmp_path / "data", models={"tiny": None}, max_batch=max_batch)
     with ServerThread(settings, pipelines={"blocker": blocker}) as srv, \
             httpx.Client(base_url=srv.url, timeout=60) as c:
         wait_models_loaded(srv.url)
         c.post("/v1/images/generations", json={"prompt": "hold", "model": "blocker"},
                headers={"Prefer": "respond-async"})
         assert blocker.started.wait(10)
+        yield c, blocker
+
+
+def test_queued_jobs_run_as_one_batch_with_their_own_pictures(tmp_path, pipe):
+    with held_server(tmp_path, max_batch=3) as (c, blocker):
         bodies = [{"prompt": p, "model": "tiny", "seed": i, "size": "128x128"} for i, p in enumerate(PROMPTS)]
         bodies.append({"prompt": PROMPTS[0], "model": "tiny", "seed": 9, "size": "96x128"})  # another size
         ids = [c.post("/v1/images/generations", json=b, headers={"Prefer": "respond-async"}).json()["id"]
@@ -123,8 +133,6 @@ def test_queued_jobs_run_as_one_batch_with_their_own_pictures(tmp_path, pipe):
         assert [j["result"]["batch"] for j in jobs] == [3, 3, 3, 1, 1]  # max_batch 3; the 4th waited; 96x128 alone
         for body, job in zip(bodies, jobs):
             data = c.get(job["outputs"][0]["url"]).content
-            import io
-
             served = Image.open(io.BytesIO(data))
             w, h = map(int, body["size"].split("x"))
             expected = pipe.generate(body["prompt"], seed=body["seed"], width=w, height=h)[0]
@@ -132,18 +140,7 @@ def test_queued_jobs_run_as_one_batch_with_their_own_pictures(tmp_path, pipe):
 
 
 def test_a_job_cancelled_inside_a_batch_ends_at_once(tmp_path):
-    pytest.importorskip("fastapi")
-    httpx = pytest.importorskip("httpx2")
-    from tests.serve_support import BlockingImages, ServerThread, make_settings, wait_models_loaded
-
-    blocker = BlockingImages()
-    settings = make_settings(tmp_path / "data", models={"tiny": None}, max_batch=4)
-    with ServerThread(settings, pipelines={"blocker": blocker}) as srv, \
-            httpx.Client(base_url=srv.url, timeout=60) as c:
-        wait_models_loaded(srv.url)
-        c.post("/v1/images/generations", json={"prompt": "hold", "model": "blocker"},
-               headers={"Prefer": "respond-async"})
-        assert blocker.started.wait(10)
+    with held_server(tmp_path, max_batch=4) as (c, blocker):
         ids = [c.post("/v1/images/generations", json={"prompt": p, "model": "tiny", "seed": i, "steps": 150,
                                                       "size": "128x128"},
                       headers={"Prefer": "respond-async"}).json()["id"] for i, p in enumerate(PROMPTS[:3])]

@@ -197,6 +197,9 @@ def test_a_job_over_the_budget_is_refused_with_the_figure_and_the_limit(http):
     r = http.post("/v1/images/edits", data={"prompt": "x", "size": "512x512", "steps": "400", "model": "tiny"},
                   files=[("image", ("a.png", png_bytes(), "image/png"))] * 3)
     assert "x 4 frames (the output and 3 condition images)" in error_of(r)["message"]
+    r = http.post("/v1/images/generations", json={"prompt": "x", "size": "4096x4096", "steps": 1000, "n": 10,
+                                                  "model": "tiny"})  # the request of the review
+    assert "167,772 megapixel-steps" in error_of(r)["message"]
     assert job_count(http) == before
 
 
