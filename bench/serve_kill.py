@@ -39,7 +39,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -48,27 +47,12 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/attack, as a package beside this script
+from attack.client import code_version, free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "serve_kill.json"
 SIZE = 128
-
-
-def code_version() -> dict:
-    """The commit the server ran (read-only git queries) and whether qimg/ differed from it."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=False).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qimg"], cwd=ROOT, capture_output=True,
-                               text=True, check=False).stdout.strip()
-        return {"commit": commit, "qimg_modified": bool(dirty)}
-    except OSError:
-        return {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(port, method, path, body=None, headers=None, timeout=10.0):
@@ -323,12 +307,14 @@ def main(argv=None) -> int:
             server.start()
             next_startup = k + 1 < len(phases) and phases[k + 1] == "startup"
             ready_s = None if next_startup else server.wait_ready()
-            row = {"kill": k + 1, "phase": phase, "burst": f"{sizes[k]} {timing}", "time": kill_time, "after_s": round(delay, 2), "acked": len(submitter.acked),
+            row = {"kill": k + 1, "phase": phase, "burst": f"{sizes[k]} {timing}", "time": kill_time,
+                   "after_s": round(delay, 2), "acked": len(submitter.acked),
                    "running_job": running, "waiting": waiting, "tmp_after_kill": len(after_kill["tmp"]),
                    "unindexed_after_kill": len(after_kill["unindexed"]),
                    "ready_s": None if ready_s is None else round(ready_s, 2)}
             rows.append(row)
-            print(f"{row['kill']:>4} {phase:<8} {row['burst']:<10} {delay:>7.2f} {row['acked']:>5} {str(running or '-')[:16]:<16} "
+            print(f"{row['kill']:>4} {phase:<8} {row['burst']:<10} {delay:>7.2f} {row['acked']:>5} "
+                  f"{str(running or '-')[:16]:<16} "
                   f"{waiting if waiting is not None else '-'!s:>7} {row['tmp_after_kill']:>3} "
                   f"{row['unindexed_after_kill']:>5} {'-' if ready_s is None else f'{ready_s:.2f}':>7}", flush=True)
         # the last server runs everything left
