@@ -49,9 +49,12 @@ class SchedulerConfig:
         if not overrides:
             return self
         known = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        unknown = sorted(set(overrides) - known, key=str)
+        if unknown:
+            raise InputError(f"scheduler config: unknown key(s) {', '.join(map(str, unknown))} (it takes: "
+                             f"{', '.join(sorted(known))})")
         for key, value in overrides.items():
-            if key in known:  # an unknown key is named by config_from_dict
-                _check_override(key, value)
+            _check_override(key, value)
         try:
             return config_from_dict(SchedulerConfig, {**dataclasses.asdict(self), **overrides})
         except CheckpointError as err:
