@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from qimg.errors import InputError
@@ -70,7 +71,8 @@ class LoadOptions:
     None: detected from the model's (and its LoRAs') file names. loras: adapter files for the transformer, each a
     path, "FILE:SCALE", (path, scale) or `qimg.adapters.manager.LoraSpec`; lora_mode: "fused" (merged into the
     weights: full speed) or "unfused" (applied beside them: switching is free); lora_partial: load a file whose
-    layers only partly match the model.
+    layers only partly match the model. transformer: a GGUF file whose (quantised) weights replace the folder's
+    transformer; its Linear weights stay quantised and are dequantised just before use.
     """
 
     model: str | os.PathLike | None = None
@@ -85,6 +87,7 @@ class LoadOptions:
     lora_mode: str = "fused"
     lora_partial: bool = False
     download: bool = False  # fetch a repo id that is not in the Hugging Face cache (`qimg pull`) first
+    transformer: str | os.PathLike | None = None  # a single .gguf file replacing the folder's transformer weights
 
     def __post_init__(self):
         import torch
@@ -118,6 +121,9 @@ class LoadOptions:
             raise InputError(f"lora_mode must be one of {list(LORA_MODES)}, got {self.lora_mode!r}")
         if not isinstance(self.lora_partial, bool):
             raise InputError(f"lora_partial must be true or false, got {self.lora_partial!r}")
+        if self.transformer is not None and Path(self.transformer).suffix.lower() != ".gguf":
+            raise InputError(f"transformer must be a .gguf file (single-file safetensors are not read yet), got "
+                             f"{str(self.transformer)!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

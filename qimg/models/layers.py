@@ -72,3 +72,13 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     table = freqs[:, None, :] if freqs.dim() == 2 else freqs[:, :, None, :]
     rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * table
     return torch.view_as_real(rotated).flatten(3).type_as(x)
+
+
+def layer_dtype(layer: nn.Module) -> torch.dtype:
+    """A Linear layer's compute dtype, also for one whose weight is kept quantised (`qimg.lowbit.layers`)."""
+    return getattr(layer, "compute_dtype", None) or layer.weight.dtype
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    weight = getattr(layer, "blocks", None)
+    return (weight if weight is not None else layer.weight).device

@@ -19,7 +19,8 @@ from torch import nn
 from qimg.models.config import config_from_dict
 from qimg.models.attention import Attend, UsesAttention
 from qimg.models.hooks import BlockHook, run_blocks
-from qimg.models.layers import RMSNorm, TimestepEmbedder, apply_rope, rope_frequencies, timestep_embedding
+from qimg.models.layers import (RMSNorm, TimestepEmbedder, apply_rope, layer_device, layer_dtype, rope_frequencies,
+                               timestep_embedding)
 
 EPS = 1e-6
 
@@ -182,11 +183,11 @@ class QwenImageTransformer(UsesAttention, nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+        return layer_dtype(self.img_in)
 
     def positions(self, image_shapes, text_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer (frame, row, col) positions `[S_img, 3]` of all image tokens and `[text_len, 3]` of the text."""
-        device = device or self.img_in.weight.device
+        device = device or layer_device(self.img_in)
         shapes = [tuple(int(v) for v in s) for s in image_shapes]
         layered = self.cfg.use_layer3d_rope
         parts = []

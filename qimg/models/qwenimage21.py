@@ -19,7 +19,8 @@ from torch import nn
 from qimg.models.config import config_from_dict
 from qimg.models.attention import UsesAttention
 from qimg.models.hooks import BlockHook, run_blocks
-from qimg.models.layers import RMSNorm, TimestepEmbedder, apply_rope, rope_frequencies, timestep_embedding
+from qimg.models.layers import (RMSNorm, TimestepEmbedder, apply_rope, layer_device, layer_dtype, rope_frequencies,
+                               timestep_embedding)
 
 TOKENS_PER_SLOT = 4  # one VLM image slot covers 2x2 latent tokens of 16 px
 
@@ -257,7 +258,7 @@ class QwenImage21Transformer(UsesAttention, nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+        return layer_dtype(self.img_in)
 
     def _temb(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.time_text_embed(sigma.to(self.dtype), self.dtype)
@@ -267,7 +268,7 @@ class QwenImage21Transformer(UsesAttention, nn.Module):
         return tuple(m.unsqueeze(1) for m in self.modulation(temb).chunk(4, dim=-1))
 
     def _rope(self, positions) -> torch.Tensor:
-        pos = torch.tensor(positions, dtype=torch.long, device=self.img_in.weight.device).reshape(-1, 3)
+        pos = torch.tensor(positions, dtype=torch.long, device=layer_device(self.img_in)).reshape(-1, 3)
         return rope_frequencies(pos, self.cfg.axes_dims_rope)
 
     def encode_prefix(

@@ -145,8 +145,14 @@ class Pipeline(ABC):
         tcfg = cls.transformer_types[0].from_dict(read_json(folder / "transformer" / "config.json"))
         vcfg = cls.vae_types[0].from_dict(read_json(folder / "vae" / "config.json"))
         cls.check_configs(tcfg, vcfg, folder)
-        transformer = load_module(lambda: cls.transformer_types[1](tcfg), folder / "transformer", dtype=dtype,
-                                  device=staging or home)
+        if options.transformer is not None:
+            from qimg.lowbit.load import load_gguf_module
+
+            transformer = load_gguf_module(lambda: cls.transformer_types[1](tcfg), options.transformer, dtype=dtype,
+                                           device=staging or home)
+        else:
+            transformer = load_module(lambda: cls.transformer_types[1](tcfg), folder / "transformer", dtype=dtype,
+                                      device=staging or home)
         vae = load_module(lambda: cls.vae_types[1](vcfg), folder / "vae", dtype=dtype, device=staging or device)
         conditioner = cls.load_conditioner(folder, index, dtype=dtype, device=staging or home)
         if options.transforms:

@@ -1,0 +1,48 @@
+"""Writing a state dict as a GGUF file with the `gguf` package's quantisers (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, and
+F16 / BF16 / F32 kept as they are), atomically. `kind_of(name, tensor)` picks each tensor's format; a tensor whose
+rows a block format cannot tile (fewer weights per row than a block) stays F32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from qimg.atomic import atomic_path
+from qimg.lowbit.gguf_blocks import FORMATS
+
+WRITABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def linear_weights(kind: str) -> Callable[[str, torch.Tensor], str]:
+    """`kind` for the 2-D weights of Linear layers, F32 for everything else (norms, biases, embeddings' 1-D parts)."""
+    return lambda name, tensor: kind if tensor.ndim == 2 and name.endswith(".weight") else "F32"
+
+
+def write_gguf(state_dict: dict[str, torch.Tensor], path: str | Path, kind_of: Callable[[str, torch.Tensor], str],
+               *, arch: str = "qwen_image") -> dict[str, str]:
+    """Write `state_dict` to `path`; returns the format each tensor got."""
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    chosen = {}
+    with atomic_path(path) as tmp:
+        writer = GGUFWriter(tmp, arch)
+        for name, tensor in state_dict.items():
+            kind = kind_of(name, tensor)
+            if kind not in WRITABLE:
+                raise ValueError(f"qimg writes {', '.join(WRITABLE)}; {name} asked for {kind}")
+            if tensor.shape[-1] % FORMATS[kind].elements:
+                kind = "F32"
+            array = tensor.detach().float().cpu().numpy()
+            qtype = GGMLQuantizationType[kind]
+            data = quants.quantize(array, qtype) if kind not in ("F32", "F16") else array.astype(
+                np.float16 if kind == "F16" else np.float32)
+            writer.add_tensor(name, data, raw_shape=data.shape if kind in ("F32", "F16") else None, raw_dtype=qtype)
+            chosen[name] = kind
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return chosen
