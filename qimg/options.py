@@ -72,7 +72,8 @@ class LoadOptions:
     path, "FILE:SCALE", (path, scale) or `qimg.adapters.manager.LoraSpec`; lora_mode: "fused" (merged into the
     weights: full speed) or "unfused" (applied beside them: switching is free); lora_partial: load a file whose
     layers only partly match the model. transformer: a GGUF file whose (quantised) weights replace the folder's
-    transformer; its Linear weights stay quantised and are dequantised just before use.
+    transformer; its Linear weights stay quantised and are dequantised just before use. quantize: "int8" or
+    "fp8" weight-only quantisation of the transformer's Linear layers on load (after fused LoRAs are merged).
     """
 
     model: str | os.PathLike | None = None
@@ -88,6 +89,7 @@ class LoadOptions:
     lora_partial: bool = False
     download: bool = False  # fetch a repo id that is not in the Hugging Face cache (`qimg pull`) first
     transformer: str | os.PathLike | None = None  # a single .gguf file replacing the folder's transformer weights
+    quantize: str | None = None  # "int8" | "fp8": the transformer's Linear weights, weight-only, on load
 
     def __post_init__(self):
         import torch
@@ -121,6 +123,11 @@ class LoadOptions:
             raise InputError(f"lora_mode must be one of {list(LORA_MODES)}, got {self.lora_mode!r}")
         if not isinstance(self.lora_partial, bool):
             raise InputError(f"lora_partial must be true or false, got {self.lora_partial!r}")
+        if self.quantize is not None and self.quantize not in ("int8", "fp8"):
+            raise InputError(f"quantize must be 'int8' or 'fp8', got {self.quantize!r}")
+        if self.quantize is not None and self.loras and self.lora_mode == "unfused":
+            raise InputError("unfused LoRAs on quantized weights are not supported yet: use lora_mode 'fused' "
+                             "(merged before quantizing)")
         if self.transformer is not None and Path(self.transformer).suffix.lower() != ".gguf":
             raise InputError(f"transformer must be a .gguf file (single-file safetensors are not read yet), got "
                              f"{str(self.transformer)!r}")

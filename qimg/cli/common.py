@@ -62,6 +62,9 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
     p.add_argument("--download", action="store_true",
                    help="fetch --model from the Hugging Face Hub first when it is not cached (else qimg stays "
                         "offline)")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="store the transformer's Linear weights in 8 bits (weight-only, per-row scales; dequantised "
+                        "per layer as it runs): about half of bfloat16's memory")
     p.add_argument("--transformer", default=None, metavar="FILE.gguf",
                    help="replace the model's transformer weights with a GGUF file (Q8_0, Q4_0/1, Q5_0/1, Q2_K-Q6_K, "
                         "F16, BF16, F32; Linear weights stay quantised until used)")
@@ -82,7 +85,8 @@ def load_options(args, task: str | None = None):
 
     return LoadOptions(model=args.model, task=task, dtype=args.dtype, device=args.device, offload=args.offload,
                        attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
-                       lora_partial=args.lora_partial, download=args.download, transformer=args.transformer)
+                       lora_partial=args.lora_partial, download=args.download, transformer=args.transformer,
+                       quantize=args.quantize)
 
 
 def describe_loras(pipe) -> str:

@@ -140,7 +140,7 @@ class Pipeline(ABC):
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
         home = weights_home(device, options.offload)
-        staged = bool(options.transforms or options.loras)
+        staged = bool(options.transforms or options.loras or options.quantize)
         staging = torch.device("cpu") if staged else None  # transforms and LoRAs see CPU weights
         tcfg = cls.transformer_types[0].from_dict(read_json(folder / "transformer" / "config.json"))
         vcfg = cls.vae_types[0].from_dict(read_json(folder / "vae" / "config.json"))
@@ -162,6 +162,10 @@ class Pipeline(ABC):
         adapters = Adapters(transformer, cls.family, cls.pipeline_class)
         if options.loras:
             adapters.set(options.loras, fused=options.lora_mode == "fused", partial=options.lora_partial)
+        if options.quantize:
+            from qimg.lowbit.weight_only import quantize_linears
+
+            transformer = quantize_linears(transformer, options.quantize)
         if staged:
             transformer, vae = transformer.to(home), vae.to(device)
             conditioner.to(home)

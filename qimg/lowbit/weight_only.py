@@ -1,0 +1,51 @@
+"""Weight-only int8 and fp8 (e4m3) Linear layers, quantised on load: each output row keeps one float32 scale
+(absmax / 127, or / 448 for e4m3), the weights take one byte each, and a layer dequantises its weight in the
+activations' dtype just before the product (no fp8 matmul kernels here: that needs a GPU with fp8 units)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qimg.errors import InputError
+
+KINDS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+
+
+class ScaledLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, kind: str):
+        super().__init__()
+        storage, top = KINDS[kind]
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
+        scaled = weight / scale
+        values = scaled.round().clamp(-top, top).to(storage) if kind == "int8" else scaled.to(storage)
+        self.kind, self.compute_dtype = kind, linear.weight.dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("qweight", values)
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    @property
+    def blocks(self) -> torch.Tensor:  # where the weight lives (qimg.models.layers.layer_device)
+        return self.qweight
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.qweight.float() * self.scale).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+
+def quantize_linears(module: nn.Module, kind: str) -> nn.Module:
+    """Every nn.Linear of `module` replaced by its weight-only `kind` twin (in place; returns the module)."""
+    if kind not in KINDS:
+        raise InputError(f"quantize must be one of {sorted(KINDS)}, got {kind!r}")
+    names = [name for name, sub in module.named_modules() if type(sub) is nn.Linear]
+    for name in names:
+        module.set_submodule(name, ScaledLinear(module.get_submodule(name), kind))
+    return module

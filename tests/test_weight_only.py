@@ -1,0 +1,76 @@
+"""Weight-only int8 / fp8 on load (`quantize=`, `--quantize`): one byte per weight with per-row scales, close to
+float32 on the tiny reference, LoRAs merged before quantising, unfused LoRAs refused with the reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import qimg
+from qimg.errors import InputError
+from qimg.lowbit.weight_only import ScaledLinear, quantize_linears
+
+
+def psnr(a, b) -> float:
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return float(10 * np.log10(255**2 / max((d**2).mean(), 1e-12)))
+
+
+@pytest.mark.parametrize("kind,relative", [("int8", 1 / 254), ("fp8", 1 / 16)])
+def test_a_layer_keeps_one_byte_per_weight_and_its_rows(kind, relative):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    linear.weight.data[3] *= 50  # rows have their own scales: a large row does not swamp the others
+    q = ScaledLinear(linear, kind)
+    assert q.qweight.element_size() == 1 and q.qweight.shape == (40, 96) and q.scale.shape == (40, 1)
+    w = linear.weight.detach()
+    error = (q.dequantized(torch.float32) - w).abs() / w.abs().amax(dim=1, keepdim=True)
+    assert error.max() <= relative
+    x = torch.randn(5, 96)
+    assert torch.allclose(q(x), torch.nn.functional.linear(x, q.dequantized(torch.float32), linear.bias))
+
+
+@pytest.mark.parametrize("kind,floor", [("int8", 40.0), ("fp8", 30.0)])
+def test_quantized_transformer_stays_close(ref21, kind, floor):
+    _, folder = ref21
+    plain = qimg.load(folder, dtype="float32", device="cpu")
+    ours = qimg.load(folder, dtype="float32", device="cpu", quantize=kind)
+    assert not any(type(m) is nn.Linear for m in ours.transformer.modules())
+    a = plain.generate("a large red circle", width=64, height=64, steps=3, seed=5)[0]
+    b = ours.generate("a large red circle", width=64, height=64, steps=3, seed=5)[0]
+    assert floor <= psnr(a, b) < 200  # close, and not the same weights
+
+
+def test_loras_are_merged_before_quantizing(ref21, tmp_path):
+    from tests.lora_files import linear_shapes, random_lora, write_lora
+
+    _, folder = ref21
+    shapes = linear_shapes(qimg.load(folder, dtype="float32").transformer)
+    lora = write_lora(tmp_path / "l.safetensors", random_lora(shapes, std=0.3))
+    with_lora = qimg.load(folder, dtype="float32", loras=[(lora, 1.0)], quantize="int8")
+    without = qimg.load(folder, dtype="float32", quantize="int8")
+    a = with_lora.generate("a cat", width=64, height=64, steps=2, seed=1)[0]
+    b = without.generate("a cat", width=64, height=64, steps=2, seed=1)[0]
+    assert psnr(a, b) < 60
+    with pytest.raises(InputError, match="unfused LoRAs on quantized weights are not supported"):
+        qimg.load(folder, loras=[(lora, 1.0)], lora_mode="unfused", quantize="int8")
+    with pytest.raises(InputError, match="quantize must be 'int8' or 'fp8'"):
+        qimg.load(folder, quantize="int4")
+    with pytest.raises(InputError, match="quantize must be one of"):
+        quantize_linears(nn.Linear(2, 2), "int4")
+
+
+def test_cli_quantize_flag(ref21, tmp_path):
+    from PIL import Image
+
+    from qimg.cli import main
+
+    _, folder = ref21
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "--model", str(folder), "--quantize", "fp8", "--size", "64x64",
+                 "--steps", "2", "--seed", "3", "--dtype", "float32", "-o", str(out), "--quiet"]) == 0
+    expected = qimg.load(folder, dtype="float32", quantize="fp8").generate("a red circle", width=64, height=64,
+                                                                           steps=2, seed=3)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
