@@ -331,7 +331,8 @@ def test_form_values_and_names(http):
     r = http.post("/v1/images/edits", data={"prompt": "x", "guidance_scale": "nan"},
                   files={"image": ("a.png", png_bytes(), "image/png")})
     assert "finite number" in error_of(r)["message"]
-    r = http.post("/v1/images/edits", data={"prompt": "x", "": "1"}, files={"image": ("a.png", png_bytes(), "image/png")})
+    r = http.post("/v1/images/edits", data={"prompt": "x", "": "1"},
+                  files={"image": ("a.png", png_bytes(), "image/png")})
     assert "unknown parameter: '' (an empty name)" in error_of(r)["message"]
 
 
