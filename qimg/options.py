@@ -71,8 +71,9 @@ class LoadOptions:
     None: detected from the model's (and its LoRAs') file names. loras: adapter files for the transformer, each a
     path, "FILE:SCALE", (path, scale) or `qimg.adapters.manager.LoraSpec`; lora_mode: "fused" (merged into the
     weights: full speed) or "unfused" (applied beside them: switching is free); lora_partial: load a file whose
-    layers only partly match the model. transformer: a GGUF file whose (quantised) weights replace the folder's
-    transformer; its Linear weights stay quantised and are dequantised just before use. quantize: "int8" or
+    layers only partly match the model. transformer: a .gguf or single .safetensors file (diffusers or ComfyUI keys, any float dtype,
+    scaled fp8) whose weights replace the folder's transformer; quantised Linear weights stay quantised and are
+    dequantised just before use. quantize: "int8" or
     "fp8" weight-only quantisation of the transformer's Linear layers on load (after fused LoRAs are merged).
     """
 
@@ -88,7 +89,7 @@ class LoadOptions:
     lora_mode: str = "fused"
     lora_partial: bool = False
     download: bool = False  # fetch a repo id that is not in the Hugging Face cache (`qimg pull`) first
-    transformer: str | os.PathLike | None = None  # a single .gguf file replacing the folder's transformer weights
+    transformer: str | os.PathLike | None = None  # one .gguf / .safetensors file replacing the folder's transformer
     quantize: str | None = None  # "int8" | "fp8": the transformer's Linear weights, weight-only, on load
 
     def __post_init__(self):
@@ -128,9 +129,8 @@ class LoadOptions:
         if self.quantize is not None and self.loras and self.lora_mode == "unfused":
             raise InputError("unfused LoRAs on quantized weights are not supported yet: use lora_mode 'fused' "
                              "(merged before quantizing)")
-        if self.transformer is not None and Path(self.transformer).suffix.lower() != ".gguf":
-            raise InputError(f"transformer must be a .gguf file (single-file safetensors are not read yet), got "
-                             f"{str(self.transformer)!r}")
+        if self.transformer is not None and Path(self.transformer).suffix.lower() not in (".gguf", ".safetensors"):
+            raise InputError(f"transformer must be a .gguf or .safetensors file, got {str(self.transformer)!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -83,8 +83,8 @@ def test_bad_files_are_refused_in_one_line(ref21, ref_v1, tmp_path):
     write_gguf({"token_embd.weight": torch.randn(8, 32)}, llm, lambda n, t: "F32", arch="qwen3")
     with pytest.raises(CheckpointError, match="llm.gguf: a GGUF of a language model"):
         qimg.load(folder, dtype="float32", transformer=llm)
-    with pytest.raises(InputError, match="transformer must be a .gguf file"):
-        qimg.load(folder, transformer=tmp_path / "x.safetensors")
+    with pytest.raises(InputError, match="transformer must be a .gguf or .safetensors file"):
+        qimg.load(folder, transformer=tmp_path / "x.ckpt")
 
 
 def test_unknown_quant_type_is_named(ref21, tmp_path):

@@ -65,9 +65,10 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
     p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
                    help="store the transformer's Linear weights in 8 bits (weight-only, per-row scales; dequantised "
                         "per layer as it runs): about half of bfloat16's memory")
-    p.add_argument("--transformer", default=None, metavar="FILE.gguf",
-                   help="replace the model's transformer weights with a GGUF file (Q8_0, Q4_0/1, Q5_0/1, Q2_K-Q6_K, "
-                        "F16, BF16, F32; Linear weights stay quantised until used)")
+    p.add_argument("--transformer", default=None, metavar="FILE",
+                   help="replace the model's transformer weights with one file: .gguf (Q8_0, Q4_0/1, Q5_0/1, "
+                        "Q2_K-Q6_K, F16, BF16, F32) or .safetensors (diffusers or ComfyUI keys; bf16, fp16, fp8 "
+                        "e4m3fn, scaled fp8); quantised Linear weights stay quantised until used")
 
 
 def lora_args(p: argparse.ArgumentParser, default_mode: str) -> None:

@@ -20,14 +20,9 @@ def _names(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_gguf_module(factory: Callable[[], nn.Module], path: str | Path, *, dtype: torch.dtype,
-                     device: torch.device | str, component: str = "transformer") -> nn.Module:
-    path = Path(path)
-    tensors = read_gguf(path)
-    with torch.device("meta"):
-        module = factory()
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+def check_keys(path: Path, expected: dict[str, tuple], found: dict[str, tuple], component: str) -> None:
+    """The file holds exactly the module's keys at its shapes, else CheckpointError naming the difference."""
+    missing, extra = set(expected) - set(found), set(found) - set(expected)
     if missing or extra:
         what = []
         if missing:
@@ -36,21 +31,20 @@ def load_gguf_module(factory: Callable[[], nn.Module], path: str | Path, *, dtyp
             what.append(f"{len(extra)} tensors are not the {component}'s ({_names(extra)})")
         raise CheckpointError(f"{path}: not this model's {component}: {'; '.join(what)}; is it a file for another "
                               f"family?")
-    wrong = [(k, tensors[k].shape, shape) for k, shape in expected.items() if tuple(tensors[k].shape) != shape]
+    wrong = [(k, found[k], shape) for k, shape in expected.items() if tuple(found[k]) != tuple(shape)]
     if wrong:
         k, got, want = wrong[0]
         raise CheckpointError(f"{path}: the file's {component} is another size than the folder's config: {k} is "
                               f"{list(got)} in the file, {list(want)} in the config ({len(wrong)} tensors differ)")
-    quantized = {}
-    for name, sub in module.named_modules():
-        weight = tensors.get(f"{name}.weight")
-        if isinstance(sub, nn.Linear) and weight is not None and weight.quantized:
-            bias = tensors.get(f"{name}.bias")
-            quantized[name] = QuantLinear(weight, None if bias is None else bias.dequantize(dtype), dtype)
-    for name, layer in quantized.items():
+
+
+def build(factory: Callable[[], nn.Module], layers: dict[str, nn.Module], rest: dict[str, torch.Tensor], path: Path,
+          device, component: str) -> nn.Module:
+    """The module with `layers` (name -> quantised layer) swapped in and `rest` assigned."""
+    with torch.device("meta"):
+        module = factory()
+    for name, layer in layers.items():
         module.set_submodule(name, layer)
-    kept = {f"{name}.{part}" for name in quantized for part in ("weight", "bias")}
-    rest = {k: t.dequantize(dtype) for k, t in tensors.items() if k not in kept}
     module.load_state_dict(rest, strict=False, assign=True)
     with torch.device(device):
         module.apply(lambda m: getattr(m, "init_non_persistent_buffers", lambda: None)())
@@ -59,3 +53,74 @@ def load_gguf_module(factory: Callable[[], nn.Module], path: str | Path, *, dtyp
     if left:
         raise CheckpointError(f"{path}: these {component} tensors were not filled: {_names(left)}")
     return module.eval().requires_grad_(False)
+
+
+def expected_shapes(factory: Callable[[], nn.Module]) -> tuple[dict[str, tuple], set[str]]:
+    """(state-dict key -> shape, names of the nn.Linear layers) of the module the folder's config makes."""
+    with torch.device("meta"):
+        module = factory()
+    linears = {name for name, sub in module.named_modules() if isinstance(sub, nn.Linear)}
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}, linears
+
+
+def load_gguf_module(factory: Callable[[], nn.Module], path: str | Path, *, dtype: torch.dtype,
+                     device: torch.device | str, component: str = "transformer") -> nn.Module:
+    path = Path(path)
+    tensors = read_gguf(path)
+    expected, linears = expected_shapes(factory)
+    check_keys(path, expected, {k: t.shape for k, t in tensors.items()}, component)
+    layers = {}
+    for name in linears:
+        weight, bias = tensors.get(f"{name}.weight"), tensors.get(f"{name}.bias")
+        if weight is not None and weight.quantized:
+            layers[name] = QuantLinear(weight, None if bias is None else bias.dequantize(dtype), dtype)
+    kept = {f"{name}.{part}" for name in layers for part in ("weight", "bias")}
+    rest = {k: t.dequantize(dtype) for k, t in tensors.items() if k not in kept}
+    return build(factory, layers, rest, path, device, component)
+
+
+def load_safetensors_module(factory: Callable[[], nn.Module], path: str | Path, *, dtype: torch.dtype,
+                            device: torch.device | str, component: str = "transformer") -> nn.Module:
+    """A single .safetensors file in the diffusers or ComfyUI key layout (`model.diffusion_model.` /
+    `diffusion_model.` prefixes), in any float dtype; float8_e4m3fn Linear weights stay in one byte per weight
+    (with their file's `scale_weight`, "scaled fp8", or 1), every other tensor is cast to the run's dtype (the file's
+    memory-mapped tensors are used as they are when the dtypes agree)."""
+    from qimg.loading.weights import open_state_dict
+    from qimg.lowbit.gguf_file import PREFIXES
+    from qimg.lowbit.weight_only import ScaledLinear
+
+    path = Path(path)
+    raw = open_state_dict(path)
+    tensors, scales = {}, {}
+    for key, tensor in raw.items():
+        for prefix in PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        if key == "scaled_fp8" or key.endswith(".scale_input"):  # ComfyUI's markers
+            continue
+        if key.endswith(".scale_weight"):
+            scales[key[: -len(".scale_weight")]] = tensor
+        else:
+            tensors[key] = tensor
+    expected, linears = expected_shapes(factory)
+    check_keys(path, expected, {k: tuple(t.shape) for k, t in tensors.items()}, component)
+    stray = sorted(set(scales) - {k[: -len(".weight")] for k in tensors if k.endswith(".weight")})
+    if stray:
+        raise CheckpointError(f"{path}: scale_weight for tensors the file does not hold: {_names(stray)}")
+    layers = {}
+    for name in linears:
+        weight, bias = tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
+        if weight.dtype in (torch.float8_e4m3fn, torch.int8):
+            scale = scales.get(name, torch.ones(()))
+            layers[name] = ScaledLinear.from_stored(weight, scale, None if bias is None else bias.to(dtype), dtype)
+    kept = {f"{name}.{part}" for name in layers for part in ("weight", "bias")}
+    rest = {}
+    for key, tensor in tensors.items():
+        if key in kept:
+            continue
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # an fp8 tensor outside a Linear: upcast
+            owner = key.rsplit(".", 1)[0]
+            tensor = tensor.float() * scales.get(owner, torch.ones(())).float()
+        rest[key] = tensor.to(dtype)
+    return build(factory, layers, rest, path, device, component)

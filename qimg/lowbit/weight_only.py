@@ -27,6 +27,25 @@ class ScaledLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
+    @classmethod
+    def from_stored(cls, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    compute_dtype: torch.dtype) -> "ScaledLinear":
+        """A layer from a file's already-quantised weight (float8_e4m3fn or int8) and its scale (one per tensor,
+        `[]` or `[1]`, or one per output row)."""
+        kind = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}.get(qweight.dtype)
+        if kind is None or qweight.ndim != 2:
+            raise ValueError(f"a stored quantised weight must be a 2-D float8_e4m3fn or int8 tensor, got "
+                             f"{qweight.dtype} {tuple(qweight.shape)}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.kind, layer.compute_dtype = kind, compute_dtype
+        layer.out_features, layer.in_features = qweight.shape
+        scale = scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float().reshape(1, 1)
+        layer.register_buffer("qweight", qweight)
+        layer.register_buffer("scale", scale)
+        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return layer
+
     @property
     def blocks(self) -> torch.Tensor:  # where the weight lives (qimg.models.layers.layer_device)
         return self.qweight

@@ -146,10 +146,12 @@ class Pipeline(ABC):
         vcfg = cls.vae_types[0].from_dict(read_json(folder / "vae" / "config.json"))
         cls.check_configs(tcfg, vcfg, folder)
         if options.transformer is not None:
-            from qimg.lowbit.load import load_gguf_module
+            from qimg.lowbit.load import load_gguf_module, load_safetensors_module
 
-            transformer = load_gguf_module(lambda: cls.transformer_types[1](tcfg), options.transformer, dtype=dtype,
-                                           device=staging or home)
+            single = load_gguf_module if str(options.transformer).lower().endswith(".gguf") else \
+                load_safetensors_module
+            transformer = single(lambda: cls.transformer_types[1](tcfg), options.transformer, dtype=dtype,
+                                 device=staging or home)
         else:
             transformer = load_module(lambda: cls.transformer_types[1](tcfg), folder / "transformer", dtype=dtype,
                                       device=staging or home)
