@@ -93,3 +93,20 @@ def test_refusals(ref21, ref_v1, tmp_path):
     broken.write_bytes(b"\x00" * 4)
     with pytest.raises(CheckpointError, match="broken.safetensors"):
         qimg.load(folder, dtype="float32", transformer=broken)
+
+
+@pytest.mark.parametrize("fmt,floor", [("gguf-q8_0", 40), ("gguf-q4_0", 20), ("fp8", 30), ("int8", 40)])
+def test_qimg_quantize_writes_what_transformer_loads(ref21, tmp_path, capsys, fmt, floor):
+    from qimg.cli import main
+
+    _, folder = ref21
+    out = tmp_path / ("t.gguf" if fmt.startswith("gguf") else "t.safetensors")
+    assert main(["quantize", str(folder), str(out), "--format", fmt, "--quiet"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    plain = qimg.load(folder, dtype="float32").generate("a red circle", width=64, height=64, steps=2, seed=1)[0]
+    small = qimg.load(folder, dtype="float32", transformer=out).generate("a red circle", width=64, height=64,
+                                                                        steps=2, seed=1)[0]
+    d = np.asarray(plain, dtype=float) - np.asarray(small, dtype=float)
+    assert floor <= 10 * np.log10(255**2 / max((d**2).mean(), 1e-12)) < 200
+    assert main(["quantize", str(folder), str(tmp_path / "t.gguf"), "--format", "fp8"]) == 2
+    assert "format fp8 writes a .safetensors file" in capsys.readouterr().err

@@ -9,14 +9,14 @@ from qimg.errors import QimgError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qimg.cli import generate, layers, lora, pull, serve, tiny
+    from qimg.cli import generate, layers, lora, pull, quantize, serve, tiny
 
     import qimg
 
     parser = argparse.ArgumentParser(prog="qimg", description="Qwen-Image family engine")
     parser.add_argument("--version", action="version", version=f"qimg {qimg.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, layers, lora, pull, tiny, serve):
+    for command in (generate, layers, lora, pull, quantize, tiny, serve):
         command.register(sub)
     return parser
 
