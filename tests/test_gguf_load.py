@@ -115,3 +115,26 @@ def test_cli_transformer_flag(ref21, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
     assert main(["generate", "x", "--model", str(folder), "--transformer", str(tmp_path / "none.gguf")]) != 0
     assert "none.gguf: no such file" in capsys.readouterr().err
+
+
+def test_loras_on_quantised_layers_run_unfused(ref21, tmp_path):
+    """A LoRA on a GGUF transformer applies beside the quantised layers: the same picture as the same LoRA on the
+    dequantised weights (within 2/255); fusing into the blocks is refused with the reason."""
+    from tests.lora_files import linear_shapes, random_lora, write_lora
+
+    _, folder = ref21
+    path = tmp_path / "t.gguf"
+    mixed_gguf(folder, path)
+    plain = qimg.load(folder, dtype="float32")
+    lora = write_lora(tmp_path / "l.safetensors", random_lora(linear_shapes(plain.transformer), std=0.3))
+    quant = qimg.load(folder, dtype="float32", transformer=path, loras=[(lora, 0.8)], lora_mode="unfused")
+    got = quant.generate("a cat", width=64, height=64, steps=2, seed=1)[0]
+    plain.transformer.load_state_dict({k: t.dequantize(torch.float32) for k, t in read_gguf(path).items()})
+    plain.set_loras([(lora, 0.8)], fused=False)
+    expected = plain.generate("a cat", width=64, height=64, steps=2, seed=1)[0]
+    assert max_diff(got, expected) <= 2
+    quant.unload_loras()
+    without = quant.generate("a cat", width=64, height=64, steps=2, seed=1)[0]
+    assert max_diff(got, without) > 2  # the LoRA did something
+    with pytest.raises(InputError, match="LoRAs cannot be merged into quantized weights"):
+        quant.set_loras([(lora, 0.8)], fused=True)

@@ -18,6 +18,7 @@ from qimg.adapters.deltas import moved
 from qimg.adapters.files import FAMILIES, AdapterFile, read_adapter
 from qimg.adapters.slot import drop_slot, slot_of
 from qimg.errors import InputError
+from qimg.models.layers import layer_device, layer_dtype
 
 LIST_CAP = 12
 
@@ -76,7 +77,8 @@ class Attached:
 class Adapters:
     def __init__(self, model: nn.Module, family: str, pipeline_class: str, keep_inactive: int = 4):
         self.model, self.family, self.pipeline_class = model, family, pipeline_class
-        self.linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.linears = {name: m for name, m in model.named_modules()
+                        if isinstance(m, nn.Linear) or getattr(m, "quantized_weights", False)}
         self.flat = {name.replace(".", "_"): name for name in self.linears}
         self.attached: dict[str, Attached] = {}  # by adapter name, active or kept
         self.active: list[str] = []
@@ -135,6 +137,12 @@ class Adapters:
         for spec in specs:  # read and check everything before changing anything
             file = self.read(spec)
             ready.append((spec, file, self.check(spec, file, partial)))
+        quantized = sorted({m for _, _, modules in ready for m in modules
+                            if getattr(self.linears[m], "quantized_weights", False)})
+        if fused and quantized:
+            raise InputError(f"LoRAs cannot be merged into quantized weights ({len(quantized)} layers, e.g. "
+                             f"{quantized[0]}: {self.linears[quantized[0]].extra_repr()}); apply them unfused "
+                             f"(--lora-mode unfused, lora_mode='unfused')")
         self._unfuse_all()
         for spec, file, modules in ready:
             current = self.attached.get(spec.key)
@@ -172,7 +180,7 @@ class Adapters:
     def _attach(self, name: str, file: AdapterFile, modules: list[str]) -> None:
         for module in modules:
             linear = self.linears[module]
-            slot_of(linear).add(name, moved(file.deltas[module], linear.weight.device, linear.weight.dtype))
+            slot_of(linear).add(name, moved(file.deltas[module], layer_device(linear), layer_dtype(linear)))
 
     def _detach(self, name: str) -> None:
         self.attached.pop(name, None)

@@ -12,6 +12,8 @@ from qimg.lowbit.gguf_file import QuantTensor
 
 
 class QuantLinear(nn.Module):
+    quantized_weights = True  # LoRAs apply beside it (unfused), never merged into it
+
     def __init__(self, weight: QuantTensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
         super().__init__()
         self.compute_dtype = compute_dtype  # what the run computes in (qimg.models.layers.layer_dtype)

@@ -14,6 +14,8 @@ KINDS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
 
 class ScaledLinear(nn.Module):
+    quantized_weights = True  # LoRAs apply beside it (unfused), never merged into it
+
     def __init__(self, linear: nn.Linear, kind: str):
         super().__init__()
         storage, top = KINDS[kind]
