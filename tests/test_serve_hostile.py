@@ -365,3 +365,20 @@ def test_a_long_step_stops_between_blocks(tmp_path):
         r = c.post("/v1/images/generations", json={"prompt": "a red circle", "size": "1024x1024", "steps": 1})
         err = error_of(r, 408)
         assert "between transformer blocks" in err["message"], err
+
+
+def test_serve_flags_for_budgets_batching_and_low_bit(tmp_path):
+    from qimg.cli import build_parser
+    from qimg.cli.serve import settings_from_args
+    from qimg.errors import InputError
+
+    parser = build_parser()
+    settings = settings_from_args(parser.parse_args(["serve", "--data-dir", str(tmp_path), "--max-batch", "4",
+                                                     "--batch-megapixels", "2", "--job-timeout", "0",
+                                                     "--max-job-cost", "50", "--quantize", "fp8"]))
+    assert settings.max_batch == 4 and settings.batch_megapixels == 2 and settings.job_timeout is None
+    assert settings.limits.max_job_cost == 50 and settings.load.quantize == "fp8"
+    with pytest.raises(InputError, match="give exactly one --model"):
+        settings_from_args(parser.parse_args(["serve", "--data-dir", str(tmp_path), "--transformer", "t.gguf"]))
+    with pytest.raises(InputError, match="--max-batch must be >= 1"):
+        settings_from_args(parser.parse_args(["serve", "--data-dir", str(tmp_path), "--max-batch", "0"]))

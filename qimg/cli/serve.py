@@ -86,6 +86,10 @@ def register(sub) -> None:
     p.add_argument("--attention", default="sdpa", metavar="NAME",
                    help="attention backend: sdpa (default) or math (explicit softmax, a check on the fused kernels)")
     lora_args(p, default_mode="unfused")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="store every model's transformer Linear weights in 8 bits (weight-only, per-row scales)")
+    p.add_argument("--transformer", default=None, metavar="FILE",
+                   help="a .gguf or .safetensors file replacing the transformer weights (one --model only)")
     p.add_argument("--download", action="store_true",
                    help="fetch each --model from the Hugging Face Hub first when it is not cached")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
@@ -126,6 +130,9 @@ def settings_from_args(args):
     if not keys and not is_loopback(args.host) and not args.allow_remote_without_key:
         raise InputError(f"--host {args.host} is reachable from other machines: set --api-key (or "
                          f"$QIMG_API_KEYS), or pass --allow-remote-without-key")
+    if args.transformer and len(args.model) != 1:
+        raise InputError(f"--transformer replaces one model's transformer: give exactly one --model (got "
+                         f"{len(args.model)})")
     if args.max_batch < 1 or not args.batch_megapixels > 0:
         raise InputError(f"--max-batch must be >= 1 and --batch-megapixels > 0, got {args.max_batch} and "
                          f"{args.batch_megapixels}")
@@ -144,7 +151,8 @@ def settings_from_args(args):
                     batch_megapixels=args.batch_megapixels,
                     load=LoadOptions(dtype=args.dtype, device=args.device, offload=args.offload,
                                      attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
-                                     lora_partial=args.lora_partial, download=args.download),
+                                     lora_partial=args.lora_partial, download=args.download,
+                                     quantize=args.quantize, transformer=args.transformer),
                     lora_dir=Path(args.lora_dir).expanduser() if args.lora_dir else None)
 
 
