@@ -142,7 +142,8 @@ class SamplingOptions:
     config's; preset: a named few-step recipe (explicit options win over it). cfg > 1 turns on true CFG (with the
     negative prompt " " when none is given); cfg_normalize: rescale the guided velocity to the conditional one's norm
     (None: the model's way). progress: called with `ProgressEvent`s; cancel: polled between steps, True stops the
-    run with `qimg.errors.Cancelled`; block_hook: `(BlockStep, index, state, run) -> state`, see qimg.models.hooks.
+    run with `qimg.errors.Cancelled`; block_hook: `(BlockStep, index, state, run) -> state`, see qimg.models.hooks;
+    cache: a step cache, "fbcache" or "fbcache:THRESHOLD" (qimg.sampling.caches; None: every block every step).
     """
 
     steps: int | None = None
@@ -158,6 +159,7 @@ class SamplingOptions:
     progress: Callable | None = field(default=None, compare=False)
     cancel: Callable[[], bool] | None = field(default=None, compare=False)
     block_hook: Callable | None = field(default=None, compare=False)
+    cache: str | None = None  # a step cache, "fbcache[:THRESHOLD]" (qimg.sampling.caches)
 
     def __post_init__(self):
         from qimg.sampling.presets import get_preset
@@ -193,6 +195,11 @@ class SamplingOptions:
         for name in ("progress", "cancel", "block_hook"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise InputError(f"{name} must be callable")
+        if self.cache is not None:
+            from qimg.sampling.caches import parse_cache
+
+            spec = parse_cache(self.cache)
+            object.__setattr__(self, "cache", None if spec is None else str(spec))
 
     def to_record(self) -> dict:
         """The JSON-able fields (not the callbacks or pictures); `images` counts the condition pictures."""

@@ -117,12 +117,15 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler-config", type=parse_scheduler_config, default=None, metavar="FILE|JSON",
                    help="scheduler_config.json keys that override the model's")
     p.add_argument("--shift", type=float, default=None, help="a constant timestep shift at every resolution")
+    p.add_argument("--cache", default=None, metavar="NAME[:THRESHOLD]",
+                   help="a step cache: fbcache (first-block cache, default threshold 0.2; higher skips more) or "
+                        "fbcache:0.1; off by default")
 
 
 def sampling_fields(args) -> dict:
     return dict(steps=args.steps, seed=args.seed, negative_prompt=args.negative_prompt, cfg=args.cfg,
                 cfg_normalize=args.cfg_normalize, sampler=args.sampler, preset=args.preset, sigmas=args.sigmas,
-                scheduler=args.scheduler_config, shift=args.shift)
+                scheduler=args.scheduler_config, shift=args.shift, cache=args.cache)
 
 
 def open_image(path: str):

@@ -23,6 +23,7 @@ class ProgressEvent:
     elapsed: float
     latents: torch.Tensor | None = None
     preview: Callable[[], object] | None = field(default=None, repr=False)  # -> PIL image of the current estimate
+    skipped: int = 0  # model calls a step cache has skipped so far (their blocks after the first)
 
     @property
     def eta(self) -> float | None:

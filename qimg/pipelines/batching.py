@@ -22,7 +22,7 @@ from qimg.sampling.schedule import get_sigmas
 def batch_key(plan) -> tuple | None:
     """What plans must share to be denoised together; None for a plan that runs alone (a block hook watches its
     own run; a family without `velocity_batch` cannot stack conditions)."""
-    if plan.options.block_hook is not None:
+    if plan.options.block_hook is not None or plan.options.cache:  # a hook or a cache watches its own run
         return None
     schedule = (plan.steps, plan.grid, repr(plan.scheduler), plan.options.sampler, plan.cfg, plan.cfg_normalize,
                 plan.guided)

@@ -94,6 +94,21 @@ def with_block_hook(velocity: Callable, hook: Callable | None, branch: str) -> C
     return run
 
 
+def step_cache(text: str | None, inner: Callable | None):
+    """The run's step cache around the block hook `inner` (None without one)."""
+    if not text:
+        return None
+    from qimg.sampling.caches import FirstBlockCache, parse_cache
+
+    return FirstBlockCache(parse_cache(text), inner)
+
+
+def cache_parameters(cache) -> dict:
+    if cache is None:
+        return {}
+    return {"cache": str(cache.spec), "model_calls": cache.calls, "cache_skipped": cache.skipped}
+
+
 def stop_between_blocks(plan: Plan, hook: Callable | None) -> Callable | None:
     """A block hook that also polls the plan's cancel before every transformer block, so that a large step (a
     2048^2 one on a CPU) stops within a block, not after the whole step (the user's hook still runs)."""
@@ -289,6 +304,9 @@ class Pipeline(ABC):
 
     def sample(self, plan: Plan, cond: Conditioning, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         hook = stop_between_blocks(plan, plan.options.block_hook)
+        cache = plan.extra["step_cache"] = step_cache(plan.options.cache, hook)
+        if cache is not None:
+            hook = cache.hook
         branches = [("cond", cond.positive)] + ([("uncond", cond.negative)] if cond.negative is not None else [])
         velocities = [with_block_hook(self.velocity(plan, c, cond.extra), hook, name) for name, c in branches]
         velocity = guided(velocities[0], velocities[1] if len(velocities) > 1 else None, plan.cfg,
@@ -301,7 +319,8 @@ class Pipeline(ABC):
 
         def callback(step, total, x, denoised):
             plan.report(ProgressEvent("denoise", step, total, plan.clock(), x,
-                                      preview=lambda: self.preview(plan, denoised)))
+                                      preview=lambda: self.preview(plan, denoised),
+                                      skipped=cache.skipped if cache is not None else 0))
             if step < total and plan.cancelled():
                 raise Cancelled(f"cancelled after {step} of {total} steps")
 
@@ -337,6 +356,7 @@ class Pipeline(ABC):
                 "dtype": str(self.info.dtype).replace("torch.", ""),
                 "sigmas": [round(float(s), 6) for s in schedule[:-1]] if options.sigmas is not None else None,
                 "scheduler": options.scheduler, "shift": options.shift, **self.extra_parameters(plan),
+                **cache_parameters(plan.extra.get("step_cache")),
                 "seconds": round(plan.clock(), 3)}
 
     def extra_parameters(self, plan: Plan) -> dict:

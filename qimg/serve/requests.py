@@ -61,12 +61,13 @@ class SamplingFields(BaseModel):
     sigmas: list[float] | None = Field(None, min_length=1, max_length=1000)
     scheduler_config: dict | None = None
     shift: float | None = Field(None, gt=0, le=100)
+    cache: str | None = Field(None, max_length=40)
 
     def sampling(self, negative_prompt: str | None) -> dict:
         """The sampling fields of the library's options."""
         return dict(steps=self.steps, seed=self.seed, negative_prompt=negative_prompt, cfg=requested_cfg(self),
                     cfg_normalize=self.cfg_normalize, sampler=self.sampler or "euler", preset=self.preset,
-                    sigmas=self.sigmas, scheduler=self.scheduler_config, shift=self.shift)
+                    sigmas=self.sigmas, scheduler=self.scheduler_config, shift=self.shift, cache=self.cache)
 
 
 class ImageOptions(SamplingFields):

@@ -406,7 +406,8 @@ class Progress:
         job_id = self.task.job_id
         payload = {"type": "progress", "job_id": job_id, "stage": event.stage, "step": event.step,
                    "total": event.total, "elapsed": round(event.elapsed, 3),
-                   "eta": None if event.eta is None else round(event.eta, 3)}
+                   "eta": None if event.eta is None else round(event.eta, 3),
+                   "cache_skipped": getattr(event, "skipped", 0)}
         if event.stage == "denoise":
             if self.partial_steps is None:
                 self.partial_steps = self._partials(event.total)

@@ -161,7 +161,7 @@ function progressUpdate(ev) {
   const bar = $("#progress");
   if (ev.stage === "denoise") {
     bar.max = ev.total; bar.value = ev.step;
-    $("#progress-step").textContent = `step ${ev.step}/${ev.total}`;
+    $("#progress-step").textContent = `step ${ev.step}/${ev.total}` + (ev.cache_skipped ? ` (cache skipped ${ev.cache_skipped} model calls)` : "");
     $("#progress-eta").textContent = ev.eta == null ? "" : `· ETA ${ev.eta.toFixed(1)} s`;
   } else {
     $("#progress-step").textContent = ev.stage === "decode" ? `decoding… (${bar.value}/${bar.max})` : "encoding…";

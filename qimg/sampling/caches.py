@@ -1,0 +1,121 @@
+"""Step caches: skip most of the transformer when a step would change little (`cache="fbcache[:THRESHOLD]"`).
+
+First-block cache: every model call runs the first block; when the first block's residual (output minus input)
+differs from the one of the last fully computed call of the same guidance branch by less than `threshold`
+(mean absolute difference over mean absolute value), the other blocks are skipped and the residual they added at
+that last full call is added instead. The first `warmup` calls of a branch and any call after `max_skips` skips in a
+row are computed in full. It works through the per-block hook (`qimg.models.hooks`), so the 2.x prefix KV cache and
+condition images are untouched: only the target tokens' pass through the blocks is skipped. Threshold 0 never skips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qimg.errors import InputError
+
+CACHES = {"fbcache": 0.2}  # name -> default threshold (bench/step_cache.py: about 2.3x fewer full calls, 44 dB)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    name: str
+    threshold: float
+    warmup: int = 2
+    max_skips: int = 3
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.threshold:g}"
+
+
+def parse_cache(text) -> CacheSpec | None:
+    """"fbcache" or "fbcache:0.1" (None, "" or "none": no cache); InputError naming the problem otherwise."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "none", "off")):
+        return None
+    if isinstance(text, CacheSpec):
+        return text
+    if not isinstance(text, str):
+        raise InputError(f"cache must be a string such as 'fbcache:0.08', got {text!r}")
+    name, _, value = text.strip().lower().partition(":")
+    if name not in CACHES:
+        raise InputError(f"cache must be one of {sorted(CACHES)} (optionally NAME:THRESHOLD), got {text!r}")
+    if not value:
+        return CacheSpec(name, CACHES[name])
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise InputError(f"cache threshold must be a number, got {value!r} in {text!r}") from None
+    if not 0 <= threshold <= 1:
+        raise InputError(f"cache threshold must be in [0, 1], got {threshold:g}")
+    return CacheSpec(name, threshold)
+
+
+def _first(state):
+    return state[0] if isinstance(state, tuple) else state
+
+
+def _apply(fn, a, b):
+    return tuple(fn(x, y) for x, y in zip(a, b)) if isinstance(a, tuple) else fn(a, b)
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
+    return float((new.float() - old.float()).abs().mean() / old.float().abs().mean().clamp_min(1e-12))
+
+
+@dataclass
+class _Branch:
+    first_residual: object = None  # the first block's residual at the last full call
+    first_out: object = None  # the first block's output at the last full call
+    last_out: object = None  # the latest block output of a full call in progress (None once used)
+    rest_residual: object = None  # what blocks 1.. added at the last full call
+    calls: int = 0
+    run_of_skips: int = 0
+    skipping: bool = False
+
+
+@dataclass
+class FirstBlockCache:
+    """One run's cache: `hook` is a block hook (`(BlockStep, index, state, run) -> state`) around `inner` (another
+    block hook, or None); `skipped` counts the model calls whose blocks after the first were skipped."""
+
+    spec: CacheSpec
+    inner: object = None
+    skipped: int = 0
+    calls: int = 0
+    branches: dict = field(default_factory=dict)
+
+    def _compute(self, where, index, state, run):
+        return self.inner(where, index, state, run) if self.inner is not None else run(state)
+
+    def hook(self, where, index, state, run):
+        branch = self.branches.setdefault(where.branch, _Branch())
+        if index > 0:
+            if branch.skipping:
+                return _apply(torch.add, state, branch.rest_residual) if index == 1 else state
+            branch.last_out = self._compute(where, index, state, run)
+            return branch.last_out
+        if branch.last_out is not None:  # the previous call ran in full: what did its other blocks add?
+            branch.rest_residual = _apply(torch.sub, branch.last_out, branch.first_out)
+            branch.last_out = None
+        self.calls += 1
+        out = self._compute(where, index, state, run)
+        residual = _apply(torch.sub, out, state)
+        branch.skipping = self.decide(branch, residual)
+        branch.calls += 1
+        if branch.skipping:
+            self.skipped += 1
+            branch.run_of_skips += 1
+        else:
+            branch.run_of_skips = 0
+            branch.first_residual, branch.first_out = residual, out
+        return out
+
+    def decide(self, branch: _Branch, residual) -> bool:
+        spec = self.spec
+        if spec.threshold <= 0 or branch.calls < spec.warmup or branch.run_of_skips >= spec.max_skips:
+            return False
+        if branch.first_residual is None or branch.rest_residual is None:
+            return False
+        return relative_change(_first(residual), _first(branch.first_residual)) < spec.threshold
