@@ -71,10 +71,11 @@ class LoadOptions:
     None: detected from the model's (and its LoRAs') file names. loras: adapter files for the transformer, each a
     path, "FILE:SCALE", (path, scale) or `qimg.adapters.manager.LoraSpec`; lora_mode: "fused" (merged into the
     weights: full speed) or "unfused" (applied beside them: switching is free); lora_partial: load a file whose
-    layers only partly match the model. transformer: a .gguf or single .safetensors file (diffusers or ComfyUI keys, any float dtype,
-    scaled fp8) whose weights replace the folder's transformer; quantised Linear weights stay quantised and are
-    dequantised just before use. quantize: "int8" or
-    "fp8" weight-only quantisation of the transformer's Linear layers on load (after fused LoRAs are merged).
+    layers only partly match the model. transformer: a .gguf or single .safetensors file (diffusers or ComfyUI
+    keys, any float dtype, scaled fp8) whose weights replace the folder's transformer; quantised Linear weights stay
+    quantised and are dequantised just before use. quantize: "int8" or "fp8" weight-only quantisation of the
+    transformer's Linear layers on load (after fused LoRAs are merged). batch_guidance: run both guidance branches
+    as one transformer call where the family can (the same pictures; twice the activations of one call).
     """
 
     model: str | os.PathLike | None = None
@@ -91,6 +92,7 @@ class LoadOptions:
     download: bool = False  # fetch a repo id that is not in the Hugging Face cache (`qimg pull`) first
     transformer: str | os.PathLike | None = None  # one .gguf / .safetensors file replacing the folder's transformer
     quantize: str | None = None  # "int8" | "fp8": the transformer's Linear weights, weight-only, on load
+    batch_guidance: bool = True  # both guidance branches in one transformer call (twice the activations)
 
     def __post_init__(self):
         import torch
@@ -124,6 +126,8 @@ class LoadOptions:
             raise InputError(f"lora_mode must be one of {list(LORA_MODES)}, got {self.lora_mode!r}")
         if not isinstance(self.lora_partial, bool):
             raise InputError(f"lora_partial must be true or false, got {self.lora_partial!r}")
+        if not isinstance(self.batch_guidance, bool):
+            raise InputError(f"batch_guidance must be true or false, got {self.batch_guidance!r}")
         if self.quantize is not None and self.quantize not in ("int8", "fp8"):
             raise InputError(f"quantize must be 'int8' or 'fp8', got {self.quantize!r}")
         if self.quantize is not None and self.loras and self.lora_mode == "unfused":

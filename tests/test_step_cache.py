@@ -132,3 +132,17 @@ def test_cli_and_api_take_a_cache(ref21, tmp_path):
 
     req = validate(GenerationRequest, {"prompt": "x", "cache": "fbcache:0.1"}, strict=True)
     assert req.sampling(None)["cache"] == "fbcache:0.1"
+
+
+def test_guidance_in_one_batch_gives_the_same_pictures(ref21):
+    """Both guidance branches as one transformer call (the default where the family can) give the pictures of two
+    calls bit for bit, also for an edit."""
+    from PIL import Image
+
+    _, folder = ref21
+    one = qimg.load(folder, dtype="float32")
+    two = qimg.load(folder, dtype="float32", batch_guidance=False)
+    assert one.batch_guidance and not two.batch_guidance
+    for extra in ({}, {"images": [Image.new("RGB", (64, 64), (200, 30, 30))]}):
+        kw = dict(width=64, height=64, steps=3, seed=4, cfg=3.0, negative_prompt="blurry", **extra)
+        assert one.generate("a red circle", **kw)[0].tobytes() == two.generate("a red circle", **kw)[0].tobytes()
