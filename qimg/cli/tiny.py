@@ -31,6 +31,7 @@ def register(sub) -> None:
     ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: each model's)")
     ev.add_argument("--cfg", type=float, default=None, help="guidance scale (default: each model's)")
     ev.add_argument("--tasks", default="t2i,edit,layers", help="comma-separated: t2i, edit, layers")
+    ev.add_argument("--cache", default=None, metavar="NAME[:THRESHOLD]", help="a step cache, e.g. fbcache:0.2")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(handler=run_eval)
 
@@ -94,8 +95,8 @@ def run_eval(args) -> int:
         if done >= total:
             bars[task].close()
 
-    result = evaluate(pipe, n=args.n, out=args.out, steps=args.steps, cfg=args.cfg, tasks=tasks, layered=layered,
-                      progress=progress)
+    result = evaluate(pipe, n=args.n, out=args.out, steps=args.steps, cfg=args.cfg, cache=args.cache, tasks=tasks,
+                      layered=layered, progress=progress)
     for task in ("t2i", "edit", "layers"):
         if task in result:
             print(task, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[task].items()})

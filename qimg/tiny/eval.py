@@ -32,12 +32,12 @@ def ticking(items, progress, task: str):
             progress(task, i + 1, len(items))
 
 
-def eval_t2i(pipe, scenes, steps=None, cfg=None, progress=None) -> tuple[dict, list]:
+def eval_t2i(pipe, scenes, sampling: dict, progress=None) -> tuple[dict, list]:
     rows, samples, seconds = [], [], []
     for i, scene in enumerate(ticking(scenes, progress, "t2i")):
         text = world.prompt(scene)
         start = time.perf_counter()
-        image = pipe.generate(text, seed=i, steps=steps, cfg=cfg)[0]
+        image = pipe.generate(text, seed=i, **sampling)[0]
         seconds.append(time.perf_counter() - start)
         score = checker.score_t2i(image, scene)
         rows.append(score)
@@ -59,13 +59,13 @@ def eval_t2i(pipe, scenes, steps=None, cfg=None, progress=None) -> tuple[dict, l
     }, samples
 
 
-def eval_edits(pipe, scenes, rng: random.Random, steps=None, cfg=None, progress=None) -> tuple[dict, list]:
+def eval_edits(pipe, scenes, rng: random.Random, sampling: dict, progress=None) -> tuple[dict, list]:
     rows, samples, seconds, kinds = [], [], [], []
     for i, source in enumerate(ticking(scenes, progress, "edit")):
         instruction, target = world.random_edit(source, rng)
         src_img = world.render(source)
         start = time.perf_counter()
-        out = pipe.generate(instruction, images=[src_img], seed=i, steps=steps, cfg=cfg)[0]
+        out = pipe.generate(instruction, images=[src_img], seed=i, **sampling)[0]
         seconds.append(time.perf_counter() - start)
         score = checker.score_edit(src_img, out, source, target)
         rows.append(score)
@@ -81,13 +81,13 @@ def eval_edits(pipe, scenes, rng: random.Random, steps=None, cfg=None, progress=
     }, samples
 
 
-def eval_layers(pipe, scenes, steps=None, cfg=None, progress=None) -> tuple[dict, list]:
+def eval_layers(pipe, scenes, sampling: dict, progress=None) -> tuple[dict, list]:
     """Decompose each held-out render into as many layers as it was built from (the model captions it itself)."""
     rows, samples, seconds = [], [], []
     for i, scene in enumerate(ticking(scenes, progress, "layers")):
         truth, picture = world.render_layers(scene), world.render(scene)
         start = time.perf_counter()
-        layers = pipe.layers(picture, layers=len(truth), seed=i, steps=steps, cfg=cfg)
+        layers = pipe.layers(picture, layers=len(truth), seed=i, **sampling)
         seconds.append(time.perf_counter() - start)
         score = checker.score_layers(layers, truth)
         rows.append(score)
@@ -151,25 +151,27 @@ def grid(samples, path: Path, columns: int = 6) -> None:
 
 
 def evaluate(pipe, n: int = 200, out: Path = Path("eval"), steps=None, cfg=None, seed: int = 0,
-             tasks=("t2i", "edit"), layered=None, progress=None) -> dict:
-    """Score `pipe` (2.x: t2i, edit) and `layered` (a Layered pipeline: layers) on `n` held-out scenes per task;
-    `progress(task, done, total)` after each scene."""
+             tasks=("t2i", "edit"), layered=None, progress=None, cache: str | None = None) -> dict:
+    """Score `pipe` (2.x: t2i, edit) and `layered` (a Layered pipeline: layers) on `n` held-out scenes per task,
+    with the models' defaults unless `steps`, `cfg` or a step `cache` are given; `progress(task, done, total)` after
+    each scene."""
+    sampling = {"steps": steps, "cfg": cfg, "cache": cache}
     out.mkdir(parents=True, exist_ok=True)
     scenes = world.held_out(n, seed=seed)
-    result = {"held_out_scenes": n, "steps": steps, "cfg": cfg}
+    result = {"held_out_scenes": n, **sampling}
     if pipe is not None:
         result["model"] = pipe.describe()
     if layered is not None:
         result["layered_model"] = layered.describe()
     samples = []
     if "t2i" in tasks:
-        result["t2i"], s = eval_t2i(pipe, scenes, steps, cfg, progress)
+        result["t2i"], s = eval_t2i(pipe, scenes, sampling, progress)
         samples += s[:18]
     if "edit" in tasks:
-        result["edit"], s = eval_edits(pipe, scenes, random.Random(seed), steps, cfg, progress)
+        result["edit"], s = eval_edits(pipe, scenes, random.Random(seed), sampling, progress)
         samples += s[:12]
     if "layers" in tasks:
-        result["layers"], s = eval_layers(layered, scenes, steps, cfg, progress)
+        result["layers"], s = eval_layers(layered, scenes, sampling, progress)
         samples += s
     with atomic_write(out / "eval.json", "w") as handle:
         json.dump(result, handle, indent=2)
