@@ -147,7 +147,8 @@ class SamplingOptions:
     negative prompt " " when none is given); cfg_normalize: rescale the guided velocity to the conditional one's norm
     (None: the model's way). progress: called with `ProgressEvent`s; cancel: polled between steps, True stops the
     run with `qimg.errors.Cancelled`; block_hook: `(BlockStep, index, state, run) -> state`, see qimg.models.hooks;
-    cache: a step cache, "fbcache" or "fbcache:THRESHOLD" (qimg.sampling.caches; None: every block every step).
+    cache: a step cache, "fbcache", "magcache" or "NAME:THRESHOLD" (qimg.sampling.caches; None: every block, every
+    step).
     """
 
     steps: int | None = None
@@ -163,7 +164,7 @@ class SamplingOptions:
     progress: Callable | None = field(default=None, compare=False)
     cancel: Callable[[], bool] | None = field(default=None, compare=False)
     block_hook: Callable | None = field(default=None, compare=False)
-    cache: str | None = None  # a step cache, "fbcache[:THRESHOLD]" (qimg.sampling.caches)
+    cache: str | None = None  # a step cache, "fbcache|magcache[:THRESHOLD]" (qimg.sampling.caches)
 
     def __post_init__(self):
         from qimg.sampling.presets import get_preset

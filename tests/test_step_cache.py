@@ -146,3 +146,29 @@ def test_guidance_in_one_batch_gives_the_same_pictures(ref21):
     for extra in ({}, {"images": [Image.new("RGB", (64, 64), (200, 30, 30))]}):
         kw = dict(width=64, height=64, steps=3, seed=4, cfg=3.0, negative_prompt="blurry", **extra)
         assert one.generate("a red circle", **kw)[0].tobytes() == two.generate("a red circle", **kw)[0].tobytes()
+
+
+def test_magnitude_cache_decisions():
+    """magcache skips whole calls while the estimated error from the residual's magnitude ratio stays small."""
+    from qimg.sampling.caches import MagnitudeCache
+
+    cache = MagnitudeCache(CacheSpec("magcache", 0.1, warmup=2, max_skips=2))
+    x = torch.zeros(4)
+    runs = [run_model(cache, x, torch.full((4,), change), step=step)
+            for step, change in enumerate([1.0, 1.0, 1.0, 1.0, 5.0, 5.0, 5.0])]
+    # warm-up twice; equal residual norms (ratio 1): skip, skip; the cap of 2 skips: full (a larger residual);
+    # the ratio jumped (7/3): full; equal again: skip
+    assert [len(calls) for _, calls in runs] == [3, 3, 0, 0, 3, 3, 0]
+    assert torch.equal(runs[2][0], torch.full((4,), 3.0))  # a skipped call: its input + the last residual
+    assert torch.equal(runs[6][0], torch.full((4,), 7.0))
+    assert cache.skipped == 3 and cache.calls == 7
+
+
+def test_magnitude_cache_threshold_zero_and_a_working_threshold(ref21):
+    _, folder = ref21
+    pipe = qimg.load(folder, dtype="float32")
+    kw = dict(width=64, height=64, steps=12, seed=2, cfg=3.0)
+    plain = pipe.generate("a red circle", **kw)[0]
+    assert pipe.generate("a red circle", **kw, cache="magcache:0")[0].tobytes() == plain.tobytes()
+    cached = pipe.generate("a red circle", **kw, cache="magcache:0.5")[0]
+    assert cached.info["qimg"]["cache_skipped"] > 0 and psnr(plain, cached) > 20

@@ -121,8 +121,8 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
                    help="scheduler_config.json keys that override the model's")
     p.add_argument("--shift", type=float, default=None, help="a constant timestep shift at every resolution")
     p.add_argument("--cache", default=None, metavar="NAME[:THRESHOLD]",
-                   help="a step cache: fbcache (first-block cache, default threshold 0.2; higher skips more) or "
-                        "fbcache:0.1; off by default")
+                   help="a step cache: fbcache (first-block cache, default threshold 0.2) or magcache (residual "
+                        "magnitudes, default 0.12), optionally NAME:THRESHOLD (higher skips more); off by default")
 
 
 def sampling_fields(args) -> dict:

@@ -98,9 +98,10 @@ def step_cache(text: str | None, inner: Callable | None):
     """The run's step cache around the block hook `inner` (None without one)."""
     if not text:
         return None
-    from qimg.sampling.caches import FirstBlockCache, parse_cache
+    from qimg.sampling.caches import KINDS, parse_cache
 
-    return FirstBlockCache(parse_cache(text), inner)
+    spec = parse_cache(text)
+    return KINDS[spec.name](spec, inner)
 
 
 def cache_parameters(cache) -> dict:

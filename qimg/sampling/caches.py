@@ -1,4 +1,4 @@
-"""Step caches: skip most of the transformer when a step would change little (`cache="fbcache[:THRESHOLD]"`).
+"""Step caches: skip most of the transformer when a step would change little (`cache="NAME[:THRESHOLD]"`).
 
 First-block cache: every model call runs the first block; when the first block's residual (output minus input)
 differs from the one of the last fully computed call of the same guidance branch by less than `threshold`
@@ -6,6 +6,12 @@ differs from the one of the last fully computed call of the same guidance branch
 that last full call is added instead. The first `warmup` calls of a branch and any call after `max_skips` skips in a
 row are computed in full. It works through the per-block hook (`qimg.models.hooks`), so the 2.x prefix KV cache and
 condition images are untouched: only the target tokens' pass through the blocks is skipped. Threshold 0 never skips.
+
+Magnitude cache (after MagCache): a skipped call runs no block at all; the whole model's residual (output minus
+input) of the last full call is reused. Whether to skip is decided before the call from the magnitude ratio of the
+last two full calls' residuals (how fast the residual is still changing, estimated on the fly instead of from a
+per-model calibration): each skip adds |1 - ratio| to an error estimate, and calls are skipped while it stays under
+`threshold`; a full call resets it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 
 from qimg.errors import InputError
 
-CACHES = {"fbcache": 0.2}  # name -> default threshold (bench/step_cache.py: about 2.3x fewer full calls, 44 dB)
+CACHES = {"fbcache": 0.2, "magcache": 0.12}  # name -> default threshold (measured in bench/step_cache.py)
 
 
 @dataclass(frozen=True)
@@ -119,3 +125,67 @@ class FirstBlockCache:
         if branch.first_residual is None or branch.rest_residual is None:
             return False
         return relative_change(_first(residual), _first(branch.first_residual)) < spec.threshold
+
+
+@dataclass
+class _Magnitudes:
+    residual: object = None  # the whole model's residual at the last full call
+    norms: list = field(default_factory=list)  # its norm at the full calls so far
+    error: float = 0.0
+    calls: int = 0
+    run_of_skips: int = 0
+    skipping: bool = False
+    input: object = None
+
+
+@dataclass
+class MagnitudeCache:
+    """One run's magnitude cache, used like FirstBlockCache (its `hook` wraps `inner`)."""
+
+    spec: CacheSpec
+    inner: object = None
+    skipped: int = 0
+    calls: int = 0
+    branches: dict = field(default_factory=dict)
+
+    def hook(self, where, index, state, run):
+        branch = self.branches.setdefault(where.branch, _Magnitudes())
+        if index == 0:
+            self.finish(branch)
+            self.calls += 1
+            branch.calls += 1
+            branch.skipping = self.decide(branch)
+            if branch.skipping:
+                self.skipped += 1
+                branch.run_of_skips += 1
+                return _apply(torch.add, state, branch.residual)
+            branch.run_of_skips, branch.error, branch.input = 0, 0.0, state
+        if branch.skipping:
+            return state
+        out = self.inner(where, index, state, run) if self.inner is not None else run(state)
+        branch.last = out
+        return out
+
+    def finish(self, branch: _Magnitudes) -> None:
+        """After a full call (seen at the next one): its residual and the residual's norm."""
+        last = getattr(branch, "last", None)
+        if last is None or branch.input is None:
+            return
+        branch.residual = _apply(torch.sub, last, branch.input)
+        branch.norms.append(float(_first(branch.residual).float().norm()))
+        branch.last = branch.input = None
+
+    def decide(self, branch: _Magnitudes) -> bool:
+        spec = self.spec
+        if spec.threshold <= 0 or branch.calls <= spec.warmup or branch.run_of_skips >= spec.max_skips:
+            return False
+        if branch.residual is None or len(branch.norms) < 2 or branch.norms[-2] == 0:
+            return False
+        ratio = branch.norms[-1] / branch.norms[-2]
+        if branch.error + abs(1 - ratio) >= spec.threshold:
+            return False
+        branch.error += abs(1 - ratio)
+        return True
+
+
+KINDS = {"fbcache": FirstBlockCache, "magcache": MagnitudeCache}
