@@ -72,31 +72,62 @@ def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
 
 @dataclass
 class _Branch:
-    first_residual: object = None  # the first block's residual at the last full call
-    first_out: object = None  # the first block's output at the last full call
-    last_out: object = None  # the latest block output of a full call in progress (None once used)
-    rest_residual: object = None  # what blocks 1.. added at the last full call
+    """What a cache keeps for one guidance branch; each cache adds its own fields."""
+
     calls: int = 0
     run_of_skips: int = 0
     skipping: bool = False
+    last_out: object = None  # the latest block output of a full call in progress (None once used)
 
 
 @dataclass
-class FirstBlockCache:
+class _StepCache:
     """One run's cache: `hook` is a block hook (`(BlockStep, index, state, run) -> state`) around `inner` (another
-    block hook, or None); `skipped` counts the model calls whose blocks after the first were skipped."""
+    block hook, or None); `skipped` counts the model calls it skipped, `calls` all of them."""
 
     spec: CacheSpec
     inner: object = None
     skipped: int = 0
     calls: int = 0
     branches: dict = field(default_factory=dict)
+    branch_type = _Branch
 
     def _compute(self, where, index, state, run):
         return self.inner(where, index, state, run) if self.inner is not None else run(state)
 
+    def _branch(self, where) -> _Branch:
+        return self.branches.setdefault(where.branch, self.branch_type())
+
+    def _may_skip(self, branch: _Branch) -> bool:
+        """The rules both caches share: a threshold above 0, past the warm-up, under the cap of skips in a row."""
+        spec = self.spec
+        return spec.threshold > 0 and branch.calls >= spec.warmup and branch.run_of_skips < spec.max_skips
+
+    def _count(self, branch: _Branch, skipping: bool) -> None:
+        """Record the decision of a call (its first block)."""
+        self.calls += 1
+        branch.calls += 1
+        branch.skipping = skipping
+        if skipping:
+            self.skipped += 1
+            branch.run_of_skips += 1
+        else:
+            branch.run_of_skips = 0
+
+
+@dataclass
+class _FirstBlock(_Branch):
+    first_residual: object = None  # the first block's residual at the last full call
+    first_out: object = None  # the first block's output at the last full call
+    rest_residual: object = None  # what blocks 1.. added at the last full call
+
+
+@dataclass
+class FirstBlockCache(_StepCache):
+    branch_type = _FirstBlock
+
     def hook(self, where, index, state, run):
-        branch = self.branches.setdefault(where.branch, _Branch())
+        branch = self._branch(where)
         if index > 0:
             if branch.skipping:
                 return _apply(torch.add, state, branch.rest_residual) if index == 1 else state
@@ -105,86 +136,59 @@ class FirstBlockCache:
         if branch.last_out is not None:  # the previous call ran in full: what did its other blocks add?
             branch.rest_residual = _apply(torch.sub, branch.last_out, branch.first_out)
             branch.last_out = None
-        self.calls += 1
         out = self._compute(where, index, state, run)
         residual = _apply(torch.sub, out, state)
-        branch.skipping = self.decide(branch, residual)
-        branch.calls += 1
-        if branch.skipping:
-            self.skipped += 1
-            branch.run_of_skips += 1
-        else:
-            branch.run_of_skips = 0
+        self._count(branch, self.decide(branch, residual))
+        if not branch.skipping:
             branch.first_residual, branch.first_out = residual, out
         return out
 
-    def decide(self, branch: _Branch, residual) -> bool:
-        spec = self.spec
-        if spec.threshold <= 0 or branch.calls < spec.warmup or branch.run_of_skips >= spec.max_skips:
+    def decide(self, branch: _FirstBlock, residual) -> bool:
+        if not self._may_skip(branch) or branch.first_residual is None or branch.rest_residual is None:
             return False
-        if branch.first_residual is None or branch.rest_residual is None:
-            return False
-        return relative_change(_first(residual), _first(branch.first_residual)) < spec.threshold
+        return relative_change(_first(residual), _first(branch.first_residual)) < self.spec.threshold
 
 
 @dataclass
-class _Magnitudes:
+class _Magnitudes(_Branch):
     residual: object = None  # the whole model's residual at the last full call
     norms: list = field(default_factory=list)  # its norm at the full calls so far
     error: float = 0.0
-    calls: int = 0
-    run_of_skips: int = 0
-    skipping: bool = False
-    input: object = None
+    input: object = None  # the input of the full call in progress
 
 
 @dataclass
-class MagnitudeCache:
-    """One run's magnitude cache, used like FirstBlockCache (its `hook` wraps `inner`)."""
-
-    spec: CacheSpec
-    inner: object = None
-    skipped: int = 0
-    calls: int = 0
-    branches: dict = field(default_factory=dict)
+class MagnitudeCache(_StepCache):
+    branch_type = _Magnitudes
 
     def hook(self, where, index, state, run):
-        branch = self.branches.setdefault(where.branch, _Magnitudes())
+        branch = self._branch(where)
         if index == 0:
             self.finish(branch)
-            self.calls += 1
-            branch.calls += 1
-            branch.skipping = self.decide(branch)
+            self._count(branch, self.decide(branch))
             if branch.skipping:
-                self.skipped += 1
-                branch.run_of_skips += 1
                 return _apply(torch.add, state, branch.residual)
-            branch.run_of_skips, branch.error, branch.input = 0, 0.0, state
+            branch.error, branch.input = 0.0, state
         if branch.skipping:
             return state
-        out = self.inner(where, index, state, run) if self.inner is not None else run(state)
-        branch.last = out
-        return out
+        branch.last_out = self._compute(where, index, state, run)
+        return branch.last_out
 
     def finish(self, branch: _Magnitudes) -> None:
         """After a full call (seen at the next one): its residual and the residual's norm."""
-        last = getattr(branch, "last", None)
-        if last is None or branch.input is None:
+        if branch.last_out is None or branch.input is None:
             return
-        branch.residual = _apply(torch.sub, last, branch.input)
+        branch.residual = _apply(torch.sub, branch.last_out, branch.input)
         branch.norms.append(float(_first(branch.residual).float().norm()))
-        branch.last = branch.input = None
+        branch.last_out = branch.input = None
 
     def decide(self, branch: _Magnitudes) -> bool:
-        spec = self.spec
-        if spec.threshold <= 0 or branch.calls <= spec.warmup or branch.run_of_skips >= spec.max_skips:
+        if not self._may_skip(branch) or branch.residual is None or len(branch.norms) < 2 or branch.norms[-2] == 0:
             return False
-        if branch.residual is None or len(branch.norms) < 2 or branch.norms[-2] == 0:
+        step = abs(1 - branch.norms[-1] / branch.norms[-2])
+        if branch.error + step >= self.spec.threshold:
             return False
-        ratio = branch.norms[-1] / branch.norms[-2]
-        if branch.error + abs(1 - ratio) >= spec.threshold:
-            return False
-        branch.error += abs(1 - ratio)
+        branch.error += step
         return True
 
 
