@@ -247,24 +247,37 @@ class Worker:
         try:
             spec = self.spec(task)
             pipe = self.models.load(task.model)
-            tasks = self.models.get(task.model).tasks
-            if tasks is not None and task.kind not in tasks:
-                raise ApiError(400, f"model {task.model!r} does not do {task.kind!r} "
-                                    f"(it does: {', '.join(tasks) or 'nothing'})", param="model")
-            if hasattr(pipe, "plan"):  # the route could not settle it if the model was not loaded yet
-                check_cost(task.kind, pipe.plan(spec.options), self.settings.limits)
+            self._check(task, pipe, spec)
             self._use_loras(pipe, task.model, spec)
             progress = Progress(self, task, spec)
             run = runner.run_layers if task.kind == "layers" else runner.run_images
             result = run(pipe, spec, job_id=job_id, files=self.files, progress=progress, cancel=control)
         except BaseException as err:  # noqa: BLE001 - every failure becomes the job's status
-            status, message, kind, err = self._failure(job_id, err, control)
-            self.store.finish(job_id, status, error=message, error_type=kind)
-            self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": status, "outcome": err})
-            if not isinstance(err, Exception):
+            outcome = self._fail(job_id, err, control)
+            if not isinstance(outcome, Exception):
                 raise
             return
         self._durations.append(time.perf_counter() - started)
+        self._succeed(job_id, result)
+
+    def _check(self, task: Task, pipe, spec: runner.Spec) -> None:
+        """What the route could not check when the model was not loaded: the model does the task, and the job's
+        settled plan is within the cost budget."""
+        tasks = self.models.get(task.model).tasks
+        if tasks is not None and task.kind not in tasks:
+            raise ApiError(400, f"model {task.model!r} does not do {task.kind!r} "
+                                f"(it does: {', '.join(tasks) or 'nothing'})", param="model")
+        if hasattr(pipe, "plan"):
+            check_cost(task.kind, pipe.plan(spec.options), self.settings.limits)
+
+    def _fail(self, job_id: str, err: BaseException, control: JobControl) -> BaseException:
+        """End the job with the status `err` means; returns what waiting clients got."""
+        status, message, kind, outcome = self._failure(job_id, err, control)
+        self.store.finish(job_id, status, error=message, error_type=kind)
+        self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": status, "outcome": outcome})
+        return outcome
+
+    def _succeed(self, job_id: str, result) -> None:
         self.store.finish(job_id, SUCCEEDED, result=result.summary())
         self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": SUCCEEDED, "outcome": result})
 
@@ -278,13 +291,9 @@ class Worker:
         ended: set[str] = set()
 
         def end(task: Task, err: BaseException) -> None:
-            if task.job_id in ended:
-                return
-            ended.add(task.job_id)
-            status, message, kind, outcome = self._failure(task.job_id, err, controls[task.job_id])
-            self.store.finish(task.job_id, status, error=message, error_type=kind)
-            self.bus.publish(task.job_id, {"type": "done", "job_id": task.job_id, "status": status,
-                                           "outcome": outcome})
+            if task.job_id not in ended:
+                ended.add(task.job_id)
+                self._fail(task.job_id, err, controls[task.job_id])
 
         for task in tasks:
             self.bus.publish(task.job_id, {"type": "status", "job_id": task.job_id, "status": RUNNING})
@@ -296,15 +305,10 @@ class Worker:
                 for task in tasks:
                     self._run(task, controls[task.job_id])
                 return
-            kinds = self.models.get(tasks[0].model).tasks
             for task in tasks:
                 try:
-                    if kinds is not None and task.kind not in kinds:
-                        raise ApiError(400, f"model {task.model!r} does not do {task.kind!r} "
-                                            f"(it does: {', '.join(kinds) or 'nothing'})", param="model")
                     spec = self.spec(task)
-                    if hasattr(pipe, "plan"):
-                        check_cost(task.kind, pipe.plan(spec.options), self.settings.limits)
+                    self._check(task, pipe, spec)
                     members.append((task, spec))
                 except Exception as err:  # noqa: BLE001 - this job's own failure
                     end(task, err)
@@ -348,9 +352,7 @@ class Worker:
                 end(task, err)
                 continue
             ended.add(task.job_id)
-            self.store.finish(task.job_id, SUCCEEDED, result=result.summary())
-            self.bus.publish(task.job_id, {"type": "done", "job_id": task.job_id, "status": SUCCEEDED,
-                                           "outcome": result})
+            self._succeed(task.job_id, result)
         each = (time.perf_counter() - started) / len(tasks)
         self._durations.extend([each] * len(tasks))
 
