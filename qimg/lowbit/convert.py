@@ -17,16 +17,13 @@ GGUF = {f"gguf-{k.lower()}": k for k in ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
 FORMATS = (*GGUF, "fp8", "int8")
 
 
-def _is_linear_weight(name: str, tensor) -> bool:
-    return tensor.ndim == 2 and name.endswith(".weight")
-
-
 def quantize_transformer(folder: str | Path, out: str | Path, fmt: str,
                          progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
     """Write `folder`'s transformer to `out` in `fmt`; returns {format: tensor count}."""
     import torch
 
     from qimg.loading.weights import open_state_dict, save_state_dict
+    from qimg.lowbit.write import is_linear_weight, write_gguf
 
     if fmt not in FORMATS:
         raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -43,30 +40,25 @@ def quantize_transformer(folder: str | Path, out: str | Path, fmt: str,
             progress(done[0], total)
 
     if fmt in GGUF:
-        from qimg.lowbit.write import write_gguf
-
         def kind_of(name, tensor):
             step()
-            return GGUF[fmt] if _is_linear_weight(name, tensor) else "F32"
+            return GGUF[fmt] if is_linear_weight(name, tensor) else "F32"
 
         kinds = write_gguf(sd, out, kind_of)
         counts: dict[str, int] = {}
         for kind in kinds.values():
             counts[kind] = counts.get(kind, 0) + 1
         return counts
+    from qimg.lowbit.weight_only import quantize_weight
+
     content, counts = {}, {fmt: 0, "bfloat16": 0}
-    top, storage = (448.0, torch.float8_e4m3fn) if fmt == "fp8" else (127.0, torch.int8)
     for name, tensor in sd.items():
         step()
-        if not _is_linear_weight(name, tensor):
+        if not is_linear_weight(name, tensor):
             content[name] = tensor.to(torch.bfloat16)
             counts["bfloat16"] += 1
             continue
-        weight = tensor.float()
-        absmax = weight.abs().amax() if fmt == "fp8" else weight.abs().amax(dim=1, keepdim=True)
-        scale = absmax.clamp_min(1e-12) / top
-        scaled = weight / scale
-        content[name] = scaled.to(storage) if fmt == "fp8" else scaled.round().clamp(-top, top).to(storage)
+        content[name], scale = quantize_weight(tensor, fmt, per_row=fmt == "int8")  # ComfyUI's fp8: one scale
         content[f"{name[:-len('.weight')]}.scale_weight"] = scale.reshape(-1) if fmt == "int8" else scale.reshape(1)
         counts[fmt] += 1
     if fmt == "fp8":

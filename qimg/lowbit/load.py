@@ -38,11 +38,17 @@ def check_keys(path: Path, expected: dict[str, tuple], found: dict[str, tuple], 
                               f"{list(got)} in the file, {list(want)} in the config ({len(wrong)} tensors differ)")
 
 
-def build(factory: Callable[[], nn.Module], layers: dict[str, nn.Module], rest: dict[str, torch.Tensor], path: Path,
-          device, component: str) -> nn.Module:
-    """The module with `layers` (name -> quantised layer) swapped in and `rest` assigned."""
+def meta_module(factory: Callable[[], nn.Module]) -> tuple[nn.Module, dict[str, tuple], set[str]]:
+    """The module the folder's config makes, on the meta device, its state-dict shapes and its nn.Linear names."""
     with torch.device("meta"):
         module = factory()
+    linears = {name for name, sub in module.named_modules() if isinstance(sub, nn.Linear)}
+    return module, {k: tuple(v.shape) for k, v in module.state_dict().items()}, linears
+
+
+def build(module: nn.Module, layers: dict[str, nn.Module], rest: dict[str, torch.Tensor], path: Path,
+          device, component: str) -> nn.Module:
+    """`module` (on meta) with `layers` (name -> quantised layer) swapped in and `rest` assigned."""
     for name, layer in layers.items():
         module.set_submodule(name, layer)
     module.load_state_dict(rest, strict=False, assign=True)
@@ -55,19 +61,11 @@ def build(factory: Callable[[], nn.Module], layers: dict[str, nn.Module], rest: 
     return module.eval().requires_grad_(False)
 
 
-def expected_shapes(factory: Callable[[], nn.Module]) -> tuple[dict[str, tuple], set[str]]:
-    """(state-dict key -> shape, names of the nn.Linear layers) of the module the folder's config makes."""
-    with torch.device("meta"):
-        module = factory()
-    linears = {name for name, sub in module.named_modules() if isinstance(sub, nn.Linear)}
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}, linears
-
-
 def load_gguf_module(factory: Callable[[], nn.Module], path: str | Path, *, dtype: torch.dtype,
                      device: torch.device | str, component: str = "transformer") -> nn.Module:
     path = Path(path)
     tensors = read_gguf(path)
-    expected, linears = expected_shapes(factory)
+    module, expected, linears = meta_module(factory)
     check_keys(path, expected, {k: t.shape for k, t in tensors.items()}, component)
     layers = {}
     for name in linears:
@@ -76,7 +74,7 @@ def load_gguf_module(factory: Callable[[], nn.Module], path: str | Path, *, dtyp
             layers[name] = QuantLinear(weight, None if bias is None else bias.dequantize(dtype), dtype)
     kept = {f"{name}.{part}" for name in layers for part in ("weight", "bias")}
     rest = {k: t.dequantize(dtype) for k, t in tensors.items() if k not in kept}
-    return build(factory, layers, rest, path, device, component)
+    return build(module, layers, rest, path, device, component)
 
 
 def load_safetensors_module(factory: Callable[[], nn.Module], path: str | Path, *, dtype: torch.dtype,
@@ -103,7 +101,7 @@ def load_safetensors_module(factory: Callable[[], nn.Module], path: str | Path, 
             scales[key[: -len(".scale_weight")]] = tensor
         else:
             tensors[key] = tensor
-    expected, linears = expected_shapes(factory)
+    module, expected, linears = meta_module(factory)
     check_keys(path, expected, {k: tuple(t.shape) for k, t in tensors.items()}, component)
     stray = sorted(set(scales) - {k[: -len(".weight")] for k in tensors if k.endswith(".weight")})
     if stray:
@@ -123,4 +121,4 @@ def load_safetensors_module(factory: Callable[[], nn.Module], path: str | Path, 
             owner = key.rsplit(".", 1)[0]
             tensor = tensor.float() * scales.get(owner, torch.ones(())).float()
         rest[key] = tensor.to(dtype)
-    return build(factory, layers, rest, path, device, component)
+    return build(module, layers, rest, path, device, component)

@@ -13,16 +13,23 @@ from qimg.errors import InputError
 KINDS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
 
+def quantize_weight(weight: torch.Tensor, kind: str, per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one-byte values, float32 scale) with `values * scale ~ weight`: absmax / 127 (int8, rounded) or / 448 (fp8
+    e4m3), one scale per output row (`[out, 1]`) or, with `per_row=False`, one for the tensor (`[]`)."""
+    storage, top = KINDS[kind]
+    weight = weight.detach().float()
+    absmax = weight.abs().amax(dim=1, keepdim=True) if per_row else weight.abs().amax()
+    scale = absmax.clamp_min(1e-12) / top
+    scaled = weight / scale
+    return (scaled.round().clamp(-top, top) if kind == "int8" else scaled).to(storage), scale
+
+
 class ScaledLinear(nn.Module):
     quantized_weights = True  # LoRAs apply beside it (unfused), never merged into it
 
     def __init__(self, linear: nn.Linear, kind: str):
         super().__init__()
-        storage, top = KINDS[kind]
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
-        scaled = weight / scale
-        values = scaled.round().clamp(-top, top).to(storage) if kind == "int8" else scaled.to(storage)
+        values, scale = quantize_weight(linear.weight, kind)
         self.kind, self.compute_dtype = kind, linear.weight.dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("qweight", values)

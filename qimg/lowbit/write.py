@@ -16,9 +16,14 @@ from qimg.lowbit.gguf_blocks import FORMATS
 WRITABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
+def is_linear_weight(name: str, tensor) -> bool:
+    """A Linear layer's weight (2-D, named `.weight`): what low-bit formats store quantised."""
+    return tensor.ndim == 2 and name.endswith(".weight")
+
+
 def linear_weights(kind: str) -> Callable[[str, torch.Tensor], str]:
     """`kind` for the 2-D weights of Linear layers, F32 for everything else (norms, biases, embeddings' 1-D parts)."""
-    return lambda name, tensor: kind if tensor.ndim == 2 and name.endswith(".weight") else "F32"
+    return lambda name, tensor: kind if is_linear_weight(name, tensor) else "F32"
 
 
 def write_gguf(state_dict: dict[str, torch.Tensor], path: str | Path, kind_of: Callable[[str, torch.Tensor], str],
