@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 
 from qimg.errors import Cancelled
-from qimg.pipelines.base import ProgressEvent, draw_noise
+from qimg.pipelines.base import ProgressEvent
 from qimg.sampling.guidance import guided
 from qimg.sampling.samplers import SAMPLERS
-from qimg.sampling.schedule import get_sigmas
 
 
 def batch_key(plan) -> tuple | None:
@@ -38,7 +37,7 @@ def run_batch(pipe, plans: list) -> list[list[Image.Image] | BaseException]:
     keys = {batch_key(plan) for plan in plans}
     if None in keys or len(keys) != 1:
         raise ValueError("these plans cannot share a batch: their sizes, schedules or guidance differ")
-    device, dtype = pipe.info.device, pipe.info.dtype
+    device = pipe.info.device
     for plan in plans:
         plan.report(ProgressEvent("encode", 0, 1, plan.clock()))
     pipe.placement.use(pipe.conditioner.encoder)
@@ -46,14 +45,12 @@ def run_batch(pipe, plans: list) -> list[list[Image.Image] | BaseException]:
         conds = [pipe.encode(plan) for plan in plans]
     for plan in plans:
         plan.report(ProgressEvent("encode", 1, 1, plan.clock()))
-    xs = [pipe.tokens(plan, draw_noise(pipe.noise_shape(plan), torch.Generator("cpu").manual_seed(plan.seed), dtype))
-          .to(device).contiguous() for plan in plans]
+    xs = [pipe.start_tokens(plan) for plan in plans]
     rows = [0]
     for x in xs:
         rows.append(rows[-1] + x.shape[0])
     lead = plans[0]
-    schedule = get_sigmas(lead.scheduler, steps=None if lead.grid is not None else lead.steps, sigmas=lead.grid,
-                          mu=pipe.mu(lead, conds[0], xs[0]))
+    schedule = pipe.schedule(lead, conds[0], xs[0])
     pipe.placement.use(pipe.transformer)
     extras = [c.extra for c in conds]
     branches = [pipe.velocity_batch(plans, [c.positive for c in conds], extras)]
@@ -91,13 +88,7 @@ def run_batch(pipe, plans: list) -> list[list[Image.Image] | BaseException]:
         if j in stopped:
             outcomes.append(stopped[j])
             continue
-        plan.report(ProgressEvent("decode", 0, 1, plan.clock()))
-        out = pipe.decode(plan, x[rows[j]:rows[j + 1]])
-        plan.report(ProgressEvent("decode", 1, 1, plan.clock()))
-        params = {**pipe.parameters(plan, conds[j], schedule), "batch": len(plans)}
-        for i, img in enumerate(out):
-            img.info["qimg"] = {**params, "index": i}
-        outcomes.append(out)
+        outcomes.append(pipe.pictures(plan, conds[j], x[rows[j]:rows[j + 1]], schedule, batch=len(plans)))
     return outcomes
 
 

@@ -287,21 +287,33 @@ class Pipeline(ABC):
     def run(self, plan: Plan) -> list[Image.Image]:
         """check (done by the plan) -> encode -> noise -> sigmas -> sample -> decode; returns the pictures with
         their parameters in `info["qimg"]`."""
-        device, dtype = self.info.device, self.info.dtype
         plan.report(ProgressEvent("encode", 0, 1, plan.clock()))
         self.placement.use(self.conditioner.encoder)
         cond = self.encode(plan)
         plan.report(ProgressEvent("encode", 1, 1, plan.clock()))
-        noise = draw_noise(self.noise_shape(plan), torch.Generator("cpu").manual_seed(plan.seed), dtype)
-        x = self.tokens(plan, noise).to(device).contiguous()  # one layout, alone or batched (`batching`)
-        schedule = get_sigmas(plan.scheduler, steps=None if plan.grid is not None else plan.steps, sigmas=plan.grid,
-                              mu=self.mu(plan, cond, x))
+        x = self.start_tokens(plan)
+        schedule = self.schedule(plan, cond, x)
         self.placement.use(self.transformer)
-        x = self.sample(plan, cond, x, torch.from_numpy(schedule).to(device))
+        x = self.sample(plan, cond, x, torch.from_numpy(schedule).to(self.info.device))
+        return self.pictures(plan, cond, x, schedule)
+
+    def start_tokens(self, plan: Plan) -> torch.Tensor:
+        """The plan's starting noise (its own seed) as tokens on the device, in one memory layout whether it runs
+        alone or batched (`batching`), so that both give the same numbers."""
+        noise = draw_noise(self.noise_shape(plan), torch.Generator("cpu").manual_seed(plan.seed), self.info.dtype)
+        return self.tokens(plan, noise).to(self.info.device).contiguous()
+
+    def schedule(self, plan: Plan, cond: Conditioning, x: torch.Tensor) -> np.ndarray:
+        return get_sigmas(plan.scheduler, steps=None if plan.grid is not None else plan.steps, sigmas=plan.grid,
+                          mu=self.mu(plan, cond, x))
+
+    def pictures(self, plan: Plan, cond: Conditioning, x: torch.Tensor, schedule: np.ndarray,
+                 **recorded) -> list[Image.Image]:
+        """Decode the final tokens; each picture carries the run's parameters (and `recorded`) in info["qimg"]."""
         plan.report(ProgressEvent("decode", 0, 1, plan.clock()))
         out = self.decode(plan, x)
         plan.report(ProgressEvent("decode", 1, 1, plan.clock()))
-        params = self.parameters(plan, cond, schedule)
+        params = {**self.parameters(plan, cond, schedule), **recorded}
         for i, img in enumerate(out):
             img.info["qimg"] = {**params, "index": i}
         return out
