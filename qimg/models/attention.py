@@ -2,8 +2,13 @@
 
 A backend is `attend(q, k, v, mask=None) -> out` on `[B, S, H, D]` tensors (`k`, `v` may be longer than `q`);
 `mask` is boolean, True where a query may attend, broadcastable to `[B, H, S_q, S_k]`. A transformer holds its
-backend (`set_attention`), so two models in one process may use different ones; faster kernels and sequence
-parallelism plug in here without touching the model code.
+backend (`set_attention`), so two models in one process may use different ones; faster kernels plug in here without
+touching the model code.
+
+A transformer also holds how its image tokens are laid out across processes (`set_sequence`): `WholeSequence` (one
+process, the default) or a sequence-parallel layout (`qimg.parallel.ulysses`) with the same four methods. The
+models shard their image tokens on the way into the blocks, gather them on the way out, and run every attention
+through `sequence.attention`, whose `context` tokens (text, the 2.x prefix) are whole on every process.
 """
 
 from __future__ import annotations
@@ -49,10 +54,50 @@ def attention_backend(choice: str | Attend) -> Attend:
     return BACKENDS[choice]
 
 
+class WholeSequence:
+    """Every image token on this process: sharding and gathering do nothing, attention is one call."""
+
+    def shard(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This process's part of a tensor along its token axis `dim`."""
+        return t
+
+    def gather(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The whole tensor from every process's part along `dim`."""
+        return t
+
+    def span(self, length: int) -> tuple[int, int]:
+        """Which of `length` tokens (start, stop) are this process's."""
+        return 0, length
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the processes that share the sequence (for statistics over all tokens)."""
+        return t
+
+    def attention(self, attend: Attend, q, k, v, mask=None, context=None):
+        """Attention of this process's tokens (`[B, S, H, D]`) and of `context` = (q or None, k, v), tokens whole
+        on every process that come first in the sequence; -> (context output or None, output)."""
+        if context is None:
+            return None, attend(q, k, v, mask)
+        cq, ck, cv = context
+        k, v = torch.cat([ck, k], 1), torch.cat([cv, v], 1)
+        if cq is None:
+            return None, attend(q, k, v, mask)
+        out = attend(torch.cat([cq, q], 1), k, v, mask)
+        return out[:, :cq.shape[1]], out[:, cq.shape[1]:]
+
+
+WHOLE = WholeSequence()
+
+
 class UsesAttention:
-    """Mixed into a transformer: the backend its blocks call (`self.attend`), sdpa until `set_attention`."""
+    """Mixed into a transformer: the backend its blocks call (`self.attend`), sdpa until `set_attention`, and the
+    layout of its tokens across processes (`self.sequence`), whole until `set_sequence`."""
 
     attend: Attend = staticmethod(sdpa)
+    sequence = WHOLE
 
     def set_attention(self, choice: str | Attend) -> None:
         self.attend = attention_backend(choice)
+
+    def set_sequence(self, sequence) -> None:
+        self.sequence = sequence if sequence is not None else WHOLE

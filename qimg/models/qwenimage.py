@@ -11,18 +11,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qimg.models.config import config_from_dict
-from qimg.models.attention import Attend, UsesAttention
+from qimg.models.attention import WHOLE, UsesAttention, sdpa
 from qimg.models.hooks import BlockHook, run_blocks
 from qimg.models.layers import (RMSNorm, TimestepEmbedder, apply_rope, layer_device, layer_dtype, rope_frequencies,
                                timestep_embedding)
 
 EPS = 1e-6
+Mix = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, v, text (q, k, v)) -> (text out, image out)
+
+
+def _whole_mix(q, k, v, text):
+    return WHOLE.attention(sdpa, q, k, v, None, text)
 
 
 @dataclass(frozen=True)
@@ -95,13 +101,14 @@ class JointAttention(nn.Module):
         q, k, v = (proj(x).unflatten(-1, (self.heads, self.head_dim)) for proj in (to_q, to_k, to_v))
         return apply_rope(norm_q(q).to(v.dtype), freqs), apply_rope(norm_k(k).to(v.dtype), freqs), v
 
-    def forward(self, img, txt, img_freqs, txt_freqs, mask, attend: Attend):
+    def forward(self, img, txt, img_freqs, txt_freqs, mix: Mix):
         qi, ki, vi = self._qkv(img, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, img_freqs)
         qt, kt, vt = self._qkv(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
                                self.norm_added_k, txt_freqs)
-        out = attend(torch.cat([qt, qi], 1), torch.cat([kt, ki], 1), torch.cat([vt, vi], 1), mask).flatten(2, 3)
-        n_txt = txt.shape[1]  # contiguous halves: the layout the reference multiplies (bits differ in bf16 otherwise)
-        return self.to_out[0](out[:, n_txt:].contiguous()), self.to_add_out(out[:, :n_txt].contiguous())
+        out_txt, out_img = mix(qi, ki, vi, (qt, kt, vt))
+        # contiguous halves: the layout the reference multiplies (bits differ in bf16 otherwise)
+        return (self.to_out[0](out_img.flatten(2, 3).contiguous()),
+                self.to_add_out(out_txt.flatten(2, 3).contiguous()))
 
 
 class GeluProj(nn.Module):
@@ -126,8 +133,10 @@ class FeedForward(nn.Module):
 
 def _per_group(fn, x: torch.Tensor, params, split: int | None) -> torch.Tensor:
     """`fn(x, *params[0])` on all tokens, or with `split`: tokens before it use params[0], the rest params[1]."""
-    if split is None:
+    if split is None or split >= x.shape[1]:
         return fn(x, *params[0])
+    if split <= 0:
+        return fn(x, *params[1])
     return torch.cat([fn(x[:, :split], *params[0]), fn(x[:, split:], *params[1])], dim=1)
 
 
@@ -145,14 +154,14 @@ class Block(nn.Module):
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.txt_mlp = FeedForward(dim)
 
-    def forward(self, img, txt, temb, freqs, mask, split=None, attend: Attend | None = None):
+    def forward(self, img, txt, temb, freqs, split=None, mix: Mix | None = None):
         """temb `[B, D]`; with `split`, `[2B, D]` whose second half (t=0) modulates the image tokens from `split` on;
-        `attend`: the attention backend (default sdpa)."""
+        `mix(q, k, v, text_qkv) -> (text out, image out)`: the joint attention (default: sdpa, no mask)."""
         batch = txt.shape[0]
         img_mod = [m[:, None].chunk(6, dim=-1) for m in self.img_mod(temb).split(batch)]
         txt_mod = self.txt_mod(temb[:batch])[:, None].chunk(6, dim=-1)
         a_img, a_txt = self.attn(_per_group(_modulate, img, [m[0:2] for m in img_mod], split),
-                                 _modulate(txt, *txt_mod[0:2]), *freqs, mask, attend or UsesAttention.attend)
+                                 _modulate(txt, *txt_mod[0:2]), *freqs, mix or _whole_mix)
         img = img + _per_group(torch.mul, a_img, [m[2:3] for m in img_mod], split)
         txt = txt + txt_mod[2] * a_txt
         h = _per_group(_modulate, img, [m[3:5] for m in img_mod], split)
@@ -258,12 +267,19 @@ class QwenImageTransformer(UsesAttention, nn.Module):
         else:
             block_temb = temb = self.time_embedding(sigma, additional_t_cond)
 
-        attend = self.attend
+        attend, sequence = self.attend, self.sequence
+        start, stop = sequence.span(n_img)
+        if split is not None:  # where the reference tokens start within this process's tokens
+            split = min(max(split - start, 0), stop - start)
+        freqs = (sequence.shard(freqs[0], dim=0), freqs[1])
+
+        def mix(q, k, v, text):
+            return sequence.attention(attend, q, k, v, mask, text)
 
         def run_block(index, block, state):
-            return block(*state, block_temb, freqs, mask, split, attend)
+            return block(*state, block_temb, freqs, split, mix)
 
-        img, txt = run_blocks(self.transformer_blocks, (self.img_in(latents), self.txt_in(self.txt_norm(text))),
-                              run_block, block_hook)
+        img, txt = run_blocks(self.transformer_blocks, (self.img_in(sequence.shard(latents)),
+                                                        self.txt_in(self.txt_norm(text))), run_block, block_hook)
         scale, shift = self.norm_out.linear(F.silu(temb).to(img.dtype)).unsqueeze(1).chunk(2, dim=-1)
-        return self.proj_out(F.layer_norm(img, img.shape[-1:], eps=EPS) * (1 + scale) + shift)
+        return sequence.gather(self.proj_out(F.layer_norm(img, img.shape[-1:], eps=EPS) * (1 + scale) + shift))

@@ -346,24 +346,26 @@ class QwenImage21Transformer(UsesAttention, nn.Module):
         if prefix.key_valid is not None:
             ones = prefix.key_valid.new_ones(latents.shape[0], latents.shape[1])
             mask = torch.cat([prefix.key_valid, ones], dim=1)[:, None, None, :]
-        attend = self.attend
+        attend, sequence = self.attend, self.sequence
 
         def run_block(index, block, x):
             pk, pv = prefix.keys[index], prefix.values[index]
             if prefix.groups is None:
-                mix = lambda q, k, v: attend(q, torch.cat([pk, k], 1), torch.cat([pv, v], 1), mask)  # noqa: E731
+                def mix(q, k, v):
+                    return sequence.attention(attend, q, k, v, mask, (None, pk, pv))[1]
             else:
                 def mix(q, k, v):
                     out = torch.empty_like(q)
                     for rows, n in prefix.groups:
-                        out[rows] = attend(q[rows], torch.cat([pk[rows, :n], k[rows]], 1),
-                                           torch.cat([pv[rows, :n], v[rows]], 1), None)
+                        out[rows] = sequence.attention(attend, q[rows], k[rows], v[rows], None,
+                                                       (None, pk[rows, :n], pv[rows, :n]))[1]
                     return out
             return block(x, mod, freqs, mix)[0]
 
-        x = run_blocks(self.transformer_blocks, self.img_in(latents), run_block, block_hook)
+        freqs = sequence.shard(freqs, dim=-2)
+        x = run_blocks(self.transformer_blocks, self.img_in(sequence.shard(latents)), run_block, block_hook)
         scale = self.norm_out.linear(F.silu(temb).to(x.dtype)).unsqueeze(1)
-        return self.proj_out(F.layer_norm(x, x.shape[-1:], eps=self.cfg.eps) * (1 + scale))
+        return sequence.gather(self.proj_out(F.layer_norm(x, x.shape[-1:], eps=self.cfg.eps) * (1 + scale)))
 
     def forward(self, latents, text, sigma, slot_mask, cond_tokens=(), cond_shapes=(), text_mask=None,
                 shape=None, block_hook: BlockHook | None = None) -> torch.Tensor:
