@@ -76,6 +76,8 @@ class LoadOptions:
     quantised and are dequantised just before use. quantize: "int8" or "fp8" weight-only quantisation of the
     transformer's Linear layers on load (after fused LoRAs are merged). batch_guidance: run both guidance branches
     as one transformer call where the family can (the same pictures; twice the activations of one call).
+    parallel: "ulysses=U,cfg=C" (`qimg.parallel`): this process is one of U x C ranks started by torchrun that make
+    each picture together; every rank gets the pictures (rank 0 should save them).
     """
 
     model: str | os.PathLike | None = None
@@ -93,6 +95,7 @@ class LoadOptions:
     transformer: str | os.PathLike | None = None  # one .gguf / .safetensors file replacing the folder's transformer
     quantize: str | None = None  # "int8" | "fp8": the transformer's Linear weights, weight-only, on load
     batch_guidance: bool = True  # both guidance branches in one transformer call (twice the activations)
+    parallel: Any = None  # "ulysses=U,cfg=C" or a ParallelConfig: this process is one rank of a parallel run
 
     def __post_init__(self):
         import torch
@@ -133,6 +136,9 @@ class LoadOptions:
         if self.quantize is not None and self.loras and self.lora_mode == "unfused":
             raise InputError("unfused LoRAs on quantized weights are not supported yet: use lora_mode 'fused' "
                              "(merged before quantizing)")
+        from qimg.parallel.config import ParallelConfig
+
+        object.__setattr__(self, "parallel", ParallelConfig.parse(self.parallel))
         if self.transformer is not None and Path(self.transformer).suffix.lower() not in (".gguf", ".safetensors"):
             raise InputError(f"transformer must be a .gguf or .safetensors file, got {str(self.transformer)!r}")
 

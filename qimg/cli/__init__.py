@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qimg.cli.common import main_rank
 from qimg.errors import QimgError
 
 
@@ -22,15 +23,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "gpus", None) is not None:
+            from qimg.cli.ranks import run_on_ranks
+
+            return run_on_ranks(args, argv)
         return args.handler(args)
     except QimgError as err:
-        print(f"qimg: error: {err}", file=sys.stderr)
+        if main_rank(args):  # the other ranks of a parallel run meet the same refusal: one message is enough
+            print(f"qimg: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qimg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if getattr(args, "parallel", None) and "torch.distributed" in sys.modules:
+            from qimg.parallel.mesh import leave
+
+            leave()
 
 
 if __name__ == "__main__":

@@ -84,13 +84,30 @@ def lora_args(p: argparse.ArgumentParser, default_mode: str) -> None:
                    help=f"merge LoRAs into the weights (full speed) or run them beside them (default {default_mode})")
 
 
+def parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", default=None, metavar="ulysses=U,cfg=C",
+                   help="make each picture on U x C ranks started by torchrun: cfg=2 runs the two guidance branches "
+                        "side by side, ulysses=U shares each step's image tokens (U must divide the attention heads)")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="start N ranks here (one per GPU; with --device cpu, N CPU processes) and make each picture "
+                        "on all of them (default split: --parallel ulysses=N)")
+
+
 def load_options(args, task: str | None = None):
     from qimg.options import LoadOptions
 
     return LoadOptions(model=args.model, task=task, dtype=args.dtype, device=args.device, offload=args.offload,
                        attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
                        lora_partial=args.lora_partial, download=args.download, transformer=args.transformer,
-                       quantize=args.quantize, batch_guidance=args.batch_guidance)
+                       quantize=args.quantize, batch_guidance=args.batch_guidance,
+                       parallel=getattr(args, "parallel", None))
+
+
+def main_rank(args) -> bool:
+    """Whether this process prints and writes: always on one process; rank 0 of a parallel run."""
+    import os
+
+    return not getattr(args, "parallel", None) or os.environ.get("RANK", "0") == "0"
 
 
 def describe_loras(pipe) -> str:

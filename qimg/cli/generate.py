@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from qimg.cli.common import (ProgressBar, check_output, describe_loras, load_options, model_args, open_image,
-                             parse_size, sampling_args, sampling_fields)
+from qimg.cli.common import (ProgressBar, check_output, describe_loras, load_options, main_rank, model_args,
+                             open_image, parallel_args, parse_size, sampling_args, sampling_fields)
 
 
 def register(sub) -> None:
@@ -40,6 +40,7 @@ def picture_args(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     sampling_args(p)
     model_args(p)
+    parallel_args(p)
 
 
 def run_generate(args, prompt: str, image_paths: list[str]) -> int:
@@ -49,16 +50,19 @@ def run_generate(args, prompt: str, image_paths: list[str]) -> int:
 
     out = check_output(args.output)
     width, height = args.size if args.size else (None, None)
+    main = main_rank(args)
     options = GenerateOptions(prompt=prompt, images=[open_image(p) for p in image_paths], width=width,
                               height=height, resolution=args.resolution, background=args.background,
-                              n=args.num_images, progress=ProgressBar(args.quiet), **sampling_fields(args))
+                              n=args.num_images, progress=ProgressBar(args.quiet or not main), **sampling_fields(args))
     pipe = qimg.load(load_options(args))
-    if not args.quiet:
+    if not args.quiet and main:
         print(describe_loras(pipe), end="", file=sys.stderr)
     warning = embedded_model_warning(pipe, prompt, bool(image_paths))
-    if warning:
+    if warning and main:
         print(f"qimg: warning: {warning}", file=sys.stderr)
     result = pipe.generate(options)
+    if not main:
+        return 0
     paths = [out] if len(result) == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
                                            for i in range(len(result))]
     for image, path in zip(result, paths):
@@ -67,8 +71,15 @@ def run_generate(args, prompt: str, image_paths: list[str]) -> int:
     preset = f", preset {meta['preset']}" if meta.get("preset") else ""
     for path in paths:
         print(f"wrote {path.resolve()} ({meta['width']}x{meta['height']}, seed {meta['seed']}, {meta['steps']} "
-              f"steps{preset}, {meta['seconds']:.2f} s on {pipe.info.device.type}, {meta['dtype']})")
+              f"steps{preset}, {meta['seconds']:.2f} s on {ranks(pipe)}, {meta['dtype']})")
     return 0
+
+
+def ranks(pipe) -> str:
+    """Where a picture was made: "cpu", or "4 cuda ranks (ulysses=2,cfg=2)"."""
+    if pipe.mesh is None:
+        return pipe.info.device.type
+    return f"{pipe.mesh.world} {pipe.info.device.type} ranks ({pipe.mesh.config})"
 
 
 def embedded_model_warning(pipe, prompt: str, editing: bool) -> str | None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qimg.cli.common import (ProgressBar, check_output, describe_loras, load_options, model_args, open_image,
-                             sampling_args, sampling_fields)
+from qimg.cli.common import (ProgressBar, check_output, describe_loras, load_options, main_rank, model_args,
+                             open_image, parallel_args, sampling_args, sampling_fields)
+from qimg.cli.generate import ranks
 from qimg.errors import InputError
 
 
@@ -40,6 +41,7 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     sampling_args(p)
     model_args(p, default="qimg-tiny-layered")
+    parallel_args(p)
     p.set_defaults(handler=run_layers)
 
 
@@ -60,10 +62,11 @@ def run_layers(args) -> int:
     if args.resolution is not None:
         check_resolution(args.resolution)
     bars = []
+    main = main_rank(args)
 
     def progress(event):  # one bar per decomposition pass (two with --recurse)
         if event.stage == "encode" and event.step == 0:
-            bars.append(ProgressBar(args.quiet, "layers" if not bars else f"layer {args.recurse}"))
+            bars.append(ProgressBar(args.quiet or not main, "layers" if not bars else f"layer {args.recurse}"))
         bars[-1](event)
 
     options = LayersOptions(image=open_image(args.image), layers=args.layers, resolution=args.resolution,
@@ -73,11 +76,13 @@ def run_layers(args) -> int:
     if "layers" not in pipe.describe().get("tasks", []):
         raise InputError(f"the model {pipe.info.folder} ({pipe.describe()['pipeline']}) does not split images into "
                          f"layers; use a Qwen-Image-Layered checkpoint (--model)")
-    if not args.quiet:
+    if not args.quiet and main:
         print(describe_loras(pipe), end="", file=sys.stderr)
     layers = pipe.layers(options)
+    if not main:
+        return 0
     export_layers(layers, out)
     meta = layers[0].info["qimg"]
     print(f"wrote {out.resolve()} ({len(layers)} layers, {meta['width']}x{meta['height']}, seed {meta['seed']}, "
-          f"{meta['seconds']:.2f} s on {pipe.info.device.type}, {meta['dtype']})")
+          f"{meta['seconds']:.2f} s on {ranks(pipe)}, {meta['dtype']})")
     return 0

@@ -9,10 +9,11 @@ tile's activations plus the output (and a weight plane) at full size.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
+RunTiles = Callable[[Callable[[torch.Tensor], torch.Tensor], list], Iterable[torch.Tensor]]
 DEFAULT_TILE_PX = 512
 DEFAULT_OVERLAP_PX = 128
 
@@ -65,27 +66,31 @@ def _ramps(starts: list[int], size: int, n: int, scale: int) -> list[torch.Tenso
 
 
 def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int, overlap: int, *,
-          scale_in: int, scale_out: int) -> torch.Tensor:
+          scale_in: int, scale_out: int, run_tiles: RunTiles | None = None) -> torch.Tensor:
     """Apply `fn` to overlapping tiles of `x` `[B, C, H, W]` and blend the results.
 
     The grid has `H / scale_in` x `W / scale_in` cells; tiles are `size` cells with `overlap` cells in common; `fn`
-    maps a tile of `s * scale_in` pixels to `s * scale_out` pixels. If `x` fits in one tile, this is just `fn(x)`."""
+    maps a tile of `s * scale_in` pixels to `s * scale_out` pixels. If `x` fits in one tile, this is just `fn(x)`.
+    `run_tiles(fn, tiles)` yields `fn` of each tile in order (default: one after another, here; a parallel run
+    shares them across its ranks)."""
     rows, cols = x.shape[2] // scale_in, x.shape[3] // scale_in
     if rows <= size and cols <= size:
         return fn(x)
     ys, xs = tile_starts(rows, size, overlap), tile_starts(cols, size, overlap)
     wy, wx = _ramps(ys, size, rows, scale_out), _ramps(xs, size, cols, scale_out)
+    places = [(y0, ry, x0, rx) for y0, ry in zip(ys, wy) for x0, rx in zip(xs, wx)]
+    tiles = [x[:, :, y0 * scale_in:(y0 + size) * scale_in, x0 * scale_in:(x0 + size) * scale_in]
+             for y0, _, x0, _ in places]
+    outputs = run_tiles(fn, tiles) if run_tiles is not None else (fn(t) for t in tiles)
     out = weight = None
-    for y0, ry in zip(ys, wy):
-        for x0, rx in zip(xs, wx):
-            part = fn(x[:, :, y0 * scale_in:(y0 + size) * scale_in, x0 * scale_in:(x0 + size) * scale_in])
-            if out is None:
-                # accumulate in float32 whatever the model's dtype
-                out = part.new_zeros(*part.shape[:2], rows * scale_out, cols * scale_out, dtype=torch.float32)
-                weight = torch.zeros(rows * scale_out, cols * scale_out, device=part.device, dtype=torch.float32)
-            w = (ry[:, None] * rx[None, :]).to(part.device)
-            ya, xa = y0 * scale_out, x0 * scale_out
-            region = (slice(ya, ya + w.shape[0]), slice(xa, xa + w.shape[1]))
-            out[(..., *region)] += part.float() * w
-            weight[region] += w
+    for (y0, ry, x0, rx), part in zip(places, outputs):
+        if out is None:
+            # accumulate in float32 whatever the model's dtype
+            out = part.new_zeros(*part.shape[:2], rows * scale_out, cols * scale_out, dtype=torch.float32)
+            weight = torch.zeros(rows * scale_out, cols * scale_out, device=part.device, dtype=torch.float32)
+        w = (ry[:, None] * rx[None, :]).to(part.device)
+        ya, xa = y0 * scale_out, x0 * scale_out
+        region = (slice(ya, ya + w.shape[0]), slice(xa, xa + w.shape[1]))
+        out[(..., *region)] += part.float() * w
+        weight[region] += w
     return (out / weight).to(part.dtype)

@@ -144,6 +144,7 @@ class ImageVAE(nn.Module):
 
     scale_factor: int
     image_channels: int
+    run_tiles = None  # how tiles are computed: here, one after another (None), or shared by a parallel run's ranks
 
     @property
     def z_dim(self) -> int:
@@ -165,7 +166,7 @@ class ImageVAE(nn.Module):
         spec = resolve_tile(tile, self.scale_factor)
         if spec is None:
             return self._encode(images)
-        return tiled(self._encode, images, *spec, scale_in=self.scale_factor, scale_out=1)
+        return tiled(self._encode, images, *spec, scale_in=self.scale_factor, scale_out=1, run_tiles=self.run_tiles)
 
     def decode(self, latents: torch.Tensor, tile=None) -> torch.Tensor:
         """Latents `[B, z, h, w]` (not normalised) -> images `[B, C, h*f, w*f]` in [-1, 1]; `tile` as in `encode`."""
@@ -174,7 +175,8 @@ class ImageVAE(nn.Module):
         if spec is None:
             out = self._decode(latents)
         else:
-            out = tiled(self._decode, latents, *spec, scale_in=1, scale_out=self.scale_factor)
+            out = tiled(self._decode, latents, *spec, scale_in=1, scale_out=self.scale_factor,
+                        run_tiles=self.run_tiles)
         return out.clamp(-1.0, 1.0)
 
     def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,20 +94,15 @@ def with_block_hook(velocity: Callable, hook: Callable | None, branch: str) -> C
     return run
 
 
-def step_cache(text: str | None, inner: Callable | None):
-    """The run's step cache around the block hook `inner` (None without one)."""
+def step_cache(text: str | None, inner: Callable | None, total: Callable):
+    """The run's step cache around the block hook `inner` (None without one); `total` sums its statistics over
+    the ranks that share the tokens."""
     if not text:
         return None
     from qimg.sampling.caches import KINDS, parse_cache
 
     spec = parse_cache(text)
-    return KINDS[spec.name](spec, inner)
-
-
-def cache_parameters(cache) -> dict:
-    if cache is None:
-        return {}
-    return {"cache": str(cache.spec), "model_calls": cache.calls, "cache_skipped": cache.skipped}
+    return KINDS[spec.name](spec, inner, total)
 
 
 def stop_between_blocks(plan: Plan, hook: Callable | None) -> Callable | None:
@@ -148,6 +143,7 @@ class Pipeline(ABC):
         self.named_preset = preset  # chosen by name at load time; wins over what files say
         self.adapters = adapters or Adapters(transformer, self.family, self.pipeline_class)
         self.preset = self.find_preset()
+        self.mesh = None  # this rank's place in a parallel run (`qimg.parallel`), None on one process
 
     # -- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -156,12 +152,19 @@ class Pipeline(ABC):
         transforms and LoRAs (on the CPU, before placement), then place them on the device."""
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
+        mesh = None
+        if options.parallel is not None:
+            from qimg.parallel.mesh import join
+
+            device, mesh = join(options.parallel, device, dtype)
         home = weights_home(device, options.offload)
         staged = bool(options.transforms or options.loras or options.quantize)
         staging = torch.device("cpu") if staged else None  # transforms and LoRAs see CPU weights
         tcfg = cls.transformer_types[0].from_dict(read_json(folder / "transformer" / "config.json"))
         vcfg = cls.vae_types[0].from_dict(read_json(folder / "vae" / "config.json"))
         cls.check_configs(tcfg, vcfg, folder)
+        if mesh is not None:
+            mesh.check_heads(tcfg.num_attention_heads)  # before any weight is read
         if options.transformer is not None:
             from qimg.lowbit.load import load_gguf_module, load_safetensors_module
 
@@ -191,6 +194,8 @@ class Pipeline(ABC):
         if home != device and hasattr(conditioner, "text_module"):
             conditioner.model  # noqa: B018 - offload moves the whole VLM: load it now, not on the first picture
         transformer.set_attention(options.attention)
+        if mesh is not None:
+            mesh.attach(transformer)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
         placement = Placement.of_pipeline(device, home != device, conditioner, transformer)
         if options.preset is not None:
@@ -199,6 +204,7 @@ class Pipeline(ABC):
                    defaults=Defaults.read(index, cls.default_config), sample_sigmas=index.get("sample_sigmas"),
                    placement=placement, preset=options.preset, adapters=adapters)
         pipe.batch_guidance = options.batch_guidance
+        pipe.mesh = mesh
         return pipe
 
     # -- LoRAs and presets -------------------------------------------------------------------------------------
@@ -251,7 +257,8 @@ class Pipeline(ABC):
                 "default_cfg": self.defaults.cfg, "default_edit_cfg": self.defaults.cfg_for(True),
                 "default_edit_steps": self.defaults.steps_for(True),
                 "preset": self.preset.name if self.preset else None, "loras": self.adapters.describe(),
-                "samplers": sorted(SAMPLERS), "tasks": list(self.tasks)}
+                "samplers": sorted(SAMPLERS), "tasks": list(self.tasks),
+                "parallel": self.mesh.describe() if self.mesh is not None else None}
 
     # -- planning ----------------------------------------------------------------------------------------------
     def settle(self, options: SamplingOptions, *, editing: bool, **fields) -> Plan:
@@ -311,19 +318,34 @@ class Pipeline(ABC):
                  **recorded) -> list[Image.Image]:
         """Decode the final tokens; each picture carries the run's parameters (and `recorded`) in info["qimg"]."""
         plan.report(ProgressEvent("decode", 0, 1, plan.clock()))
-        out = self.decode(plan, x)
+        with self.sharing_tiles():
+            out = self.decode(plan, x)
         plan.report(ProgressEvent("decode", 1, 1, plan.clock()))
         params = {**self.parameters(plan, cond, schedule), **recorded}
         for i, img in enumerate(out):
             img.info["qimg"] = {**params, "index": i}
         return out
 
+    @contextlib.contextmanager
+    def sharing_tiles(self):
+        """Within: the VAE's tiles are shared by a parallel run's ranks (every rank must decode the same)."""
+        if self.mesh is None:
+            yield
+            return
+        self.vae.run_tiles = self.mesh.run_tiles
+        try:
+            yield
+        finally:
+            self.vae.run_tiles = None
+
     def sample(self, plan: Plan, cond: Conditioning, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         hook = stop_between_blocks(plan, plan.options.block_hook)
-        cache = plan.extra["step_cache"] = step_cache(plan.options.cache, hook)
+        cache = plan.extra["step_cache"] = step_cache(plan.options.cache, hook, self.transformer.sequence.total)
         if cache is not None:
             hook = cache.hook
-        if self.guidance_in_one_batch(plan, cond, cache):
+        if self.mesh is not None and self.mesh.config.cfg > 1 and cond.negative is not None:
+            velocity = self.guidance_across_ranks(plan, cond, hook)
+        elif self.guidance_in_one_batch(plan, cond, cache):
             velocity = self.batched_guidance(plan, cond, hook)
         else:
             branches = [("cond", cond.positive)] + ([("uncond", cond.negative)] if cond.negative is not None else [])
@@ -372,6 +394,19 @@ class Pipeline(ABC):
                 and plan.options.block_hook is None and getattr(self, "velocity_batch", None) is not None
                 and self.batchable(plan))
 
+    def guidance_across_ranks(self, plan: Plan, cond: Conditioning, hook):
+        """CFG parallelism: this rank computes its guidance group's branch; the peers exchange their velocities
+        and each combines both."""
+        mesh, branch = self.mesh, self.mesh.branch
+        mine = with_block_hook(self.velocity(plan, cond.positive if branch == "cond" else cond.negative,
+                                             cond.extra), hook, branch)
+        plan.extra["branches_split"] = True
+
+        def velocity(x, sigma):
+            return cfg_combine(*mesh.combine_branches(mine(x, sigma)), plan.cfg, plan.cfg_normalize)
+
+        return velocity
+
     def batched_guidance(self, plan: Plan, cond: Conditioning, hook):
         both = with_block_hook(self.velocity_batch([plan, plan], [cond.positive, cond.negative],
                                                    [cond.extra, cond.extra]), hook, "cond+uncond")
@@ -392,11 +427,21 @@ class Pipeline(ABC):
                 "dtype": str(self.info.dtype).replace("torch.", ""),
                 "sigmas": [round(float(s), 6) for s in schedule[:-1]] if options.sigmas is not None else None,
                 "scheduler": options.scheduler, "shift": options.shift, **self.extra_parameters(plan),
-                **cache_parameters(plan.extra.get("step_cache")),
+                **self.cache_parameters(plan), **(self.mesh.describe() if self.mesh is not None else {}),
                 "seconds": round(plan.clock(), 3)}
 
     def extra_parameters(self, plan: Plan) -> dict:
         return {}
+
+    def cache_parameters(self, plan: Plan) -> dict:
+        """The step cache's counts (summed over the ranks that split the guidance branches)."""
+        cache = plan.extra.get("step_cache")
+        if cache is None:
+            return {}
+        calls, skipped = cache.calls, cache.skipped
+        if plan.extra.get("branches_split"):
+            calls, skipped = self.mesh.sum_over_branches([calls, skipped])
+        return {"cache": str(cache.spec), "model_calls": calls, "cache_skipped": skipped}
 
     def preview(self, plan: Plan, denoised: torch.Tensor) -> Image.Image:
         return self.decode(plan, denoised[:1])[0]

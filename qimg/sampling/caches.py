@@ -17,6 +17,7 @@ per-model calibration): each skip adds |1 - ratio| to an error estimate, and cal
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -66,8 +67,17 @@ def _apply(fn, a, b):
     return tuple(fn(x, y) for x, y in zip(a, b)) if isinstance(a, tuple) else fn(a, b)
 
 
-def relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
-    return float((new.float() - old.float()).abs().mean() / old.float().abs().mean().clamp_min(1e-12))
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor, total=_whole) -> float:
+    """Mean absolute difference over mean absolute value; `total` sums the statistics over the processes that
+    share the tokens (sequence parallelism), so that every rank takes the same decision."""
+    sums = torch.stack([(new.float() - old.float()).abs().sum(), old.float().abs().sum(),
+                        torch.tensor(float(new.numel()), device=new.device)])
+    diff, size, count = total(sums).tolist()
+    return (diff / count) / max(size / count, 1e-12)
 
 
 @dataclass
@@ -87,6 +97,7 @@ class _StepCache:
 
     spec: CacheSpec
     inner: object = None
+    total: Callable = _whole  # sums a statistic over the ranks sharing the tokens (identity on one process)
     skipped: int = 0
     calls: int = 0
     branches: dict = field(default_factory=dict)
@@ -146,7 +157,7 @@ class FirstBlockCache(_StepCache):
     def decide(self, branch: _FirstBlock, residual) -> bool:
         if not self._may_skip(branch) or branch.first_residual is None or branch.rest_residual is None:
             return False
-        return relative_change(_first(residual), _first(branch.first_residual)) < self.spec.threshold
+        return relative_change(_first(residual), _first(branch.first_residual), self.total) < self.spec.threshold
 
 
 @dataclass
@@ -179,7 +190,7 @@ class MagnitudeCache(_StepCache):
         if branch.last_out is None or branch.input is None:
             return
         branch.residual = _apply(torch.sub, branch.last_out, branch.input)
-        branch.norms.append(float(_first(branch.residual).float().norm()))
+        branch.norms.append(float(self.total(_first(branch.residual).float().pow(2).sum()).sqrt()))
         branch.last_out = branch.input = None
 
     def decide(self, branch: _Magnitudes) -> bool:
