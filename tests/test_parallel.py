@@ -6,6 +6,7 @@ their numbers; `qimg generate --gpus N --device cpu` writes one picture from ran
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -63,11 +64,16 @@ def test_launch_flags_are_replaced():
 
 
 # -- 2 and 4 processes -----------------------------------------------------------------------------------------
-def pictures_alone(job: dict) -> np.ndarray:
+def decoded_alone(job: dict) -> np.ndarray:
+    """The worker's "vae" job on one process: the same latents through the same tiles, one after another."""
     pipe = qimg.load(job["folder"])
-    if job.get("task") == "vae":
-        z = torch.randn(1, pipe.vae.z_dim, *job["grid"], generator=torch.Generator().manual_seed(0))
-        return pipe.vae.decode(z, tile=tuple(job["tile"])).numpy()
+    z = torch.randn(1, pipe.vae.z_dim, *job["grid"], generator=torch.Generator().manual_seed(0))
+    return pipe.vae.decode(z, tile=tuple(job["tile"])).numpy()
+
+
+def pictures_alone(job: dict) -> tuple[np.ndarray, dict]:
+    """A job's pictures made by one process, and their metadata."""
+    pipe = qimg.load(job["folder"])
     images = [Image.open(p) for p in job.get("images", [])]
     out = pipe.layers(images[0], **job["options"]) if job.get("task") == "layers" else \
         pipe.generate(job["prompt"], images=images, **job["options"])
@@ -81,17 +87,24 @@ def models(ref21, ref_v1, ref_layered, tmp_path_factory):
     rgba = Image.new("RGBA", (64, 64), (30, 40, 200, 255))
     rgba.paste((240, 200, 20, 255), (16, 16, 48, 40))
     rgba.save(root / "rgba.png")
-    return {"q21": str(ref21[1]), "v1": str(ref_v1["t2i"][1]), "edit2511": str(ref_v1["edit_plus_2511"][1]),
-            "layered": str(ref_layered[1]), "cond": str(root / "cond.png"), "rgba": str(root / "rgba.png")}
+    from tests.reference import build_reference_21
+
+    build_reference_21(root / "q21_per_step", causal_condition=False)  # its prefix is encoded at every step
+    return {"q21": str(ref21[1]), "q21_per_step": str(root / "q21_per_step"), "v1": str(ref_v1["t2i"][1]),
+            "edit2511": str(ref_v1["edit_plus_2511"][1]), "layered": str(ref_layered[1]),
+            "cond": str(root / "cond.png"), "rgba": str(root / "rgba.png")}
 
 
 def picture_jobs(m: dict) -> list[dict]:
-    """Guided runs of every family (odd token counts on v1: 80x48 is 15 tokens, shares of 8 and 7)."""
+    """Guided runs of every family (odd token counts on v1: 80x48 is 15 tokens, shares of 8 and 7; two pictures at
+    once on a 2.x model whose prefix depends on the step)."""
     return [
         dict(name="q21", folder=m["q21"], prompt="a blue square",
              options=dict(negative_prompt="blurry", cfg=4.0, width=96, height=64, steps=3, seed=5)),
         dict(name="q21_edit", folder=m["q21"], prompt="make it green", images=[m["cond"]],
              options=dict(cfg=3.0, resolution=64, steps=2, seed=3)),
+        dict(name="q21_per_step", folder=m["q21_per_step"], prompt="a red circle",
+             options=dict(cfg=4.0, width=64, height=64, steps=2, seed=7, n=2)),
         dict(name="v1", folder=m["v1"], prompt="a red circle",
              options=dict(cfg=4.0, width=80, height=48, steps=2, seed=5)),
         dict(name="edit2511", folder=m["edit2511"], prompt="make it blue", images=[m["cond"]],
@@ -141,8 +154,7 @@ def test_two_processes(models, tmp_path):
             {**jobs[0], "name": "world", "parallel": "ulysses=2,cfg=2"}]
     results = run_ranks(tmp_path, 2, run)
     check_pictures(results, jobs, configs)
-    alone = pictures_alone(vae)
-    assert np.abs(results["vae@ulysses=2"][0] - alone).max() < 1e-5  # 9 tiles shared 5 + 4 by two ranks
+    assert np.abs(results["vae@ulysses=2"][0] - decoded_alone(vae)).max() < 1e-5  # 9 tiles shared 5 + 4 by two ranks
     assert "one kind of device and one dtype; got rank 0: cpu float32, rank 1: cpu bfloat16" in results["mixed"][0]
     assert "needs 4 processes (ulysses 2 x cfg 2); this run has 2" in results["world"][0]
 
@@ -157,16 +169,22 @@ def test_four_processes(models, tmp_path):
 
 
 def test_cli_gpus_on_cpu(ref21, tmp_path):
-    """`--gpus 2 --device cpu`: two ranks, one picture written by rank 0, the same as one process makes."""
+    """`--gpus 2 --device cpu` and torchrun: two ranks, one picture written by rank 0, the one process's picture."""
     args = ["generate", "a red circle", "--model", str(ref21[1]), "--cfg", "4", "--steps", "2", "--size", "64x64",
             "--seed", "4", "--quiet"]
     one = subprocess.run([sys.executable, "-m", "qimg.cli", *args, "-o", str(tmp_path / "one.png")],
                          capture_output=True, text=True, timeout=300)
     two = subprocess.run([sys.executable, "-m", "qimg.cli", *args, "-o", str(tmp_path / "two.png"), "--gpus", "2",
                           "--device", "cpu", "--parallel", "cfg=2"], capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    # the launcher users know: torchrun (torch.distributed.run) starting the same command on two ranks
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "qimg.cli", *args, "-o", str(tmp_path / "run.png"), "--parallel", "ulysses=2"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for done in (one, two, run):
+        assert done.returncode == 0, done.stderr
     assert two.stdout.count("wrote") == 1 and "2 cpu ranks (ulysses=1,cfg=2)" in two.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "two.png"]  # no stray tmp files
-    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two"))
-    assert np.abs(a - b).max() <= 1
+    assert run.stdout.count("wrote") == 1 and "2 cpu ranks (ulysses=2,cfg=1)" in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "run.png", "two.png"]  # no stray tmp files
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("one", "two", "run"))
+    assert np.abs(a - b).max() <= 1 and np.abs(a - c).max() <= 1
     assert json.loads(Image.open(tmp_path / "two.png").info["qimg"])["parallel"] == "ulysses=1,cfg=2"
