@@ -67,3 +67,45 @@ def test_on_the_device_of_the_blocks_and_refusals():
         dequantize(raw, "IQ2_XXS", (2, 256))
     with pytest.raises(ValueError, match=r"Q4_K data of 288 bytes cannot hold a tensor of shape \(3, 256\)"):
         dequantize(raw, "Q4_K", (3, 256))
+
+
+KQUANT_ERROR = {"Q4_K": ("Q4_0", 0.08), "Q5_K": ("Q5_0", 0.042), "Q6_K": ("Q8_0", 0.025)}
+
+
+@pytest.mark.parametrize("name", sorted(KQUANT_ERROR))
+def test_kquant_writer_reads_back_like_gguf(name):
+    """qimg's K-quant encoder: gguf's own dequantisation reads its blocks (ours equals it bit for bit), the weights
+    come back within the format's error, tighter than the 32-block format of as many bits."""
+    from qimg.lowbit.kquants import quantize
+
+    rng = np.random.default_rng(3)
+    weights = (rng.standard_normal((48, 768)) * 0.05).astype(np.float32)
+    weights[1] += 0.3  # all positive: the min is 0
+    weights[2] -= 0.3  # all negative
+    weights[4] = 0.0
+    weights[5, :256] = 1e-6
+    raw = quantize(torch.from_numpy(weights), name).numpy()
+    assert raw.shape == (48, 768 // 256 * GGML_QUANT_SIZES[T[name]][1])
+    expected = gguf.quants.dequantize(raw, T[name])
+    assert np.array_equal(expected, ours(raw, name, weights.shape))
+    assert np.array_equal(expected[4], np.zeros(768, np.float32))
+    error = np.linalg.norm(expected - weights) / np.linalg.norm(weights)
+    legacy_name, bound = KQUANT_ERROR[name]
+    legacy = gguf.quants.dequantize(gguf.quants.quantize(weights, T[legacy_name]), T[legacy_name])
+    if name != "Q6_K":  # Q6_K stands in for 8-bit only where rows do not tile; it is coarser than Q8_0
+        assert error < np.linalg.norm(legacy - weights) / np.linalg.norm(weights)
+    assert error < bound, error
+
+
+def test_kquant_rows_that_do_not_tile(tmp_path):
+    from qimg.lowbit.gguf_file import read_gguf
+    from qimg.lowbit.kquants import quantize
+    from qimg.lowbit.write import write_gguf
+
+    with pytest.raises(ValueError, match="Q4_K needs rows of a multiple of 256 weights; this tensor's rows have 96"):
+        quantize(torch.zeros(2, 96), "Q4_K")
+    sd = {"a.weight": torch.randn(4, 512), "b.weight": torch.randn(4, 96), "c.weight": torch.randn(4, 64),
+          "d.weight": torch.randn(4, 20)}
+    chosen = write_gguf(sd, tmp_path / "x.gguf", lambda name, t: "Q6_K")
+    assert chosen == {"a.weight": "Q6_K", "b.weight": "Q8_0", "c.weight": "Q8_0", "d.weight": "F32"}
+    assert {k: t.kind for k, t in read_gguf(tmp_path / "x.gguf").items()} == chosen

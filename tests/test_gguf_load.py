@@ -138,3 +138,32 @@ def test_loras_on_quantised_layers_run_unfused(ref21, tmp_path):
     assert max_diff(got, without) > 2  # the LoRA did something
     with pytest.raises(InputError, match="LoRAs cannot be merged into quantized weights"):
         quant.set_loras([(lora, 0.8)], fused=True)
+
+
+def test_kquant_transformer_stays_quantised_and_computes_its_weights(tmp_path):
+    """A 2.x transformer of width 256 (K-quant rows tile) written with Q4_K, Q5_K and Q6_K Linear weights: they stay
+    quantised when loaded, and the output is the float32 model's on the same (dequantised) weights."""
+    from qimg.lowbit.load import load_gguf_module
+    from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
+
+    cfg = QwenImage21Config(num_layers=1, attention_head_dim=128, num_attention_heads=2, axes_dims_rope=(16, 56, 56),
+                            in_channels=16, out_channels=16, context_in_dim=256, mlp_ratio=1)
+    torch.manual_seed(0)
+    model = QwenImage21Transformer(cfg).eval()
+    kinds = itertools.cycle(["Q4_K", "Q5_K", "Q6_K"])
+    written = write_gguf(model.state_dict(), tmp_path / "k.gguf",
+                         lambda name, t: next(kinds) if t.ndim == 2 and name.endswith(".weight") else "F32")
+    assert {"Q4_K", "Q5_K", "Q6_K"} <= set(written.values())
+    loaded = load_gguf_module(lambda: QwenImage21Transformer(cfg), tmp_path / "k.gguf", dtype=torch.float32,
+                              device="cpu")
+    quantised = {m.kind for m in loaded.modules() if isinstance(m, QuantLinear)}
+    assert {"Q4_K", "Q5_K", "Q6_K"} <= quantised
+    twin = QwenImage21Transformer(cfg).eval()
+    twin.load_state_dict({k: t.dequantize(torch.float32) for k, t in read_gguf(tmp_path / "k.gguf").items()})
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(latents=torch.randn(1, 16, 16, generator=g), text=torch.randn(1, 6, 256, generator=g),
+                  sigma=torch.tensor([0.7]), slot_mask=torch.zeros(6, dtype=torch.bool), shape=(4, 4))
+    with torch.inference_mode():
+        got, expected, exact = loaded(**inputs), twin(**inputs), model(**inputs)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert 0 < float((got - exact).norm() / exact.norm()) < 0.1  # quantised: close to, not equal to, the original

@@ -95,7 +95,8 @@ def test_refusals(ref21, ref_v1, tmp_path):
         qimg.load(folder, dtype="float32", transformer=broken)
 
 
-@pytest.mark.parametrize("fmt,floor", [("gguf-q8_0", 40), ("gguf-q4_0", 20), ("fp8", 30), ("int8", 40)])
+@pytest.mark.parametrize("fmt,floor", [("gguf-q8_0", 40), ("gguf-q4_0", 20), ("gguf-q4_k", 20), ("fp8", 30),
+                                       ("int8", 40)])
 def test_qimg_quantize_writes_what_transformer_loads(ref21, tmp_path, capsys, fmt, floor):
     from qimg.cli import main
 

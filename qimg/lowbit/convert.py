@@ -1,7 +1,8 @@
 """`qimg quantize`: a model's transformer written as one low-bit file that `--transformer FILE` loads.
 
-Formats: GGUF (`gguf-q8_0`, `gguf-q5_1`, `gguf-q5_0`, `gguf-q4_1`, `gguf-q4_0`, `gguf-f16`, `gguf-bf16`: the
-Linear weights in that type, the rest F32, through the `gguf` package's quantisers and writer) and safetensors
+Formats: GGUF (`gguf-q8_0`, `gguf-q6_k`, `gguf-q5_k`, `gguf-q5_1`, `gguf-q5_0`, `gguf-q4_k`, `gguf-q4_1`,
+`gguf-q4_0`, `gguf-f16`, `gguf-bf16`: the Linear weights in that type (rows a block cannot tile stay F32), the rest
+F32, through the `gguf` package's writer; K-quants through qimg's encoders) and safetensors
 (`fp8`: ComfyUI's "scaled fp8", float8_e4m3fn weights with one `scale_weight` per tensor, the rest bfloat16;
 `int8`: int8 weights with one scale per output row in `scale_weight`, the rest bfloat16). Written atomically.
 """
@@ -13,7 +14,8 @@ from typing import Callable
 
 from qimg.errors import InputError
 
-GGUF = {f"gguf-{k.lower()}": k for k in ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16")}
+GGUF = {f"gguf-{k.lower()}": k for k in ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "F16",
+                                         "BF16")}
 FORMATS = (*GGUF, "fp8", "int8")
 
 
