@@ -76,6 +76,9 @@ class LoadOptions:
     quantised and are dequantised just before use. quantize: "int8" or "fp8" weight-only quantisation of the
     transformer's Linear layers on load (after fused LoRAs are merged). batch_guidance: run both guidance branches
     as one transformer call where the family can (the same pictures; twice the activations of one call).
+    text_encoder / vae: one .safetensors file each (transformers' or ComfyUI's key layouts, bf16/fp16/fp32 or scaled
+    fp8; the folder still gives the configs) replacing that component's folder; fp8 Linear weights of an encoder stay
+    fp8. quantize_encoder: "int8" or "fp8" weight-only quantisation of the condition encoder's Linear layers.
     parallel: "ulysses=U,cfg=C" (`qimg.parallel`): this process is one of U x C ranks started by torchrun that make
     each picture together; every rank gets the pictures (rank 0 should save them).
     """
@@ -96,6 +99,9 @@ class LoadOptions:
     quantize: str | None = None  # "int8" | "fp8": the transformer's Linear weights, weight-only, on load
     batch_guidance: bool = True  # both guidance branches in one transformer call (twice the activations)
     parallel: Any = None  # "ulysses=U,cfg=C" or a ParallelConfig: this process is one rank of a parallel run
+    text_encoder: str | os.PathLike | None = None  # one .safetensors file replacing the folder's condition encoder
+    vae: str | os.PathLike | None = None  # one .safetensors file replacing the folder's VAE
+    quantize_encoder: str | None = None  # "int8" | "fp8": the condition encoder's Linear weights, on load
 
     def __post_init__(self):
         import torch
@@ -136,6 +142,12 @@ class LoadOptions:
         if self.quantize is not None and self.loras and self.lora_mode == "unfused":
             raise InputError("unfused LoRAs on quantized weights are not supported yet: use lora_mode 'fused' "
                              "(merged before quantizing)")
+        if self.quantize_encoder is not None and self.quantize_encoder not in ("int8", "fp8"):
+            raise InputError(f"quantize_encoder must be 'int8' or 'fp8', got {self.quantize_encoder!r}")
+        for name in ("text_encoder", "vae"):
+            value = getattr(self, name)
+            if value is not None and Path(value).suffix.lower() not in (".safetensors", ".gguf"):
+                raise InputError(f"{name} must be a .safetensors file, got {str(value)!r}")
         from qimg.parallel.config import ParallelConfig
 
         object.__setattr__(self, "parallel", ParallelConfig.parse(self.parallel))

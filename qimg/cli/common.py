@@ -68,6 +68,13 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
     p.add_argument("--no-batch-guidance", dest="batch_guidance", action="store_false",
                    help="run the two guidance branches as two transformer calls (half the activation memory; the "
                         "default runs them as one batch, same pictures)")
+    p.add_argument("--text-encoder", default=None, metavar="FILE",
+                   help="replace the model's condition encoder weights with one .safetensors file (transformers or "
+                        "ComfyUI keys; bf16, fp16, scaled fp8: fp8 weights stay fp8)")
+    p.add_argument("--vae", default=None, metavar="FILE", help="replace the model's VAE weights with one .safetensors "
+                                                               "file (diffusers keys, optionally prefixed)")
+    p.add_argument("--quantize-encoder", choices=["int8", "fp8"], default=None,
+                   help="store the condition encoder's Linear weights in 8 bits (weight-only): about half of bfloat16")
     p.add_argument("--transformer", default=None, metavar="FILE",
                    help="replace the model's transformer weights with one file: .gguf (Q8_0, Q4_0/1, Q5_0/1, "
                         "Q2_K-Q6_K, F16, BF16, F32) or .safetensors (diffusers or ComfyUI keys; bf16, fp16, fp8 "
@@ -99,7 +106,8 @@ def load_options(args, task: str | None = None):
     return LoadOptions(model=args.model, task=task, dtype=args.dtype, device=args.device, offload=args.offload,
                        attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
                        lora_partial=args.lora_partial, download=args.download, transformer=args.transformer,
-                       quantize=args.quantize, batch_guidance=args.batch_guidance,
+                       quantize=args.quantize, batch_guidance=args.batch_guidance, text_encoder=args.text_encoder,
+                       vae=args.vae, quantize_encoder=args.quantize_encoder,
                        parallel=getattr(args, "parallel", None))
 
 

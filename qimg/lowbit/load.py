@@ -78,29 +78,20 @@ def load_gguf_module(factory: Callable[[], nn.Module], path: str | Path, *, dtyp
 
 
 def load_safetensors_module(factory: Callable[[], nn.Module], path: str | Path, *, dtype: torch.dtype,
-                            device: torch.device | str, component: str = "transformer") -> nn.Module:
-    """A single .safetensors file in the diffusers or ComfyUI key layout (`model.diffusion_model.` /
-    `diffusion_model.` prefixes), in any float dtype; float8_e4m3fn Linear weights stay in one byte per weight
-    (with their file's `scale_weight`, "scaled fp8", or 1), every other tensor is cast to the run's dtype (the file's
+                            device: torch.device | str, component: str = "transformer", prefixes=None,
+                            keep_quantized: bool = True) -> nn.Module:
+    """A single .safetensors file in the diffusers or ComfyUI key layout (`prefixes`, default the transformer's
+    `model.diffusion_model.` / `diffusion_model.`, are stripped), in any float dtype; float8_e4m3fn and int8 Linear
+    weights stay in one byte per weight (with their file's `scale_weight`, "scaled fp8", or 1; with
+    `keep_quantized` False they are dequantised), every other tensor is cast to the run's dtype (the file's
     memory-mapped tensors are used as they are when the dtypes agree)."""
+    from qimg.loading.single_files import _unprefixed, split_scaled
     from qimg.loading.weights import open_state_dict
     from qimg.lowbit.gguf_file import PREFIXES
     from qimg.lowbit.weight_only import ScaledLinear
 
     path = Path(path)
-    raw = open_state_dict(path)
-    tensors, scales = {}, {}
-    for key, tensor in raw.items():
-        for prefix in PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        if key == "scaled_fp8" or key.endswith(".scale_input"):  # ComfyUI's markers
-            continue
-        if key.endswith(".scale_weight"):
-            scales[key[: -len(".scale_weight")]] = tensor
-        else:
-            tensors[key] = tensor
+    tensors, scales = split_scaled(_unprefixed(open_state_dict(path), PREFIXES if prefixes is None else prefixes))
     module, expected, linears = meta_module(factory)
     check_keys(path, expected, {k: tuple(t.shape) for k, t in tensors.items()}, component)
     stray = sorted(set(scales) - {k[: -len(".weight")] for k in tensors if k.endswith(".weight")})
@@ -109,7 +100,7 @@ def load_safetensors_module(factory: Callable[[], nn.Module], path: str | Path, 
     layers = {}
     for name in linears:
         weight, bias = tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
-        if weight.dtype in (torch.float8_e4m3fn, torch.int8):
+        if keep_quantized and weight.dtype in (torch.float8_e4m3fn, torch.int8):
             scale = scales.get(name, torch.ones(()))
             layers[name] = ScaledLinear.from_stored(weight, scale, None if bias is None else bias.to(dtype), dtype)
     kept = {f"{name}.{part}" for name in layers for part in ("weight", "bias")}
@@ -117,8 +108,10 @@ def load_safetensors_module(factory: Callable[[], nn.Module], path: str | Path, 
     for key, tensor in tensors.items():
         if key in kept:
             continue
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # an fp8 tensor outside a Linear: upcast
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8):  # not kept quantised: upcast
             owner = key.rsplit(".", 1)[0]
-            tensor = tensor.float() * scales.get(owner, torch.ones(())).float()
+            scale = scales.get(owner, torch.ones(())).float()
+            scale = scale.reshape(-1, *[1] * (tensor.ndim - 1)) if scale.numel() > 1 else scale  # per output row
+            tensor = tensor.float() * scale
         rest[key] = tensor.to(dtype)
     return build(module, layers, rest, path, device, component)

@@ -82,14 +82,15 @@ class Qwen3VLConditioner:
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     @classmethod
-    def load(cls, folder: Path, *, dtype: torch.dtype, device) -> "Qwen3VLConditioner":
+    def load(cls, folder: Path, *, dtype: torch.dtype, device, file=None) -> "Qwen3VLConditioner":
         """The light form: the tokenizer and the language model's weights now, the VLM when first needed. A folder
-        without `processor/tokenizer.json` loads the VLM at once."""
+        without `processor/tokenizer.json`, or weights from one `file` (`qimg.loading.single_files`), load the VLM
+        at once."""
         for sub in ("text_encoder", "processor"):
             if not (folder / sub).is_dir():
                 raise CheckpointError(f"missing component folder {folder / sub}")
-        if not (folder / "processor" / "tokenizer.json").is_file():
-            model, processor = cls._load_vlm(folder, dtype, device)
+        if file is not None or not (folder / "processor" / "tokenizer.json").is_file():
+            model, processor = cls._load_vlm(folder, dtype, device, file)
             return cls(model, processor)
         from tokenizers import Tokenizer
 
@@ -107,13 +108,18 @@ class Qwen3VLConditioner:
         return cls(folder=folder, dtype=dtype, device=device, text=text, tokenizer=tokenizer, text_config=config)
 
     @staticmethod
-    def _load_vlm(folder: Path, dtype, device):
+    def _load_vlm(folder: Path, dtype, device, file=None):
         from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         try:
             processor = image_only(Qwen3VLProcessor).from_pretrained(str(folder / "processor"))
+            if file is not None:
+                from qimg.loading.single_files import vlm_from_file
+
+                return vlm_from_file(Qwen3VLForConditionalGeneration, folder / "text_encoder", file, dtype=dtype,
+                                     device=device)[0], processor
             model = Qwen3VLForConditionalGeneration.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
         except (OSError, ValueError, KeyError) as err:
             raise CheckpointError(f"cannot load the Qwen3-VL condition encoder from {folder}: {err}") from err
@@ -269,15 +275,17 @@ class Qwen25VLConditioner:
     either way.
     """
 
-    def __init__(self, model, tokenizer, processor=None, *, mrope: bool = True):
+    def __init__(self, model, tokenizer, processor=None, *, mrope: bool = True, has_lm_head: bool = True):
         self.model, self.tokenizer, self.processor, self.mrope = model, tokenizer, processor, mrope
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.has_lm_head = has_lm_head  # False: weights from a file without the LM head (it encodes, not captions)
 
     @classmethod
     def load(cls, folder: Path, *, dtype: torch.dtype, device, processor: str | None = None,
-             mrope: bool = True) -> "Qwen25VLConditioner":
+             mrope: bool = True, file=None) -> "Qwen25VLConditioner":
         """`folder` holds `text_encoder/`, `tokenizer/` and (for image inputs) `processor/`; `processor` names the
-        transformers class from model_index.json (None: the folder has no processor)."""
+        transformers class from model_index.json (None: the folder has no processor); `file`: the encoder's
+        weights from one file instead of `text_encoder/` (`qimg.loading.single_files`)."""
         import transformers
         from transformers.utils import logging as hf_logging
 
@@ -293,6 +301,12 @@ class Qwen25VLConditioner:
             proc = None
             if processor is not None:
                 proc = image_only(getattr(transformers, processor)).from_pretrained(str(folder / "processor"))
+            if file is not None:
+                from qimg.loading.single_files import vlm_from_file
+
+                model, head = vlm_from_file(transformers.Qwen2_5_VLForConditionalGeneration, folder / "text_encoder",
+                                            file, dtype=dtype, device=device)
+                return cls(model, tokenizer, proc, mrope=mrope, has_lm_head=head)
             model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder / "text_encoder"),
                                                                                    dtype=dtype)
         except (OSError, ValueError, KeyError) as err:
@@ -359,6 +373,9 @@ class Qwen25VLConditioner:
             raise InputError(f"caption language must be one of {sorted(CAPTION_PROMPTS)}, got {language!r}")
         if self.processor is None:
             raise CheckpointError("this checkpoint has no processor/ folder, so it cannot caption images")
+        if not self.has_lm_head:
+            raise InputError("the text-encoder file has no LM head (ComfyUI's encoder files leave it out), so it "
+                             "cannot caption the image: give a prompt that describes it")
         inputs = self.processor(text=CAPTION_PROMPTS[language], images=image, padding=True,
                                 return_tensors="pt").to(self.device)
         out = self.model.generate(**inputs, max_new_tokens=CAPTION_MAX_NEW_TOKENS)

@@ -175,8 +175,18 @@ class Pipeline(ABC):
         else:
             transformer = load_module(lambda: cls.transformer_types[1](tcfg), folder / "transformer", dtype=dtype,
                                       device=staging or home)
-        vae = load_module(lambda: cls.vae_types[1](vcfg), folder / "vae", dtype=dtype, device=staging or device)
-        conditioner = cls.load_conditioner(folder, index, dtype=dtype, device=staging or home)
+        if options.vae is not None:
+            from qimg.loading.single_files import vae_from_file
+
+            vae = vae_from_file(lambda: cls.vae_types[1](vcfg), options.vae, dtype=dtype, device=staging or device)
+        else:
+            vae = load_module(lambda: cls.vae_types[1](vcfg), folder / "vae", dtype=dtype, device=staging or device)
+        conditioner = cls.load_conditioner(folder, index, dtype=dtype, device=staging or home,
+                                           file=options.text_encoder)
+        if options.quantize_encoder:
+            from qimg.lowbit.weight_only import quantize_linears
+
+            conditioner.model = quantize_linears(conditioner.model, options.quantize_encoder)
         if options.transforms:
             transformer = apply_transforms(options.transforms, "transformer", transformer)
             vae = apply_transforms(options.transforms, "vae", vae)
@@ -246,8 +256,8 @@ class Pipeline(ABC):
 
     @classmethod
     @abstractmethod
-    def load_conditioner(cls, folder: Path, index: dict, *, dtype, device):
-        """The family's condition encoder, loaded with its weights onto `device`."""
+    def load_conditioner(cls, folder: Path, index: dict, *, dtype, device, file=None):
+        """The family's condition encoder, loaded with its weights onto `device` (from one `file` when given)."""
 
     def describe(self) -> dict:
         return {"pipeline": self.pipeline_class, "folder": str(self.info.folder),

@@ -61,12 +61,12 @@ class V1Parts:
     image_channels = 3
 
     @classmethod
-    def load_conditioner(cls, folder: Path, index: dict, *, dtype, device):
+    def load_conditioner(cls, folder: Path, index: dict, *, dtype, device, file=None):
         processor = None
         if cls.needs_processor:
             entry = index.get("processor")
             processor = entry[1] if isinstance(entry, list) and len(entry) == 2 else "Qwen2VLProcessor"
-        return Qwen25VLConditioner.load(folder, dtype=dtype, device=device, processor=processor)
+        return Qwen25VLConditioner.load(folder, dtype=dtype, device=device, processor=processor, file=file)
 
     @classmethod
     def check_configs(cls, tcfg: QwenImageConfig, vcfg: VAEConfig, folder: Path) -> None:

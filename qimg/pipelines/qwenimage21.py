@@ -40,8 +40,8 @@ class QwenImage21Pipeline(ImagePipeline):
     max_images = MAX_IMAGES
 
     @classmethod
-    def load_conditioner(cls, folder: Path, index: dict, *, dtype, device):
-        return Qwen3VLConditioner.load(folder, dtype=dtype, device=device)
+    def load_conditioner(cls, folder: Path, index: dict, *, dtype, device, file=None):
+        return Qwen3VLConditioner.load(folder, dtype=dtype, device=device, file=file)
 
     def check_images(self, images):
         if len(images) > MAX_IMAGES:

@@ -1,0 +1,148 @@
+"""Condition encoders and VAEs from one file (`--text-encoder FILE`, `--vae FILE`), the folder still deciding the
+config: .safetensors in the layouts people publish them (transformers' current or original key names, the
+containers' prefixes ComfyUI files carry), bf16 / fp16 / fp32, or fp8 e4m3 with ComfyUI's per-tensor `scale_weight`
+("scaled fp8"). fp8 Linear weights of an encoder stay fp8 (weight-only, exactly the file's bytes and scale); every
+other tensor takes the run's dtype. A file of another model or size is refused naming what does not fit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qimg.errors import CheckpointError
+
+# containers around an encoder's own key names in single files (ComfyUI text-encoder and all-in-one checkpoints)
+TEXT_PREFIXES = ("text_encoders.qwen25_7b.transformer.", "text_encoders.qwen3vl.transformer.", "text_encoder.",
+                 "cond_stage_model.transformer.")
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def check_file(path: str | Path, component: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (the {component} to load)")
+    if path.suffix.lower() == ".gguf":
+        raise CheckpointError(f"{path}: GGUF {component}s are not read yet; give a .safetensors file (bf16, fp16, "
+                              f"fp32 or scaled fp8)")
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: the {component} must be a .safetensors file, got {path.suffix or 'no suffix'}")
+    return path
+
+
+def _unprefixed(raw: dict, prefixes: tuple[str, ...]) -> dict:
+    out = {}
+    for key, tensor in raw.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        out[key] = tensor
+    return out
+
+
+def split_scaled(tensors: dict) -> tuple[dict, dict]:
+    """(tensors, {owner: scale_weight}) without ComfyUI's markers (`scaled_fp8`, `scale_input`)."""
+    plain, scales = {}, {}
+    for key, tensor in tensors.items():
+        if key == "scaled_fp8" or key.endswith(".scale_input"):
+            continue
+        if key.endswith(".scale_weight"):
+            scales[key[: -len(".scale_weight")]] = tensor
+        else:
+            plain[key] = tensor
+    return plain, scales
+
+
+def _names(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def vlm_from_file(model_class, config_folder: Path, path: str | Path, *, dtype: torch.dtype, device):
+    """A transformers VLM (`model_class`) built from `config_folder`'s config.json with `path`'s weights; returns
+    (model, whether the file had the LM head). A file without the LM head (ComfyUI keeps encoders without it) loads
+    for encoding; captioning then needs a head it does not have."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    from qimg.loading.weights import open_state_dict
+
+    path = check_file(path, "text encoder")
+    tensors, scales = split_scaled(_unprefixed(open_state_dict(path), TEXT_PREFIXES))
+    fp8_weights = {k: t for k, t in tensors.items() if t.dtype in FP8 and k.endswith(".weight") and t.ndim == 2}
+    state = {k: (t.float() * scales.get(k[: -len(".weight")], torch.ones(())).float()).to(dtype)
+             if k in fp8_weights else t.to(dtype) for k, t in tensors.items()}
+    config = AutoConfig.from_pretrained(str(config_folder))
+    check_against(model_class, config, state, path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    del state
+    keep_fp8(model, fp8_weights, scales, dtype)
+    has_head = any(canonical(k).startswith("lm_head.") for k in tensors)
+    return model.to(device).eval().requires_grad_(False), has_head
+
+
+def check_against(model_class, config, state: dict, path: Path) -> None:
+    """The file's tensors (by their canonical names) are the model's at its shapes, the LM head optional; else
+    CheckpointError naming what is missing, extra or of another size."""
+    with torch.device("meta"):
+        expected = {canonical(k): tuple(v.shape) for k, v in model_class(config).state_dict().items()}
+    found = {canonical(k): tuple(v.shape) for k, v in state.items()}
+    missing = {k for k in set(expected) - set(found) if not k.startswith("lm_head.")}
+    extra = set(found) - set(expected)
+    wrong = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of its {len(expected)} tensors are missing ({_names(missing)})")
+    if extra:
+        problems.append(f"{len(extra)} tensors are not its ({_names(extra)})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensors have other shapes than the folder's config ({wrong[0]} is "
+                        f"{list(found[wrong[0]])} in the file, {list(expected[wrong[0]])} in the config)")
+    if problems:
+        raise CheckpointError(f"{path}: not this model's text encoder ({config.model_type}): {'; '.join(problems)}")
+
+
+def canonical(key: str) -> str:
+    """One name for a VLM tensor in either transformers layout (current `model.language_model.` / `model.visual.`,
+    or the original `model.` / `visual.`)."""
+    for old, new in (("model.language_model.", "language."), ("model.visual.", "visual."), ("model.", "language.")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def keep_fp8(model: nn.Module, fp8_weights: dict, scales: dict, dtype: torch.dtype) -> None:
+    """The Linear layers whose file weights were fp8 hold those bytes again (weight-only), not the dequantised
+    copy transformers loaded."""
+    from qimg.lowbit.weight_only import ScaledLinear
+
+    if not fp8_weights:
+        return
+    by_name = {canonical(k): k for k in fp8_weights}
+    for name, sub in list(model.named_modules()):
+        key = by_name.get(canonical(f"{name}.weight"))
+        if type(sub) is not nn.Linear or key is None or tuple(fp8_weights[key].shape) != tuple(sub.weight.shape):
+            continue
+        scale = scales.get(key[: -len(".weight")], torch.ones(()))
+        bias = None if sub.bias is None else sub.bias.detach()
+        model.set_submodule(name, ScaledLinear.from_stored(fp8_weights[key], scale, bias, dtype))
+
+
+def vae_from_file(factory: Callable[[], nn.Module], path: str | Path, *, dtype: torch.dtype, device) -> nn.Module:
+    """A qimg VAE (the folder's config) with `path`'s weights in the diffusers layout (container prefixes allowed;
+    fp8 tensors upcast with their scale)."""
+    from qimg.lowbit.load import load_safetensors_module
+
+    path = check_file(path, "VAE")
+    return load_safetensors_module(factory, path, dtype=dtype, device=device, component="VAE",
+                                   prefixes=VAE_PREFIXES, keep_quantized=False)
