@@ -5,9 +5,11 @@ denoising call on fixed inputs) and PSNR of whole pictures, both against float32
 
 Models: qimg-tiny (pictures: its 3-step cfg-2 generation of held-out prompts, seed i for prompt i) and a random
 97M-parameter 2.x transformer ("medium", as in bench/step_time.py; output error only). Formats: weight-only int8
-and fp8 on load, and GGUF Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 written with the gguf package's quantisers (Linear weights;
-the rest F32). The K-quants (Q6_K, Q5_K, Q4_K) are read by qimg but gguf-py cannot write them, so they are not
-measured here. Prints a table and writes JSON.
+and fp8 on load, and GGUF Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0 written by `qimg.lowbit.write` (Linear
+weights; the rest F32; K-quants with qimg's encoders, and Linear weights whose rows a 256-weight K-quant block cannot
+tile in the fallback llama.cpp uses: Q6_K -> Q8_0, Q5_K -> Q5_1, Q4_K -> Q5_0; the "in K" column says how many of
+the Linear weights' parameters the K-quant holds: qimg-tiny's widths, 192 and 576, never tile). Prints a table and
+writes JSON.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "lowbit_quality.json"
-GGUF_KINDS = ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
+GGUF_KINDS = ["Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0"]
 MEDIUM = dict(num_layers=12, attention_head_dim=128, num_attention_heads=6, axes_dims_rope=(16, 56, 56),
               in_channels=64, out_channels=64, context_in_dim=768)
 
@@ -46,11 +48,14 @@ def quantized_copies(module, state_dict, workdir: Path):
     from qimg.lowbit.write import linear_weights, write_gguf
 
     for kind in ("int8", "fp8"):
-        yield kind, quantize_linears(copy.deepcopy(module), kind)
+        yield kind, quantize_linears(copy.deepcopy(module), kind), 1.0
     for kind in GGUF_KINDS:
         path = workdir / f"{kind}.gguf"
-        write_gguf(state_dict, path, linear_weights(kind))
-        yield kind, load_gguf_module(lambda: type(module)(module.cfg), path, dtype=torch.float32, device="cpu")
+        chosen = write_gguf(state_dict, path, linear_weights(kind))
+        linear = [name for name, t in state_dict.items() if t.ndim == 2 and name.endswith(".weight")]
+        share = sum(state_dict[n].numel() for n in linear if chosen[n] == kind) / sum(
+            state_dict[n].numel() for n in linear)
+        yield kind, load_gguf_module(lambda: type(module)(module.cfg), path, dtype=torch.float32, device="cpu"), share
 
 
 def output_error(model, reference_out, inputs) -> float:
@@ -87,12 +92,12 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         tiny_out = base.transformer(**tiny_inputs)
     original = base.transformer
-    for kind, model in quantized_copies(original, tiny_sd, work):
+    for kind, model, share in quantized_copies(original, tiny_sd, work):
         base.transformer = model
         pictures = [base.generate(prompt, seed=i)[0] for i, prompt in enumerate(prompts)]
         rows.append({"model": "qimg-tiny", "format": kind, "output_rel_l2": output_error(model, tiny_out, tiny_inputs),
                      "picture_psnr_db": float(np.mean([psnr(a, b) for a, b in zip(pictures, reference)])),
-                     "pictures": len(prompts)})
+                     "pictures": len(prompts), "share_in_format": share})
     base.transformer = original
 
     cfg = QwenImage21Config(**MEDIUM)
@@ -101,14 +106,15 @@ def main(argv=None) -> int:
     inputs = transformer_inputs(cfg, 1024, 256)
     with torch.inference_mode():
         medium_out = medium(**inputs)
-    for kind, model in quantized_copies(medium, medium_sd, work):
-        rows.append({"model": "medium 2.x (97M, random)", "format": kind,
+    for kind, model, share in quantized_copies(medium, medium_sd, work):
+        rows.append({"model": "medium 2.x (97M, random)", "format": kind, "share_in_format": share,
                      "output_rel_l2": output_error(model, medium_out, inputs), "picture_psnr_db": None})
 
-    print(f"{'model':<26} {'format':<6} {'output rel. L2':>14} {'picture PSNR':>13}")
+    print(f"{'model':<26} {'format':<6} {'share':>6} {'output rel. L2':>14} {'picture PSNR':>13}")
     for r in rows:
         psnr_text = "-" if r["picture_psnr_db"] is None else f"{r['picture_psnr_db']:.1f} dB"
-        print(f"{r['model']:<26} {r['format']:<6} {r['output_rel_l2']:>14.2e} {psnr_text:>13}")
+        print(f"{r['model']:<26} {r['format']:<6} {r['share_in_format']:>6.0%} {r['output_rel_l2']:>14.2e} "
+              f"{psnr_text:>13}")
     result = {"rows": rows, "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                         "platform": platform.platform(), "torch": torch.__version__},
               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
