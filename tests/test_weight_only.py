@@ -74,3 +74,31 @@ def test_cli_quantize_flag(ref21, tmp_path):
     expected = qimg.load(folder, dtype="float32", quantize="fp8").generate("a red circle", width=64, height=64,
                                                                            steps=2, seed=3)[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+def test_fp8_layers_run_a_real_fp8_product(monkeypatch):
+    """An fp8 layer forced onto the fp8 product (the path a GPU with fp8 units takes; torch runs it on CPU too):
+    activations quantised per token, `torch._scaled_mm` called, the result within e4m3's error of the
+    dequantise-then-multiply product; per-tensor (ComfyUI) scales as well as per-row ones."""
+    from torch import nn
+
+    from qimg.lowbit.weight_only import ScaledLinear, quantize_weight
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    x = torch.randn(2, 7, 64)
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    per_row = ScaledLinear(linear, "fp8")
+    values, scale = quantize_weight(linear.weight, "fp8", per_row=False)
+    per_tensor = ScaledLinear.from_stored(values, scale, linear.bias.detach(), torch.float32)
+    for layer in (per_row, per_tensor):
+        layer.fp8_matmul = False
+        plain = layer(x)
+        layer.fp8_matmul = True
+        fast = layer(x)
+        assert fast.shape == plain.shape == (2, 7, 48)
+        assert float((fast - plain).norm() / plain.norm()) < 0.05
+    assert len(calls) == 2
+    assert ScaledLinear(linear, "fp8").fp8_matmul is None  # auto: only where the device has fp8 units

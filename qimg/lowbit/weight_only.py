@@ -1,6 +1,8 @@
 """Weight-only int8 and fp8 (e4m3) Linear layers, quantised on load: each output row keeps one float32 scale
 (absmax / 127, or / 448 for e4m3), the weights take one byte each, and a layer dequantises its weight in the
-activations' dtype just before the product (no fp8 matmul kernels here: that needs a GPU with fp8 units)."""
+activations' dtype just before the product. On a GPU with fp8 units (compute capability 8.9+) an fp8 layer instead
+quantises its activations per token to e4m3 and runs a real fp8 matmul (`torch._scaled_mm`, the two scales applied to
+its float32 accumulator); `fp8_matmul` forces either way (the fp8 product also runs on CPU, which tests use)."""
 
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ class ScaledLinear(nn.Module):
         layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         return layer
 
+    fp8_matmul: bool | None = None  # None: an fp8 matmul where the device has fp8 units; True/False: forced
+
     @property
     def blocks(self) -> torch.Tensor:  # where the weight lives (qimg.models.layers.layer_device)
         return self.qweight
@@ -63,10 +67,41 @@ class ScaledLinear(nn.Module):
         return (self.qweight.float() * self.scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "fp8" and self._fp8_product(x):
+            return fp8_linear(x, self.qweight, self.scale, self.bias)
         return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _fp8_product(self, x: torch.Tensor) -> bool:
+        if self.fp8_matmul is not None:
+            return self.fp8_matmul
+        return (x.dtype == torch.bfloat16 and has_fp8_units(x.device) and self.in_features % 16 == 0
+                and self.out_features % 16 == 0)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+
+def has_fp8_units(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias) -> torch.Tensor:
+    """`x @ (weight * scale).T + bias` as an fp8 product: `x` quantised per token (absmax / 448) to e4m3, the
+    float8 weight used as stored; `scale` is the weight's, one per output row or one for the tensor."""
+    rows = x.reshape(-1, x.shape[-1])
+    x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / 448.0
+    x8 = (rows.float() / x_scale).to(torch.float8_e4m3fn)
+    pad = (-x8.shape[0]) % 16 if x.is_cuda else 0  # the CUDA kernel takes rows in multiples of 16
+    if pad:
+        x8 = torch.cat([x8, x8.new_zeros(pad, x8.shape[1])])
+        x_scale = torch.cat([x_scale, x_scale.new_ones(pad, 1)])
+    w_scale = scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+    out_dtype = torch.bfloat16 if x.is_cuda else x.dtype  # row-wise scales give bfloat16 on CUDA
+    out = torch._scaled_mm(x8, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+    out = out[: rows.shape[0]].to(x.dtype)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def quantize_linears(module: nn.Module, kind: str) -> nn.Module:
