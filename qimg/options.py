@@ -63,7 +63,8 @@ class LoadOptions:
 
     model: a checkpoint folder, a repo id in the Hugging Face cache, or an embedded model's name (None: the embedded
     model for `task`). dtype: "float32" | "bfloat16" | "float16" (None: float32 on CPU, bfloat16 on CUDA).
-    offload: keep the encoder and transformer in CPU memory, each moved to the GPU for its phase.
+    offload: keep the encoder and transformer in CPU memory, each moved to the GPU for its phase (True or "model");
+    "blocks": the encoder so, and the transformer's blocks streamed onto the GPU a few at a time, just ahead of use.
     attention: the transformer's attention backend (a name in `qimg.models.attention.BACKENDS`, or a callable).
     transforms: callables `(component, module) -> module | None` applied to each loaded component ("transformer",
     "vae", "text_encoder") after its weights are in and before it is placed on the device: where adapters and
@@ -87,7 +88,7 @@ class LoadOptions:
     task: str | None = None
     dtype: Any = None
     device: str | None = None
-    offload: bool = False
+    offload: bool | str = False
     attention: str | Callable = "sdpa"
     transforms: tuple[Callable, ...] = ()
     preset: str | None = None
@@ -118,8 +119,9 @@ class LoadOptions:
                 torch.device(self.device)
             except (RuntimeError, TypeError):
                 raise InputError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}") from None
-        if not isinstance(self.offload, bool):
-            raise InputError(f"offload must be true or false, got {self.offload!r}")
+        if self.offload not in (True, False, "model", "blocks") or isinstance(self.offload, int) and not \
+                isinstance(self.offload, bool):
+            raise InputError(f"offload must be true/false, 'model' or 'blocks', got {self.offload!r}")
         attention_backend(self.attention)
         object.__setattr__(self, "transforms", tuple(self.transforms))
         if not all(callable(t) for t in self.transforms):

@@ -178,3 +178,20 @@ def test_offload_gives_the_same_pictures_with_less_on_the_gpu():
     plain = qimg.load("qimg-tiny-layered", dtype="float32", device="cuda")
     for a, b in zip(layered.layers(source, layers=2, seed=1), plain.layers(source, layers=2, seed=1)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_block_streaming_gives_the_same_pictures():
+    scene = world.held_out(1, seed=6)[0]
+    prompt = world.prompt(scene)
+    plain = qimg.load(dtype="float32", device="cuda")
+    expected = plain.generate(prompt, seed=4)[0]
+    del plain
+    torch.cuda.empty_cache()
+    pipe = qimg.load(dtype="float32", device="cuda", offload="blocks")
+    assert pipe.describe()["offload_mode"] == "blocks"
+    blocks = pipe.transformer.transformer_blocks
+    assert {p.device.type for p in blocks.parameters()} == {"cpu"}
+    assert {p.device.type for p in pipe.transformer.img_in.parameters()} == {"cuda"}
+    assert np.array_equal(np.asarray(pipe.generate(prompt, seed=4)[0]), np.asarray(expected))
+    pipe.placement.release()
+    assert {p.device.type for p in blocks.parameters()} == {"cpu"}

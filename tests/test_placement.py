@@ -111,3 +111,50 @@ def test_2x_offload_leaves_the_lm_head_behind():
     finally:
         conditioner.model.lm_head.weight = head
     assert torch.equal(got.states, expected.states)
+
+
+class Probe(nn.Module):
+    """A block that records which blocks' weights are on the device (meta here) while it runs."""
+
+    def __init__(self, seen: list, blocks: list):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2), requires_grad=False)
+        self.seen, self.blocks = seen, blocks
+
+    def forward(self, x):
+        self.seen.append([i for i, b in enumerate(self.blocks) if b.weight.device.type == "meta"])
+        return x
+
+
+def test_block_streamer_keeps_a_window_of_blocks_on_the_device():
+    from qimg.pipelines.placement import BlockStreamer
+
+    seen, blocks = [], []
+    blocks.extend(Probe(seen, blocks) for _ in range(5))
+    stream = BlockStreamer(nn.ModuleList(blocks), "meta", ahead=2)
+    for _ in range(2):  # two model calls: the window wraps round to the next call's first blocks
+        for block in blocks:
+            block(None)
+    assert seen[:5] == [[0, 1, 2], [1, 2, 3], [2, 3, 4], [0, 3, 4], [0, 1, 4]]
+    assert seen[5:] == seen[:5]
+    blocks[0](None)
+    blocks[1](None)  # a step cache skipped blocks 2-4 of the last call: blocks outside the window are dropped
+    assert seen[-1] == [1, 2, 3]
+    stream.close()
+    assert all(b.weight.device.type == "cpu" for b in blocks)
+    blocks[3](None)
+    assert seen[-1] == []  # hooks removed
+
+
+def test_block_streaming_computes_the_same(tmp_path):
+    from qimg.pipelines.placement import BlockStreamer
+
+    pipe = qimg.load(dtype="float32", device="cpu")
+    plain = np.asarray(pipe.generate("a red circle", seed=2)[0])
+    streamer = BlockStreamer(pipe.transformer.transformer_blocks, "cpu", ahead=1)
+    sizes = []
+    pipe.transformer.transformer_blocks[0].register_forward_hook(lambda *a: sizes.append(len(streamer.resident)))
+    assert np.array_equal(np.asarray(pipe.generate("a red circle", seed=2)[0]), plain)
+    assert sizes and max(sizes) == 2
+    streamer.close()
+    assert qimg.load(dtype="float32", device="cpu", offload="blocks").describe()["offload_mode"] is None  # on a CPU

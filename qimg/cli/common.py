@@ -53,9 +53,10 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
                    help="weights and compute (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None,
                    help="where to run (default: CUDA when torch sees a GPU, else the CPU)")
-    p.add_argument("--offload", action="store_true",
+    p.add_argument("--offload", nargs="?", const="model", default=False, choices=["model", "blocks"],
                    help="keep the encoder and the transformer in CPU memory, each moved to the GPU for its phase "
-                        "(GPUs too small to hold both; slower)")
+                        "(GPUs too small to hold both; slower); --offload blocks: the transformer's blocks stream "
+                        "onto the GPU a few at a time instead (smaller still)")
     p.add_argument("--attention", default="sdpa", metavar="NAME",
                    help="attention backend: sdpa (default) or math (explicit softmax, a check on the fused kernels)")
     lora_args(p, default_mode="fused")

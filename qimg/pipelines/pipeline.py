@@ -207,7 +207,8 @@ class Pipeline(ABC):
         if mesh is not None:
             mesh.attach(transformer)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
-        placement = Placement.of_pipeline(device, home != device, conditioner, transformer)
+        mode = None if home == device else ("blocks" if options.offload == "blocks" else "model")
+        placement = Placement.of_pipeline(device, mode, conditioner, transformer)
         if options.preset is not None:
             get_preset(options.preset).check_fits(cls.pipeline_class)
         pipe = cls(transformer, vae, conditioner, scheduler, info=ModelInfo(folder, cls.pipeline_class, dtype, device),
@@ -230,11 +231,11 @@ class Pipeline(ABC):
 
     def _change_adapters(self, change):
         """With offload, weights change only at home (on the CPU), and the placement then learns the new ones."""
-        self.placement.release()
+        self.placement.close()
         try:
             return change()
         finally:
-            self.placement = Placement.of_pipeline(self.info.device, self.placement.offload, self.conditioner,
+            self.placement = Placement.of_pipeline(self.info.device, self.placement.mode, self.conditioner,
                                                    self.transformer)
             self.preset = self.find_preset()
 
@@ -263,6 +264,7 @@ class Pipeline(ABC):
         return {"pipeline": self.pipeline_class, "folder": str(self.info.folder),
                 "embedded": embedded_name(self.info.folder), "dtype": str(self.info.dtype),
                 "device": str(self.info.device), "offload": self.placement.offload,
+                "offload_mode": self.placement.mode,
                 "default_resolution": self.defaults.resolution, "default_steps": self.defaults.steps,
                 "default_cfg": self.defaults.cfg, "default_edit_cfg": self.defaults.cfg_for(True),
                 "default_edit_steps": self.defaults.steps_for(True),
