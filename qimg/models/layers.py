@@ -9,6 +9,39 @@ import torch.nn.functional as F
 from torch import nn
 
 
+FP16_MAX = 65504.0
+FP16_ROW_MAX = 1024.0  # larger float16 matmul input rows are scaled down to this: products with sane weights fit
+
+
+def fp16_range(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` as `dtype`; for float16 clamped to its range first, so an overflow becomes +-65504, not inf."""
+    if dtype != torch.float16:
+        return x.to(dtype)
+    return x.clamp(-FP16_MAX, FP16_MAX).to(dtype)
+
+
+def wide_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]` (layers of one dtype). Float16 layers return float32: each row of `x` is
+    divided by the power of two (exact) that brings it within +-FP16_ROW_MAX, multiplied in float16 and scaled back,
+    so neither a large input nor its product overflows. Rows already within it are not scaled (no bias rounding)."""
+    if layer_dtype(layers[0]) != torch.float16:
+        return [layer(x) for layer in layers]
+    row_max = x.detach().abs().amax(-1, keepdim=True).float()
+    scale = torch.exp2(torch.log2(row_max / FP16_ROW_MAX).ceil()).clamp(min=1.0)
+    x16 = (x / scale).to(torch.float16)
+    return [_unscaled(layer, layer(x16), scale) for layer in layers]
+
+
+def wide_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return wide_linears((layer,), x)[0]
+
+
+def _unscaled(layer: nn.Module, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    y = y.float().clamp(-FP16_MAX, FP16_MAX)  # a product that still overflowed: +-65504, never inf * 0
+    bias = getattr(layer, "bias", None)
+    return y * scale if bias is None else y * scale - bias.float() * (scale - 1)
+
+
 class RMSNorm(nn.Module):
     """RMS norm over the last dim with a learned scale; statistics in float32."""
 

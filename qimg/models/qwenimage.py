@@ -20,8 +20,8 @@ from torch import nn
 from qimg.models.config import config_from_dict
 from qimg.models.attention import WHOLE, UsesAttention, sdpa
 from qimg.models.hooks import BlockHook, run_blocks
-from qimg.models.layers import (RMSNorm, TimestepEmbedder, apply_rope, layer_device, layer_dtype, rope_frequencies,
-                               timestep_embedding)
+from qimg.models.layers import (RMSNorm, TimestepEmbedder, apply_rope, fp16_range, layer_device, layer_dtype,
+                               rope_frequencies, timestep_embedding, wide_linear, wide_linears)
 
 EPS = 1e-6
 Mix = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, v, text (q, k, v)) -> (text out, image out)
@@ -98,7 +98,8 @@ class JointAttention(nn.Module):
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, EPS), RMSNorm(head_dim, EPS)
 
     def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k, freqs):
-        q, k, v = (proj(x).unflatten(-1, (self.heads, self.head_dim)) for proj in (to_q, to_k, to_v))
+        q, k, v = (t.unflatten(-1, (self.heads, self.head_dim)) for t in wide_linears((to_q, to_k, to_v), x))
+        v = fp16_range(v, layer_dtype(to_v))
         return apply_rope(norm_q(q).to(v.dtype), freqs), apply_rope(norm_k(k).to(v.dtype), freqs), v
 
     def forward(self, img, txt, img_freqs, txt_freqs, mix: Mix):
@@ -107,8 +108,8 @@ class JointAttention(nn.Module):
                                self.norm_added_k, txt_freqs)
         out_txt, out_img = mix(qi, ki, vi, (qt, kt, vt))
         # contiguous halves: the layout the reference multiplies (bits differ in bf16 otherwise)
-        return (self.to_out[0](out_img.flatten(2, 3).contiguous()),
-                self.to_add_out(out_txt.flatten(2, 3).contiguous()))
+        return (wide_linear(self.to_out[0], out_img.flatten(2, 3).contiguous()),
+                wide_linear(self.to_add_out, out_txt.flatten(2, 3).contiguous()))
 
 
 class GeluProj(nn.Module):
@@ -117,7 +118,7 @@ class GeluProj(nn.Module):
         self.proj = nn.Linear(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        return F.gelu(wide_linear(self.proj, x), approximate="tanh")
 
 
 class FeedForward(nn.Module):
@@ -128,7 +129,7 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GeluProj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return wide_linear(self.net[2], self.net[0](x))
 
 
 def _per_group(fn, x: torch.Tensor, params, split: int | None) -> torch.Tensor:
@@ -156,7 +157,17 @@ class Block(nn.Module):
 
     def forward(self, img, txt, temb, freqs, split=None, mix: Mix | None = None):
         """temb `[B, D]`; with `split`, `[2B, D]` whose second half (t=0) modulates the image tokens from `split` on;
-        `mix(q, k, v, text_qkv) -> (text out, image out)`: the joint attention (default: sdpa, no mask)."""
+        `mix(q, k, v, text_qkv) -> (text out, image out)`: the joint attention (default: sdpa, no mask).
+
+        In float16 both streams, the modulation, MLP hidden states and residual adds are float32 (matmuls and
+        attention stay float16, see `wide_linears`) and the outputs are clipped to +-65504 (the reference clips
+        only there)."""
+        if img.dtype != torch.float16:
+            return self._forward(img, txt, temb, freqs, split, mix)
+        img, txt = self._forward(img.float(), txt.float(), temb, freqs, split, mix)
+        return fp16_range(img, torch.float16), fp16_range(txt, torch.float16)
+
+    def _forward(self, img, txt, temb, freqs, split, mix):
         batch = txt.shape[0]
         img_mod = [m[:, None].chunk(6, dim=-1) for m in self.img_mod(temb).split(batch)]
         txt_mod = self.txt_mod(temb[:batch])[:, None].chunk(6, dim=-1)
@@ -167,8 +178,6 @@ class Block(nn.Module):
         h = _per_group(_modulate, img, [m[3:5] for m in img_mod], split)
         img = img + _per_group(torch.mul, self.img_mlp(h), [m[5:6] for m in img_mod], split)
         txt = txt + txt_mod[5] * self.txt_mlp(_modulate(txt, *txt_mod[3:5]))
-        if img.dtype == torch.float16:
-            img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
         return img, txt
 
 

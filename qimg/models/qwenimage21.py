@@ -19,8 +19,8 @@ from torch import nn
 from qimg.models.config import config_from_dict
 from qimg.models.attention import UsesAttention
 from qimg.models.hooks import BlockHook, run_blocks
-from qimg.models.layers import (RMSNorm, TimestepEmbedder, apply_rope, layer_device, layer_dtype, rope_frequencies,
-                               timestep_embedding)
+from qimg.models.layers import (RMSNorm, TimestepEmbedder, apply_rope, fp16_range, layer_device, layer_dtype,
+                               rope_frequencies, timestep_embedding, wide_linear, wide_linears)
 
 TOKENS_PER_SLOT = 4  # one VLM image slot covers 2x2 latent tokens of 16 px
 
@@ -102,9 +102,9 @@ class Attention(nn.Module):
 
     def qkv(self, x: torch.Tensor, freqs: torch.Tensor):
         """Projected, normed and rotated `[B, S, H, Dh]` queries, keys and values."""
-        q = self.to_q(x).unflatten(-1, (self.heads, self.head_dim))
-        k = self.to_k(x).unflatten(-1, (self.heads, self.head_dim))
-        v = self.to_v(x).unflatten(-1, (self.heads, self.head_dim))
+        q, k, v = (t.unflatten(-1, (self.heads, self.head_dim))
+                   for t in wide_linears((self.to_q, self.to_k, self.to_v), x))
+        v = fp16_range(v, layer_dtype(self.to_v))
         q = apply_rope(self.norm_q(q).to(v.dtype), freqs)
         k = apply_rope(self.norm_k(k).to(v.dtype), freqs)
         return q, k, v
@@ -118,7 +118,8 @@ class SwiGLU(nn.Module):
         self.out = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(F.silu(self.gate_layer(x)) * self.proj(x))
+        gate, up = wide_linears((self.gate_layer, self.proj), x)
+        return wide_linear(self.out, F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -134,14 +135,21 @@ class Block(nn.Module):
         return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
     def forward(self, x, mod, freqs, attend):
-        """`mod` = (scale1, gate1, scale2, gate2), each broadcastable to x; `attend(q, k, v) -> out` does the mixing."""
+        """`mod` = (scale1, gate1, scale2, gate2), each broadcastable to x; `attend(q, k, v) -> out` does the mixing.
+
+        In float16 the stream, modulation, MLP hidden state and residual adds are float32 (matmuls and attention
+        stay float16, see `wide_linears`) and the output is clipped to +-65504 (the reference clips only there)."""
+        if x.dtype != torch.float16:
+            return self._forward(x, mod, freqs, attend)
+        x, k, v = self._forward(x.float(), tuple(m.float() for m in mod), freqs, attend)
+        return fp16_range(x, torch.float16), k, v
+
+    def _forward(self, x, mod, freqs, attend):
         scale1, gate1, scale2, gate2 = mod
         q, k, v = self.attn.qkv(self._norm(x) * (1 + scale1), freqs)
         out = attend(q, k, v).flatten(2, 3)
-        x = x + gate1.tanh() * self.attn.to_out[0](out)
+        x = x + gate1.tanh() * wide_linear(self.attn.to_out[0], out)
         x = x + gate2.tanh() * self.img_mlp(self._norm(x) * (1 + scale2))
-        if x.dtype == torch.float16:
-            x = x.clip(-65504, 65504)
         return x, k, v
 
 

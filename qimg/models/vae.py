@@ -17,6 +17,7 @@ from torch import nn
 
 from qimg.errors import InputError
 from qimg.models.config import config_from_dict
+from qimg.models.layers import fp16_range
 from qimg.models.tiling import resolve_tile, tiled
 
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -27,6 +28,12 @@ LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shared building blocks (also used by vae21.py)
+
+
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """`x`, clamped to +-65504 when float16: a conv or sum that overflows stays finite, so no later inf - inf or
+    inf * 0 turns the picture into NaN (black)."""
+    return fp16_range(x, x.dtype)
 
 
 class Conv(nn.Module):
@@ -43,7 +50,7 @@ class Conv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.weight.ndim == 4 else self.weight[:, :, -1]
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+        return finite(F.conv2d(x, weight, self.bias, self.stride, self.padding))
 
 
 class ChannelRMSNorm(nn.Module):
@@ -79,7 +86,7 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        return self.conv2(F.silu(self.norm2(h))) + self.conv_shortcut(x)
+        return finite(self.conv2(F.silu(self.norm2(h))) + self.conv_shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -93,9 +100,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.to_qkv(self.norm(x)).reshape(b, 1, 3 * c, h * w).transpose(2, 3).contiguous()  # [B, 1, HW, 3C]
+        qkv = finite(self.to_qkv(self.norm(x)))
+        qkv = qkv.reshape(b, 1, 3 * c, h * w).transpose(2, 3).contiguous()  # [B, 1, HW, 3C]
         out = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1))  # [B, 1, HW, C]
-        return self.proj(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)) + x
+        return finite(self.proj(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)) + x)
 
 
 class Upsample2x(nn.Module):
@@ -121,7 +129,7 @@ class Resample(nn.Module):
             self.time_conv = time_conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resample(x)
+        return finite(self.resample(x))
 
 
 class MidBlock(nn.Module):

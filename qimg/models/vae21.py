@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qimg.models.config import config_from_dict
-from qimg.models.vae import ChannelRMSNorm, Conv, ImageVAE, MidBlock, Resample, ResidualBlock, check_latent_stats
+from qimg.models.vae import (ChannelRMSNorm, Conv, ImageVAE, MidBlock, Resample, ResidualBlock, check_latent_stats,
+                             finite)
 
 LATENTS_MEAN = (
     0.5126, 0.7721, -0.0631, 1.3506, -0.7855, -2.1025, -0.3458, 1.3722, 1.8873, -1.7177, -0.6510, 0.2732, 0.7562,
@@ -107,7 +108,7 @@ class ResidualDownBlock(nn.Module):
             x = resnet(x)
         if self.downsampler is not None:
             x = self.downsampler(x)
-        return x + shortcut
+        return finite(x + shortcut)
 
 
 class ResidualUpBlock(nn.Module):
@@ -129,7 +130,7 @@ class ResidualUpBlock(nn.Module):
             x = resnet(x)
         if self.upsampler is None:
             return x
-        return self.upsampler(x) + shortcut
+        return finite(self.upsampler(x) + shortcut)
 
 
 class Encoder21(nn.Module):
