@@ -109,8 +109,10 @@ def test_files_of_another_model_are_refused(ref21, ref_v1, tmp_path):
     with pytest.raises(CheckpointError, match="v1vae.safetensors: not this model's VAE"):
         qimg.load(ref21[1], dtype="float32", vae=tmp_path / "v1vae.safetensors")
     (tmp_path / "te.gguf").write_bytes(b"GGUF")
-    with pytest.raises(CheckpointError, match="GGUF text encoders are not read yet"):
+    with pytest.raises(CheckpointError, match="te.gguf: not a readable GGUF file"):
         qimg.load(ref21[1], dtype="float32", text_encoder=tmp_path / "te.gguf")
+    with pytest.raises(CheckpointError, match="GGUF VAEs are not read"):
+        qimg.load(ref21[1], dtype="float32", vae=tmp_path / "te.gguf")
     with pytest.raises(InputError, match="vae must be a .safetensors file"):
         qimg.load(ref21[1], vae=tmp_path / "vae.bin")
     with pytest.raises(CheckpointError, match="missing.safetensors: no such file"):
@@ -130,3 +132,74 @@ def test_cli_flags(ref21, tmp_path):
     expected = qimg.load(folder, vae=tmp_path / "vae.safetensors", quantize_encoder="fp8").generate(
         "a red circle", width=64, height=64, steps=2, seed=3)[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+LLAMA_CPP_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                   "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                   "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attn_q_norm",
+                   "self_attn.k_norm": "attn_k_norm"}
+
+
+def llama_cpp_gguf(sd: dict, path, arch: str = "qwen2vl") -> dict:
+    """The language model of a transformers VLM state dict as llama.cpp names it (its Linear weights Q8_0, the rest
+    F32; the vision tower left out, as llama.cpp keeps it in an mmproj file); returns what the file means."""
+    import itertools
+
+    from qimg.lowbit.write import write_gguf
+
+    out = {}
+    for key, t in original_layout(sd).items():
+        if key.startswith("visual."):
+            continue
+        if key == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif key == "model.norm.weight":
+            name = "output_norm.weight"
+        elif key == "lm_head.weight":
+            name = "output.weight"
+        else:
+            layer, rest = key[len("model.layers."):].split(".", 1)
+            base, part = rest.rsplit(".", 1)
+            name = f"blk.{layer}.{LLAMA_CPP_NAMES[base]}.{part}"
+        out[name] = t.float()
+    kinds = itertools.cycle(["Q8_0", "F16"])
+    write_gguf(out, path, lambda name, t: next(kinds) if t.ndim == 2 and name.startswith("blk.") else "F32", arch=arch)
+    from qimg.lowbit.gguf_file import read_gguf
+
+    return {k: t.dequantize(torch.float32) for k, t in read_gguf(path, language_model=True).items()}
+
+
+@pytest.mark.parametrize("family", ["v1", "2.x"])
+def test_language_model_from_a_llama_cpp_gguf(family, ref_v1, ref21, tmp_path):
+    """A llama.cpp GGUF of the encoder's language model (Qwen2.5-VL's, Qwen3-VL's with its q/k norms; the vision
+    tower comes from the folder): its quantised Linear weights stay quantised, and an edit's picture is the one of a
+    safetensors file holding the same values."""
+    from qimg.lowbit.layers import QuantLinear
+
+    folder = ref_v1["edit_plus_2511"][1] if family == "v1" else ref21[1]
+    sd = {k: v.float() for k, v in open_state_dict(folder / "text_encoder").items()}
+    meant = llama_cpp_gguf(sd, tmp_path / "lm.gguf", arch="qwen2vl" if family == "v1" else "qwen3vl")
+    pipe = qimg.load(folder, dtype="float32", text_encoder=tmp_path / "lm.gguf")
+    assert any(isinstance(m, QuantLinear) for m in pipe.conditioner.model.modules())
+    assert not any(isinstance(m, QuantLinear) for m in pipe.conditioner.model.model.visual.modules())
+    names = {v: k for k, v in LLAMA_CPP_NAMES.items()}
+    same = dict(original_layout(sd))
+    for name, value in meant.items():
+        if name.startswith("blk."):
+            _, layer, base, part = name.split(".")
+            same[f"model.layers.{layer}.{names[base]}.{part}"] = value
+        else:
+            same[{"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                  "output.weight": "lm_head.weight"}[name]] = value
+    save_file({k: v.contiguous() for k, v in same.items()}, tmp_path / "same.safetensors")
+    twin = qimg.load(folder, dtype="float32", text_encoder=tmp_path / "same.safetensors")
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    a = np.asarray(pipe.generate("make it blue", images=[image], width=64, height=64, steps=2, seed=1, cfg=1)[0])
+    b = np.asarray(twin.generate("make it blue", images=[image], width=64, height=64, steps=2, seed=1, cfg=1)[0])
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    with pytest.raises(CheckpointError, match="not a language model's GGUF"):
+        from qimg.lowbit.write import write_gguf
+
+        write_gguf({"img_in.weight": torch.zeros(4, 32)}, tmp_path / "dit.gguf", lambda n, t: "F32")
+        qimg.load(folder, dtype="float32", text_encoder=tmp_path / "dit.gguf")

@@ -37,9 +37,10 @@ class QuantTensor:
         return out if dtype is None else out.to(dtype)
 
 
-def read_gguf(path: str | Path) -> dict[str, QuantTensor]:
+def read_gguf(path: str | Path, language_model: bool = False) -> dict[str, QuantTensor]:
     """The file's tensors by (unprefixed) name; CheckpointError naming the file and the problem for a file that is
-    not a readable GGUF, a language model, or a tensor in a format qimg does not read."""
+    not a readable GGUF, a tensor in a format qimg does not read, or a language model (with `language_model`: a
+    file that is not one)."""
     path = Path(path)
     try:
         from gguf import GGUFReader
@@ -55,9 +56,13 @@ def read_gguf(path: str | Path) -> dict[str, QuantTensor]:
                               f"{err})") from None
     fields = {name: field for name, field in reader.fields.items()}
     arch = _text(fields.get("general.architecture"))
-    if "tokenizer.ggml.model" in fields or (arch and arch.startswith(LANGUAGE_MODELS)):
+    is_language_model = "tokenizer.ggml.model" in fields or bool(arch and arch.startswith(LANGUAGE_MODELS))
+    if is_language_model and not language_model:
         raise CheckpointError(f"{path}: a GGUF of a language model (architecture {arch!r}), not a diffusion "
                               f"transformer")
+    if language_model and not is_language_model:
+        raise CheckpointError(f"{path}: not a language model's GGUF (architecture {arch!r}); a text encoder GGUF "
+                              f"is a llama.cpp file of the Qwen-VL language model")
     tensors = {}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
