@@ -102,3 +102,25 @@ def test_fp8_layers_run_a_real_fp8_product(monkeypatch):
         assert float((fast - plain).norm() / plain.norm()) < 0.05
     assert len(calls) == 2
     assert ScaledLinear(linear, "fp8").fp8_matmul is None  # auto: only where the device has fp8 units
+
+
+def test_fp8_product_falls_back_where_the_kernel_refuses(monkeypatch):
+    """Auto mode on a device whose fp8 kernels lack a scaling mode: one warning, then the dequantise path."""
+    from torch import nn
+
+    from qimg.lowbit import weight_only
+
+    layer = weight_only.ScaledLinear(nn.Linear(32, 16).to(torch.bfloat16), "fp8")
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    expected = layer(x)  # auto on a CPU: dequantised
+    monkeypatch.setattr(weight_only, "has_fp8_units", lambda device: True)
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("scaling mode not supported on this device")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    with pytest.warns(RuntimeWarning, match="fp8 matmul unavailable here"):
+        assert torch.equal(layer(x), expected)
+    assert torch.equal(layer(x), expected) and len(calls) == 1 and layer.fp8_matmul is False

@@ -6,6 +6,8 @@ its float32 accumulator); `fp8_matmul` forces either way (the fp8 product also r
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,7 +70,14 @@ class ScaledLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "fp8" and self._fp8_product(x):
-            return fp8_linear(x, self.qweight, self.scale, self.bias)
+            try:
+                return fp8_linear(x, self.qweight, self.scale, self.bias)
+            except RuntimeError as err:  # a GPU whose kernels lack this scaling mode: dequantise from now on
+                if self.fp8_matmul:
+                    raise
+                self.fp8_matmul = False
+                warnings.warn(f"fp8 matmul unavailable here ({str(err).splitlines()[0]}); this layer dequantises "
+                              f"its fp8 weight instead", RuntimeWarning, stacklevel=2)
         return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _fp8_product(self, x: torch.Tensor) -> bool:
