@@ -62,7 +62,7 @@ def test_layers_options_name_the_bad_value(kwargs, message):
     (dict(task="paint"), "task must be one of"),
     (dict(attention="nope"), "attention backend must be one of"),
     (dict(preset="nope"), "preset must be one of"),
-    (dict(offload="yes"), "offload must be true or false"),
+    (dict(offload="yes"), "offload must be true/false, 'model' or 'blocks'"),
 ])
 def test_load_options_name_the_bad_value(kwargs, message):
     with pytest.raises(InputError, match=message):
