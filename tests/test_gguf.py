@@ -109,3 +109,30 @@ def test_kquant_rows_that_do_not_tile(tmp_path):
     chosen = write_gguf(sd, tmp_path / "x.gguf", lambda name, t: "Q6_K")
     assert chosen == {"a.weight": "Q6_K", "b.weight": "Q8_0", "c.weight": "Q8_0", "d.weight": "F32"}
     assert {k: t.kind for k, t in read_gguf(tmp_path / "x.gguf").items()} == chosen
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "BF16"])
+def test_dequantised_a_chunk_at_a_time_is_the_same(name, monkeypatch):
+    """Large tensors are decoded a few weights at a time into the target dtype: the same bits as decoding all of it
+    in float32 and casting (forced here with a tiny chunk)."""
+    from qimg.lowbit import gguf_blocks
+
+    if name == "BF16":
+        raw = torch.randn(8, 1024).to(torch.bfloat16).view(torch.uint8).numpy()
+    else:
+        raw = random_blocks(name, 8, 1024, 7)
+    tensor = torch.from_numpy(np.ascontiguousarray(raw)).reshape(-1)
+    whole = dequantize(tensor, name, (8, 1024)).to(torch.bfloat16)
+    monkeypatch.setattr(gguf_blocks, "CHUNK_WEIGHTS", 512)
+    assert torch.equal(dequantize(tensor, name, (8, 1024), torch.bfloat16), whole)
+
+
+def test_scaled_linear_unpacks_a_block_of_rows_at_a_time(monkeypatch):
+    from torch import nn
+
+    from qimg.lowbit import weight_only
+
+    layer = weight_only.ScaledLinear(nn.Linear(64, 40), "int8")
+    whole = (layer.qweight.float() * layer.scale).to(torch.bfloat16)
+    monkeypatch.setattr(weight_only, "CHUNK_WEIGHTS", 300)
+    assert torch.equal(layer.dequantized(torch.bfloat16), whole)

@@ -146,8 +146,14 @@ FORMATS = {f.name: f for f in [
 ]}
 
 
-def dequantize(raw: torch.Tensor, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The float32 tensor of `shape` that `raw` (its bytes as uint8, in file order) encodes in format `kind`."""
+CHUNK_WEIGHTS = 1 << 22  # decoded at a time: the float32 scratch of a large layer stays small
+
+
+def dequantize(raw: torch.Tensor, kind: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """The tensor of `shape` that `raw` (its bytes as uint8, in file order) encodes in format `kind`, as `dtype`
+    (decoded in float32 a few million weights at a time, each cast on the way: the same numbers as casting the
+    whole float32 tensor, without holding it)."""
     fmt = FORMATS.get(kind)
     if fmt is None:
         raise ValueError(f"quantization type {kind} is not supported (qimg reads: {', '.join(FORMATS)})")
@@ -158,4 +164,11 @@ def dequantize(raw: torch.Tensor, kind: str, shape: tuple[int, ...]) -> torch.Te
         raise ValueError(f"{kind} data of {raw.numel():,} bytes cannot hold a tensor of shape {tuple(shape)} "
                          f"({fmt.nbytes} bytes per {fmt.elements} weights)")
     blocks = raw.reshape(-1, fmt.nbytes)
-    return fmt.decode(blocks).reshape(shape)
+    step = max(1, CHUNK_WEIGHTS // fmt.elements)
+    if blocks.shape[0] <= step:
+        return fmt.decode(blocks).to(dtype).reshape(shape)
+    out = torch.empty(count, dtype=dtype, device=raw.device)
+    for start in range(0, blocks.shape[0], step):
+        part = blocks[start:start + step]
+        out[start * fmt.elements:(start + part.shape[0]) * fmt.elements] = fmt.decode(part).reshape(-1)
+    return out.reshape(shape)

@@ -33,8 +33,7 @@ class QuantTensor:
         return self.kind not in ("F32", "F16", "BF16")
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = dequantize(self.raw, self.kind, self.shape)
-        return out if dtype is None else out.to(dtype)
+        return dequantize(self.raw, self.kind, self.shape, dtype or torch.float32)
 
 
 def read_gguf(path: str | Path, language_model: bool = False) -> dict[str, QuantTensor]:

@@ -23,7 +23,7 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.blocks, self.kind, self.shape).to(dtype)
+        return dequantize(self.blocks, self.kind, self.shape, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qimg.errors import InputError
+from qimg.lowbit.gguf_blocks import CHUNK_WEIGHTS
 
 KINDS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
@@ -66,7 +67,17 @@ class ScaledLinear(nn.Module):
         return self.qweight
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.qweight.float() * self.scale).to(dtype)
+        """`qweight * scale` in `dtype`, computed in float32 a block of rows at a time (no float32 copy of the
+        whole weight)."""
+        rows = max(1, CHUNK_WEIGHTS // max(1, self.in_features))
+        if self.out_features <= rows:
+            return (self.qweight.float() * self.scale).to(dtype)
+        out = torch.empty(self.qweight.shape, dtype=dtype, device=self.qweight.device)
+        per_row = self.scale.shape[0] > 1
+        for start in range(0, self.out_features, rows):
+            scale = self.scale[start:start + rows] if per_row else self.scale
+            out[start:start + rows] = self.qweight[start:start + rows].float() * scale
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "fp8" and self._fp8_product(x):
