@@ -3,6 +3,7 @@ transformer with its prefix KV cache on, and the v1 (Qwen-Image / Edit / Layered
 
     python bench/step_time.py [--threads 2] [--repeats 5] [--configs tiny,medium,v1-tiny,v1-medium] [--out FILE]
     python bench/step_time.py --device cuda --dtype bfloat16 --configs medium,full-1024,full-2048
+    python bench/step_time.py --compile     # qimg's blocks compiled (writes step_time-compiled.json)
 
 Prints a table and writes bench/results/step_time.json (step_time-cuda.json on a GPU). Timings of the two
 implementations are interleaved so that background load affects both alike; the figure is the median of
@@ -103,11 +104,15 @@ def median_time(fn, repeats: int, device: torch.device) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
-def bench(name: str, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
+def bench(name: str, repeats: int, device: torch.device, dtype: torch.dtype, compiled: bool = False) -> dict:
     from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
 
     cfg, side, n_text = CONFIGS[name]
     ref, ours = build(cfg, device, dtype)
+    if compiled:
+        from qimg.models.compiled import compile_blocks
+
+        compile_blocks(ours)
     c = ours.cfg
     h = w = side // 16
     text = torch.randn(1, n_text, c.context_in_dim, device=device, dtype=dtype)
@@ -145,7 +150,7 @@ def bench(name: str, repeats: int, device: torch.device, dtype: torch.dtype) -> 
             "reference_peak_gib": ref_peak / 2**30, "qimg_peak_gib": ours_peak / 2**30}
 
 
-def bench_v1(name: str, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
+def bench_v1(name: str, repeats: int, device: torch.device, dtype: torch.dtype, compiled: bool = False) -> dict:
     import diffusers
 
     from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
@@ -155,6 +160,10 @@ def bench_v1(name: str, repeats: int, device: torch.device, dtype: torch.dtype) 
     with torch.device("meta"):
         ours = QwenImageTransformer(QwenImageConfig.from_dict(dict(ref.config))).eval()
     ours.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
+    if compiled:
+        from qimg.models.compiled import compile_blocks
+
+        compile_blocks(ours)
     h = w = side // 16
     shapes = [(1, h, w)]
     text = torch.randn(1, n_text, cfg["joint_attention_dim"], device=device, dtype=dtype)
@@ -193,10 +202,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/step_time[-DEVICE].json)")
+    parser.add_argument("--compile", action="store_true", help="qimg's blocks compiled (qimg.models.compiled)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    rows = [(bench_v1 if name in V1_CONFIGS else bench)(name, args.repeats, device, dtype)
+    rows = [(bench_v1 if name in V1_CONFIGS else bench)(name, args.repeats, device, dtype, args.compile)
             for name in args.configs.split(",")]
     print(f"{'config':<9} {'params':>13} {'image':>9} {'text':>5} {'reference s':>12} {'qimg s':>9} "
           f"{'speed-up':>9} {'ref peak GiB':>12} {'qimg peak GiB':>13} {'max diff':>9} {'rel diff':>9} "
@@ -206,11 +216,13 @@ def main() -> None:
               f"{r['reference_s']:>12.4f} {r['qimg_s']:>9.4f} {r['speedup']:>8.2f}x {r['reference_peak_gib']:>12.2f} "
               f"{r['qimg_peak_gib']:>13.2f} {r['max_abs_diff']:>9.1e} {r['rel_diff']:>9.1e} "
               f"{fmt(r['reference_err_vs_fp32']):>8} {fmt(r['qimg_err_vs_fp32']):>8}")
-    name = "step_time.json" if device.type == "cpu" else f"step_time-{device.type}.json"
+    name = ("step_time.json" if device.type == "cpu" else f"step_time-{device.type}.json").replace(
+        ".json", "-compiled.json" if args.compile else ".json")
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
     out.parent.mkdir(exist_ok=True)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     out.write_text(json.dumps({"threads": args.threads, "device": args.device, "gpu": gpu, "dtype": args.dtype,
+                               "compiled": args.compile,
                                "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {out}")
 

@@ -76,6 +76,9 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
                                                                "file (diffusers keys, optionally prefixed)")
     p.add_argument("--quantize-encoder", choices=["int8", "fp8"], default=None,
                    help="store the condition encoder's Linear weights in 8 bits (weight-only): about half of bfloat16")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the transformer's block with torch.compile (the first picture at a size waits for "
+                        "the compiler; later ones run the compiled code)")
     p.add_argument("--transformer", default=None, metavar="FILE",
                    help="replace the model's transformer weights with one file: .gguf (Q8_0, Q4_0/1, Q5_0/1, "
                         "Q2_K-Q6_K, F16, BF16, F32) or .safetensors (diffusers or ComfyUI keys; bf16, fp16, fp8 "
@@ -108,7 +111,7 @@ def load_options(args, task: str | None = None):
                        attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
                        lora_partial=args.lora_partial, download=args.download, transformer=args.transformer,
                        quantize=args.quantize, batch_guidance=args.batch_guidance, text_encoder=args.text_encoder,
-                       vae=args.vae, quantize_encoder=args.quantize_encoder,
+                       vae=args.vae, quantize_encoder=args.quantize_encoder, compile=args.compile,
                        parallel=getattr(args, "parallel", None))
 
 

@@ -95,6 +95,7 @@ class UsesAttention:
 
     attend: Attend = staticmethod(sdpa)
     sequence = WHOLE
+    compiled_blocks = False  # set by qimg.models.compiled.compile_blocks: blocks take real RoPE tables
 
     def set_attention(self, choice: str | Attend) -> None:
         self.attend = attention_backend(choice)

@@ -99,9 +99,21 @@ def rope_frequencies(positions: torch.Tensor, axes_dims: tuple[int, ...], theta:
     return torch.cat(parts, dim=-1)
 
 
+def rope_table(freqs: torch.Tensor, real: bool) -> torch.Tensor:
+    """The complex RoPE table, or (`real`) its (cos, sin) pairs `[..., D/2, 2]` for code that cannot compute with
+    complex numbers (compiled blocks)."""
+    return torch.view_as_real(freqs) if real and freqs.is_complex() else freqs
+
+
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of `x` `[B, S, H, D]` by complex `freqs` `[S, D/2]` (or `[B, S, D/2]`: each
-    sample's own positions), in float32."""
+    sample's own positions), in float32; `freqs` may also be `rope_table(..., real=True)`."""
+    if not freqs.is_complex():
+        table = freqs[:, None] if freqs.dim() == 3 else freqs[:, :, None]
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        cos, sin = table[..., 0], table[..., 1]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
     table = freqs[:, None, :] if freqs.dim() == 2 else freqs[:, :, None, :]
     rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * table
     return torch.view_as_real(rotated).flatten(3).type_as(x)

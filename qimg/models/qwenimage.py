@@ -21,7 +21,7 @@ from qimg.models.config import config_from_dict
 from qimg.models.attention import WHOLE, UsesAttention, sdpa
 from qimg.models.hooks import BlockHook, run_blocks
 from qimg.models.layers import (RMSNorm, TimestepEmbedder, apply_rope, fp16_range, layer_device, layer_dtype,
-                               rope_frequencies, timestep_embedding, wide_linear, wide_linears)
+                               rope_frequencies, rope_table, timestep_embedding, wide_linear, wide_linears)
 
 EPS = 1e-6
 Mix = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, v, text (q, k, v)) -> (text out, image out)
@@ -102,14 +102,22 @@ class JointAttention(nn.Module):
         v = fp16_range(v, layer_dtype(to_v))
         return apply_rope(norm_q(q).to(v.dtype), freqs), apply_rope(norm_k(k).to(v.dtype), freqs), v
 
-    def forward(self, img, txt, img_freqs, txt_freqs, mix: Mix):
+    def qkv(self, img, txt, img_freqs, txt_freqs):
+        """(q, k, v of the image stream, q, k, v of the text stream), each `[B, S, H, Dh]`."""
         qi, ki, vi = self._qkv(img, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, img_freqs)
         qt, kt, vt = self._qkv(txt, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
                                self.norm_added_k, txt_freqs)
-        out_txt, out_img = mix(qi, ki, vi, (qt, kt, vt))
+        return qi, ki, vi, qt, kt, vt
+
+    def out(self, out_img, out_txt):
         # contiguous halves: the layout the reference multiplies (bits differ in bf16 otherwise)
         return (wide_linear(self.to_out[0], out_img.flatten(2, 3).contiguous()),
                 wide_linear(self.to_add_out, out_txt.flatten(2, 3).contiguous()))
+
+    def forward(self, img, txt, img_freqs, txt_freqs, mix: Mix):
+        qi, ki, vi, qt, kt, vt = self.qkv(img, txt, img_freqs, txt_freqs)
+        out_txt, out_img = mix(qi, ki, vi, (qt, kt, vt))
+        return self.out(out_img, out_txt)
 
 
 class GeluProj(nn.Module):
@@ -168,11 +176,24 @@ class Block(nn.Module):
         return fp16_range(img, torch.float16), fp16_range(txt, torch.float16)
 
     def _forward(self, img, txt, temb, freqs, split, mix):
+        qkv, mods = self.project(img, txt, temb, freqs, split)
+        out_txt, out_img = (mix or _whole_mix)(*qkv[:3], qkv[3:])
+        return self.finish(img, txt, out_img, out_txt, mods, split)
+
+    def project(self, img, txt, temb, freqs, split):
+        """The block before attention (per token): both streams' modulation, modulated norms, q/k/v with norms
+        and RoPE; -> ((q, k, v of the image, q, k, v of the text), the modulations)."""
         batch = txt.shape[0]
         img_mod = [m[:, None].chunk(6, dim=-1) for m in self.img_mod(temb).split(batch)]
         txt_mod = self.txt_mod(temb[:batch])[:, None].chunk(6, dim=-1)
-        a_img, a_txt = self.attn(_per_group(_modulate, img, [m[0:2] for m in img_mod], split),
-                                 _modulate(txt, *txt_mod[0:2]), *freqs, mix or _whole_mix)
+        qkv = self.attn.qkv(_per_group(_modulate, img, [m[0:2] for m in img_mod], split),
+                            _modulate(txt, *txt_mod[0:2]), *freqs)
+        return qkv, (img_mod, txt_mod)
+
+    def finish(self, img, txt, out_img, out_txt, mods, split):
+        """The block after attention (per token): output projections, gated residuals, both MLPs."""
+        img_mod, txt_mod = mods
+        a_img, a_txt = self.attn.out(out_img, out_txt)
         img = img + _per_group(torch.mul, a_img, [m[2:3] for m in img_mod], split)
         txt = txt + txt_mod[2] * a_txt
         h = _per_group(_modulate, img, [m[3:5] for m in img_mod], split)
@@ -280,7 +301,8 @@ class QwenImageTransformer(UsesAttention, nn.Module):
         start, stop = sequence.span(n_img)
         if split is not None:  # where the reference tokens start within this process's tokens
             split = min(max(split - start, 0), stop - start)
-        freqs = (sequence.shard(freqs[0], dim=0), freqs[1])
+        freqs = (rope_table(sequence.shard(freqs[0], dim=0), self.compiled_blocks),
+                 rope_table(freqs[1], self.compiled_blocks))
 
         def mix(q, k, v, text):
             return sequence.attention(attend, q, k, v, mask, text)

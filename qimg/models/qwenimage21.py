@@ -20,7 +20,7 @@ from qimg.models.config import config_from_dict
 from qimg.models.attention import UsesAttention
 from qimg.models.hooks import BlockHook, run_blocks
 from qimg.models.layers import (RMSNorm, TimestepEmbedder, apply_rope, fp16_range, layer_device, layer_dtype,
-                               rope_frequencies, timestep_embedding, wide_linear, wide_linears)
+                               rope_frequencies, rope_table, timestep_embedding, wide_linear, wide_linears)
 
 TOKENS_PER_SLOT = 4  # one VLM image slot covers 2x2 latent tokens of 16 px
 
@@ -145,12 +145,18 @@ class Block(nn.Module):
         return fp16_range(x, torch.float16), k, v
 
     def _forward(self, x, mod, freqs, attend):
+        q, k, v = self.project(x, mod, freqs)
+        return self.finish(x, attend(q, k, v).flatten(2, 3), mod), k, v
+
+    def project(self, x, mod, freqs):
+        """The block before attention (per token): modulated norm, q/k/v, their norms and RoPE."""
+        return self.attn.qkv(self._norm(x) * (1 + mod[0]), freqs)
+
+    def finish(self, x, out, mod):
+        """The block after attention (per token): output projection, gated residuals, the MLP."""
         scale1, gate1, scale2, gate2 = mod
-        q, k, v = self.attn.qkv(self._norm(x) * (1 + scale1), freqs)
-        out = attend(q, k, v).flatten(2, 3)
         x = x + gate1.tanh() * wide_linear(self.attn.to_out[0], out)
-        x = x + gate2.tanh() * self.img_mlp(self._norm(x) * (1 + scale2))
-        return x, k, v
+        return x + gate2.tanh() * self.img_mlp(self._norm(x) * (1 + scale2))
 
 
 @dataclass
@@ -309,7 +315,7 @@ class QwenImage21Transformer(UsesAttention, nn.Module):
         if text_mask is not None and not bool(text_mask.all()):
             key_valid = torch.ones(batch, prefix_slots.shape[0], dtype=torch.bool, device=x.device)
             key_valid[:, ~prefix_slots] = text_mask.bool()[:, ~slot_mask]
-        freqs = self._rope(positions)
+        freqs = rope_table(self._rope(positions), self.compiled_blocks)
         mod = self._modulation(self._temb(sigma))
         runs = segments(block_ids)
         device = x.device
@@ -370,7 +376,7 @@ class QwenImage21Transformer(UsesAttention, nn.Module):
                     return out
             return block(x, mod, freqs, mix)[0]
 
-        freqs = sequence.shard(freqs, dim=-2)
+        freqs = rope_table(sequence.shard(freqs, dim=-2), self.compiled_blocks)
         x = run_blocks(self.transformer_blocks, self.img_in(sequence.shard(latents)), run_block, block_hook)
         scale = self.norm_out.linear(F.silu(temb).to(x.dtype)).unsqueeze(1)
         return sequence.gather(self.proj_out(F.layer_norm(x, x.shape[-1:], eps=self.cfg.eps) * (1 + scale)))

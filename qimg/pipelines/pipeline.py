@@ -206,6 +206,10 @@ class Pipeline(ABC):
         transformer.set_attention(options.attention)
         if mesh is not None:
             mesh.attach(transformer)
+        if options.compile:
+            from qimg.models.compiled import compile_blocks
+
+            compile_blocks(transformer)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
         mode = None if home == device else ("blocks" if options.offload == "blocks" else "model")
         placement = Placement.of_pipeline(device, mode, conditioner, transformer)
@@ -313,8 +317,19 @@ class Pipeline(ABC):
         x = self.start_tokens(plan)
         schedule = self.schedule(plan, cond, x)
         self.placement.use(self.transformer)
+        compiling = self.compile_clock()
         x = self.sample(plan, cond, x, torch.from_numpy(schedule).to(self.info.device))
-        return self.pictures(plan, cond, x, schedule)
+        return self.pictures(plan, cond, x, schedule, **compiling())
+
+    def compile_clock(self) -> Callable[[], dict]:
+        """With compiled blocks: a function giving the seconds spent compiling since it was made (`compile_s`:
+        the first run at a new size pays it)."""
+        if not self.transformer.compiled_blocks:
+            return dict
+        from qimg.models.compiled import compile_seconds
+
+        start = compile_seconds()
+        return lambda: {"compiled": True, "compile_s": round(compile_seconds() - start, 3)}
 
     def start_tokens(self, plan: Plan) -> torch.Tensor:
         """The plan's starting noise (its own seed) as tokens on the device, in one memory layout whether it runs
