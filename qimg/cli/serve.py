@@ -90,6 +90,11 @@ def register(sub) -> None:
                    help="store every model's transformer Linear weights in 8 bits (weight-only, per-row scales)")
     p.add_argument("--transformer", default=None, metavar="FILE",
                    help="a .gguf or .safetensors file replacing the transformer weights (one --model only)")
+    p.add_argument("--quantize-encoder", choices=["int8", "fp8"], default=None,
+                   help="store every model's condition encoder Linear weights in 8 bits (weight-only)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile every model's transformer block with torch.compile (the first job at a size waits "
+                        "for the compiler)")
     p.add_argument("--download", action="store_true",
                    help="fetch each --model from the Hugging Face Hub first when it is not cached")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
@@ -152,7 +157,8 @@ def settings_from_args(args):
                     load=LoadOptions(dtype=args.dtype, device=args.device, offload=args.offload,
                                      attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
                                      lora_partial=args.lora_partial, download=args.download,
-                                     quantize=args.quantize, transformer=args.transformer),
+                                     quantize=args.quantize, transformer=args.transformer,
+                                     quantize_encoder=args.quantize_encoder, compile=args.compile),
                     lora_dir=Path(args.lora_dir).expanduser() if args.lora_dir else None)
 
 
