@@ -58,7 +58,8 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
                         "(GPUs too small to hold both; slower); --offload blocks: the transformer's blocks stream "
                         "onto the GPU a few at a time instead (smaller still)")
     p.add_argument("--attention", default="sdpa", metavar="NAME",
-                   help="attention backend: sdpa (default) or math (explicit softmax, a check on the fused kernels)")
+                   help="attention backend: sdpa (default), math (explicit softmax, a check on the fused kernels), "
+                        "flash (FlashAttention) or sage (SageAttention) on a CUDA GPU with that package installed")
     lora_args(p, default_mode="fused")
     p.add_argument("--download", action="store_true",
                    help="fetch --model from the Hugging Face Hub first when it is not cached (else qimg stays "

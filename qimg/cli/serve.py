@@ -84,7 +84,8 @@ def register(sub) -> None:
     p.add_argument("--offload", action="store_true",
                    help="keep the encoders and transformers in CPU memory, each moved to the GPU for its phase")
     p.add_argument("--attention", default="sdpa", metavar="NAME",
-                   help="attention backend: sdpa (default) or math (explicit softmax, a check on the fused kernels)")
+                   help="attention backend: sdpa (default), math (explicit softmax, a check on the fused kernels), "
+                        "flash (FlashAttention) or sage (SageAttention) on a CUDA GPU with that package installed")
     lora_args(p, default_mode="unfused")
     p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
                    help="store every model's transformer Linear weights in 8 bits (weight-only, per-row scales)")

@@ -42,15 +42,48 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return out.transpose(1, 2)
 
 
-BACKENDS: dict[str, Attend] = {"sdpa": sdpa, "math": math_attention}
+def kernel_applies(q: torch.Tensor, mask) -> bool:
+    """Whether a GPU attention kernel (FlashAttention, SageAttention) can take this call: CUDA, half precision, no
+    mask (they take none; masked calls, e.g. padded prompts, go through sdpa)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None
+
+
+def flash_attention(q, k, v, mask=None):
+    """FlashAttention 2 (`flash_attn.flash_attn_func`, `[B, S, H, D]` as qimg's) where it applies, else sdpa."""
+    if not kernel_applies(q, mask):
+        return sdpa(q, k, v, mask)
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v)
+
+
+def sage_attention(q, k, v, mask=None):
+    """SageAttention (`sageattention.sageattn`, 8-bit q/k) where it applies, else sdpa."""
+    if not kernel_applies(q, mask):
+        return sdpa(q, k, v, mask)
+    from sageattention import sageattn
+
+    return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
+BACKENDS: dict[str, Attend] = {"sdpa": sdpa, "math": math_attention, "flash": flash_attention,
+                               "sage": sage_attention}
+PACKAGES = {"flash": ("flash_attn", "flash-attn"), "sage": ("sageattention", "sageattention")}
 
 
 def attention_backend(choice: str | Attend) -> Attend:
-    """A backend by name (see BACKENDS), or a callable used as it is."""
+    """A backend by name (see BACKENDS), or a callable used as it is; a GPU kernel's backend needs its package."""
     if callable(choice):
         return choice
     if choice not in BACKENDS:
         raise InputError(f"attention backend must be one of {sorted(BACKENDS)}, got {choice!r}")
+    if choice in PACKAGES:
+        import importlib.util
+
+        module, package = PACKAGES[choice]
+        if importlib.util.find_spec(module) is None:
+            raise InputError(f"attention backend {choice!r} needs the {package} package on a CUDA GPU "
+                             f"(pip install {package}); the default sdpa needs nothing")
     return BACKENDS[choice]
 
 
