@@ -53,6 +53,14 @@ def test_wide_linear_keeps_overflowing_products_and_leaves_other_dtypes():
             assert torch.equal(wide_linear(other, x.to(dtype)), other(x.to(dtype)))
 
 
+def overflows_then_close(model, hidden: list, floor: float, run) -> None:
+    """In float32 the watched activation exceeds `floor` (so float16 would overflow there); float16 stays close."""
+    with torch.no_grad():
+        run(model, torch.float32)
+    assert hidden[0] > floor
+    assert_close_in_half(model, run)
+
+
 def test_qwenimage21_swiglu_product_over_float16_range():
     torch.manual_seed(0)
     model = QwenImage21Transformer(QwenImage21Config(**TINY, in_channels=16, out_channels=16,
@@ -66,13 +74,8 @@ def test_qwenimage21_swiglu_product_over_float16_range():
     g = torch.Generator().manual_seed(1)
     latents, text = torch.randn(2, 16, 16, generator=g), torch.randn(2, 5, 32, generator=g)
 
-    def run(m, dtype):
-        return m(latents.to(dtype), text.to(dtype), torch.tensor([0.5, 0.7]), torch.zeros(5, dtype=torch.bool))
-
-    with torch.no_grad():
-        run(model, torch.float32)
-    assert hidden[0] > 2 * FP16_MAX
-    assert_close_in_half(model, run)
+    overflows_then_close(model, hidden, 2 * FP16_MAX, lambda m, dtype: m(
+        latents.to(dtype), text.to(dtype), torch.tensor([0.5, 0.7]), torch.zeros(5, dtype=torch.bool)))
 
 
 def test_qwenimage_v1_modulated_mlp_over_float16_range():
@@ -91,13 +94,8 @@ def test_qwenimage_v1_modulated_mlp_over_float16_range():
     g = torch.Generator().manual_seed(1)
     latents, text = torch.randn(2, 16, 32, generator=g), torch.randn(2, 5, 24, generator=g)
 
-    def run(m, dtype):
-        return m(latents.to(dtype), text.to(dtype), torch.tensor([0.5, 0.7]), [(1, 4, 4)])
-
-    with torch.no_grad():
-        run(model, torch.float32)
-    assert hidden[0] > 1.5 * FP16_MAX
-    assert_close_in_half(model, run)
+    overflows_then_close(model, hidden, 1.5 * FP16_MAX, lambda m, dtype: m(
+        latents.to(dtype), text.to(dtype), torch.tensor([0.5, 0.7]), [(1, 4, 4)]))
 
 
 def test_vae_decoders_saturate_instead_of_nan():
