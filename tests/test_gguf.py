@@ -136,3 +136,25 @@ def test_scaled_linear_unpacks_a_block_of_rows_at_a_time(monkeypatch):
     whole = (layer.qweight.float() * layer.scale).to(torch.bfloat16)
     monkeypatch.setattr(weight_only, "CHUNK_WEIGHTS", 300)
     assert torch.equal(layer.dequantized(torch.bfloat16), whole)
+
+
+def test_big_quantised_layers_multiply_a_block_of_rows_at_a_time(monkeypatch):
+    """A large packed weight is never unpacked whole: its product is computed a block of rows at a time into the
+    output: the product of unpacking it all, up to float rounding (GGUF and int8 layers; forced with a tiny block)."""
+    from torch import nn
+
+    from qimg.lowbit import layers as quant_layers
+    from qimg.lowbit.gguf_file import QuantTensor
+    from qimg.lowbit.layers import QuantLinear
+    from qimg.lowbit.weight_only import ScaledLinear
+
+    raw = torch.from_numpy(random_blocks("Q8_0", 48, 64, 3)).reshape(-1)
+    gguf_layer = QuantLinear(QuantTensor(raw, "Q8_0", (48, 64)), torch.randn(48), torch.float32)
+    int8_layer = ScaledLinear(nn.Linear(64, 48), "int8")
+    x = torch.randn(2, 5, 64)
+    for layer in (gguf_layer, int8_layer):
+        expected = torch.nn.functional.linear(x, layer.dequantized(torch.float32), layer.bias)
+        monkeypatch.setattr(quant_layers, "CHUNK_WEIGHTS", 64 * 7)  # 7 rows at a time: a short last block
+        got = layer(x)
+        assert float((got - expected).abs().max() / expected.abs().max()) < 1e-6
+        monkeypatch.undo()

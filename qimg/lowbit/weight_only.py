@@ -14,6 +14,7 @@ from torch import nn
 
 from qimg.errors import InputError
 from qimg.lowbit.gguf_blocks import CHUNK_WEIGHTS
+from qimg.lowbit.layers import chunked_linear
 
 KINDS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 
@@ -71,13 +72,16 @@ class ScaledLinear(nn.Module):
         whole weight)."""
         rows = max(1, CHUNK_WEIGHTS // max(1, self.in_features))
         if self.out_features <= rows:
-            return (self.qweight.float() * self.scale).to(dtype)
+            return self.rows(0, self.out_features, dtype)
         out = torch.empty(self.qweight.shape, dtype=dtype, device=self.qweight.device)
-        per_row = self.scale.shape[0] > 1
         for start in range(0, self.out_features, rows):
-            scale = self.scale[start:start + rows] if per_row else self.scale
-            out[start:start + rows] = self.qweight[start:start + rows].float() * scale
+            stop = min(start + rows, self.out_features)
+            out[start:stop] = self.rows(start, stop, dtype)
         return out
+
+    def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        scale = self.scale[start:stop] if self.scale.shape[0] > 1 else self.scale
+        return (self.qweight[start:stop].float() * scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "fp8" and self._fp8_product(x):
@@ -89,7 +93,7 @@ class ScaledLinear(nn.Module):
                 self.fp8_matmul = False
                 warnings.warn(f"fp8 matmul unavailable here ({str(err).splitlines()[0]}); this layer dequantises "
                               f"its fp8 weight instead", RuntimeWarning, stacklevel=2)
-        return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return chunked_linear(x, self.rows, self.out_features, self.bias)
 
     def _fp8_product(self, x: torch.Tensor) -> bool:
         if self.fp8_matmul is not None:
