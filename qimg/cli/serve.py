@@ -93,6 +93,12 @@ def register(sub) -> None:
                    help="a .gguf or .safetensors file replacing the transformer weights (one --model only)")
     p.add_argument("--quantize-encoder", choices=["int8", "fp8"], default=None,
                    help="store every model's condition encoder Linear weights in 8 bits (weight-only)")
+    p.add_argument("--store", default=None, metavar="postgresql://...",
+                   help="keep the job rows in PostgreSQL (a database several servers can share; qimg creates the "
+                        "schema) instead of SQLite in the data folder")
+    p.add_argument("--owner", default=None, metavar="NAME",
+                   help="this server's name in a shared store (default: the host name); its restarts recover only "
+                        "its own jobs")
     p.add_argument("--compile", action="store_true",
                    help="compile every model's transformer block with torch.compile (the first job at a size waits "
                         "for the compiler)")
@@ -154,7 +160,7 @@ def settings_from_args(args):
                     api_keys=keys, max_queue=args.max_queue, cors_origins=tuple(args.cors_origin),
                     preload=not args.lazy, requeue=not args.no_requeue, limits=limits,
                     job_timeout=args.job_timeout or None, max_batch=args.max_batch,
-                    batch_megapixels=args.batch_megapixels,
+                    batch_megapixels=args.batch_megapixels, store=args.store, owner=args.owner,
                     load=LoadOptions(dtype=args.dtype, device=args.device, offload=args.offload,
                                      attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
                                      lora_partial=args.lora_partial, download=args.download,

@@ -76,6 +76,15 @@ class DataDirLock:
             self.handle = None
 
 
+def open_store(settings: Settings) -> JobStore:
+    """The job store the settings name: PostgreSQL for a postgresql:// URL, else SQLite in the data folder."""
+    if settings.store:
+        from qimg.serve.store_postgres import PostgresJobStore
+
+        return PostgresJobStore(settings.store, owner=settings.owner)
+    return SQLiteJobStore(settings.data_dir / "jobs.sqlite3")
+
+
 def create_app(settings: Settings, *, pipelines: dict[str, object] | None = None) -> FastAPI:
     """The ASGI app. `pipelines` adds ready-made pipeline objects by name (embedding qimg, tests)."""
     data_dir = settings.data_dir
@@ -83,7 +92,7 @@ def create_app(settings: Settings, *, pipelines: dict[str, object] | None = None
     lock = DataDirLock(data_dir)
     lock.acquire()
     try:
-        store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+        store = open_store(settings)
         models = ModelRegistry(settings.models, load=settings.load, pipelines=pipelines)
     except BaseException:
         lock.release()

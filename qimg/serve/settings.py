@@ -80,6 +80,8 @@ class Settings:
     job_timeout: float | None = 600.0  # seconds a job may run before it is stopped (None: no limit)
     max_batch: int = 8  # queued generations denoised together (same model, size, schedule, LoRAs); 1: off
     batch_megapixels: float = 4.0  # output pixels a batch may hold (sum of n x width x height), in millions
+    store: str | None = None  # "postgresql://...": job rows in PostgreSQL (qimg.serve.store_postgres); None: SQLite
+    owner: str | None = None  # this server's name in a shared store (default: the host name)
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -92,5 +94,8 @@ class Settings:
         if self.max_batch < 1 or not self.batch_megapixels > 0:
             raise ValueError(f"max_batch must be >= 1 and batch_megapixels > 0, got {self.max_batch} and "
                              f"{self.batch_megapixels}")
+        if self.store is not None and not self.store.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"store must be a postgresql:// URL (or none for SQLite in the data folder), got "
+                             f"{self.store.split('@')[-1]!r}")
         if self.job_timeout is not None and not self.job_timeout > 0:
             raise ValueError(f"job_timeout must be > 0 seconds (or None for no limit), got {self.job_timeout}")
