@@ -176,7 +176,10 @@ def run(args) -> int:
         from qimg.serve.app import create_app
     except ModuleNotFoundError as err:
         raise InputError(f"qimg serve needs {err.name!r}: pip install 'qimg[serve]'") from None
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as err:
+        raise InputError(str(err)) from None
     try:
         app = create_app(settings)
     except RuntimeError as err:

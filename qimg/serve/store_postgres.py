@@ -64,7 +64,11 @@ def connect(url: str):
         import psycopg
     except ModuleNotFoundError:
         raise RuntimeError("a PostgreSQL store needs psycopg (pip install 'qimg[serve]')") from None
-    return psycopg.connect(url, autocommit=True)
+    try:
+        return psycopg.connect(url, autocommit=True)
+    except psycopg.Error as err:
+        where = url.split("@")[-1]  # never the password
+        raise RuntimeError(f"cannot open the job store at {where}: {str(err).strip().splitlines()[0]}") from None
 
 
 class PostgresJobStore(JobStore):
