@@ -116,7 +116,9 @@ def vlm_from_file(model_class, config_folder: Path, path: str | Path, *, dtype: 
         hf_logging.set_verbosity(verbosity)
     del state
     keep_quantized(model, keep)
-    has_head = any(canonical(k).startswith("lm_head.") for k in tensors)
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None),
+                                                                     "tie_word_embeddings", False)
+    has_head = tied or any(canonical(k).startswith("lm_head.") for k in tensors)  # a tied head is the embedding
     return model.to(device).eval().requires_grad_(False), has_head
 
 
