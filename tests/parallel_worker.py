@@ -24,8 +24,11 @@ def run(job: dict) -> list[Image.Image] | np.ndarray:
     pipe = qimg.load(job["folder"], parallel=job["parallel"], dtype=dtype, **job.get("load", {}))
     if job.get("task") == "vae":  # random latents through the tiled decoder, tiles shared by the ranks
         z = torch.randn(1, pipe.vae.z_dim, *job["grid"], generator=torch.Generator().manual_seed(0))
+        pixels = torch.rand(1, pipe.vae.image_channels, 128, 128, generator=torch.Generator().manual_seed(1)) * 2 - 1
         with pipe.sharing_tiles():
-            return pipe.vae.decode(z, tile=tuple(job["tile"])).numpy()
+            decoded = pipe.vae.decode(z, tile=tuple(job["tile"])).numpy()
+            encoded = pipe.vae.encode(pixels, tile=tuple(job["tile"])).numpy()
+        return np.concatenate([decoded.reshape(-1), encoded.reshape(-1)])
     options = dict(job.get("options", {}))
     images = [Image.open(p) for p in job.get("images", [])]
     if job.get("task") == "layers":

@@ -65,10 +65,14 @@ def test_launch_flags_are_replaced():
 
 # -- 2 and 4 processes -----------------------------------------------------------------------------------------
 def decoded_alone(job: dict) -> np.ndarray:
-    """The worker's "vae" job on one process: the same latents through the same tiles, one after another."""
+    """The worker's "vae" job on one process: the same latents and pixels through the same tiles, one after
+    another (decoded, then encoded, flattened)."""
     pipe = qimg.load(job["folder"])
     z = torch.randn(1, pipe.vae.z_dim, *job["grid"], generator=torch.Generator().manual_seed(0))
-    return pipe.vae.decode(z, tile=tuple(job["tile"])).numpy()
+    pixels = torch.rand(1, pipe.vae.image_channels, 128, 128, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    decoded = pipe.vae.decode(z, tile=tuple(job["tile"])).numpy()
+    encoded = pipe.vae.encode(pixels, tile=tuple(job["tile"])).numpy()
+    return np.concatenate([decoded.reshape(-1), encoded.reshape(-1)])
 
 
 def pictures_alone(job: dict) -> tuple[np.ndarray, dict]:
@@ -154,7 +158,8 @@ def test_two_processes(models, tmp_path):
             {**jobs[0], "name": "world", "parallel": "ulysses=2,cfg=2"}]
     results = run_ranks(tmp_path, 2, run)
     check_pictures(results, jobs, configs)
-    assert np.abs(results["vae@ulysses=2"][0] - decoded_alone(vae)).max() < 1e-5  # 9 tiles shared 5 + 4 by two ranks
+    # 9 tiles each way, shared 5 + 4 by two ranks
+    assert np.abs(results["vae@ulysses=2"][0] - decoded_alone(vae)).max() < 1e-5
     assert "one kind of device and one dtype; got rank 0: cpu float32, rank 1: cpu bfloat16" in results["mixed"][0]
     assert "needs 4 processes (ulysses 2 x cfg 2); this run has 2" in results["world"][0]
 

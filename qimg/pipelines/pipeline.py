@@ -312,7 +312,8 @@ class Pipeline(ABC):
         their parameters in `info["qimg"]`."""
         plan.report(ProgressEvent("encode", 0, 1, plan.clock()))
         self.placement.use(self.conditioner.encoder)
-        cond = self.encode(plan)
+        with self.sharing_tiles():  # condition images larger than a tile: their VAE tiles shared by the ranks
+            cond = self.encode(plan)
         plan.report(ProgressEvent("encode", 1, 1, plan.clock()))
         x = self.start_tokens(plan)
         schedule = self.schedule(plan, cond, x)
@@ -355,7 +356,8 @@ class Pipeline(ABC):
 
     @contextlib.contextmanager
     def sharing_tiles(self):
-        """Within: the VAE's tiles are shared by a parallel run's ranks (every rank must decode the same)."""
+        """Within: the VAE's tiles are shared by a parallel run's ranks (every rank must encode or decode the
+        same)."""
         if self.mesh is None:
             yield
             return
