@@ -114,11 +114,6 @@ class JointAttention(nn.Module):
         return (wide_linear(self.to_out[0], out_img.flatten(2, 3).contiguous()),
                 wide_linear(self.to_add_out, out_txt.flatten(2, 3).contiguous()))
 
-    def forward(self, img, txt, img_freqs, txt_freqs, mix: Mix):
-        qi, ki, vi, qt, kt, vt = self.qkv(img, txt, img_freqs, txt_freqs)
-        out_txt, out_img = mix(qi, ki, vi, (qt, kt, vt))
-        return self.out(out_img, out_txt)
-
 
 class GeluProj(nn.Module):
     def __init__(self, dim: int, hidden: int):
