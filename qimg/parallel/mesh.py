@@ -87,12 +87,11 @@ class Mesh:
 
     def check_same(self, device: torch.device, dtype: torch.dtype) -> None:
         """Refuse ranks on mixed kinds of device or dtypes, naming each rank's."""
-        mine = torch.tensor([["cpu", "cuda", "mps", "xpu"].index(device.type) if device.type in
-                             ("cpu", "cuda", "mps", "xpu") else 9, _DTYPES.index(dtype) if dtype in _DTYPES else 9])
+        mine = torch.tensor([_code(_DEVICE_NAMES, device.type), _code(_DTYPES, dtype)])
         everyone = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(everyone, mine, group=self.control)
         if any(not torch.equal(t, everyone[0]) for t in everyone):
-            names = ", ".join(f"rank {r}: {_device_name(int(t[0]))} {_dtype_name(int(t[1]))}"
+            names = ", ".join(f"rank {r}: {_named(_DEVICE_NAMES, int(t[0]))} {_named(_DTYPES, int(t[1]))}"
                               for r, t in enumerate(everyone))
             raise InputError(f"the ranks of a parallel run must use one kind of device and one dtype; got {names}")
 
@@ -146,9 +145,10 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DEVICE_NAMES = ("cpu", "cuda", "mps", "xpu")
 
 
-def _device_name(code: int) -> str:
-    return _DEVICE_NAMES[code] if code < len(_DEVICE_NAMES) else "other"
+def _code(options: tuple, value) -> int:
+    """`value`'s place in `options` (one past them for anything else): what the ranks exchange."""
+    return options.index(value) if value in options else len(options)
 
 
-def _dtype_name(code: int) -> str:
-    return str(_DTYPES[code]).replace("torch.", "") if code < len(_DTYPES) else "other"
+def _named(options: tuple, code: int) -> str:
+    return str(options[code]).replace("torch.", "") if code < len(options) else "other"
