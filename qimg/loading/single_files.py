@@ -80,11 +80,6 @@ def split_scaled(tensors: dict) -> tuple[dict, dict]:
     return plain, scales
 
 
-def _names(keys, limit: int = 6) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def vlm_from_file(model_class, config_folder: Path, path: str | Path, *, dtype: torch.dtype, device):
     """A transformers VLM (`model_class`) built from `config_folder`'s config.json with `path`'s weights; returns
     (model, whether the file had the LM head). A file without the LM head (ComfyUI keeps encoders without it) loads
@@ -125,22 +120,12 @@ def vlm_from_file(model_class, config_folder: Path, path: str | Path, *, dtype: 
 def check_against(model_class, config, state: dict, path: Path) -> None:
     """The file's tensors (by their canonical names) are the model's at its shapes, the LM head optional; else
     CheckpointError naming what is missing, extra or of another size."""
+    from qimg.lowbit.load import check_keys
+
     with torch.device("meta"):
         expected = {canonical(k): tuple(v.shape) for k, v in model_class(config).state_dict().items()}
-    found = {canonical(k): tuple(v.shape) for k, v in state.items()}
-    missing = {k for k in set(expected) - set(found) if not k.startswith("lm_head.")}
-    extra = set(found) - set(expected)
-    wrong = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} of its {len(expected)} tensors are missing ({_names(missing)})")
-    if extra:
-        problems.append(f"{len(extra)} tensors are not its ({_names(extra)})")
-    if wrong:
-        problems.append(f"{len(wrong)} tensors have other shapes than the folder's config ({wrong[0]} is "
-                        f"{list(found[wrong[0]])} in the file, {list(expected[wrong[0]])} in the config)")
-    if problems:
-        raise CheckpointError(f"{path}: not this model's text encoder ({config.model_type}): {'; '.join(problems)}")
+    check_keys(path, expected, {canonical(k): tuple(v.shape) for k, v in state.items()},
+               f"text encoder ({config.model_type})", optional=lambda key: key.startswith("lm_head."))
 
 
 def canonical(key: str) -> str:
@@ -180,6 +165,7 @@ def language_model_gguf(path: Path, config_folder: Path) -> tuple[dict, dict]:
     the GGUF (llama.cpp keeps it in a separate mmproj file): the folder's own is used."""
     from qimg.loading.weights import open_state_dict
     from qimg.lowbit.gguf_file import read_gguf
+    from qimg.lowbit.load import some_names
 
     tensors, quantized, unknown = {}, {}, []
     for name, tensor in read_gguf(path, language_model=True).items():
@@ -191,7 +177,7 @@ def language_model_gguf(path: Path, config_folder: Path) -> tuple[dict, dict]:
         if tensor.quantized and key.endswith(".weight") and len(tensor.shape) == 2 and "embed_tokens" not in key:
             quantized[key] = tensor
     if unknown:
-        raise CheckpointError(f"{path}: tensors qimg cannot place in a Qwen language model: {_names(unknown)}")
+        raise CheckpointError(f"{path}: tensors qimg cannot place in a Qwen language model: {some_names(unknown)}")
     tensors = {k: (t if k in quantized else t.dequantize()) for k, t in tensors.items()}
     folder = open_state_dict(config_folder)
     tensors.update({k: v for k, v in folder.items() if canonical(k).startswith("visual.")})

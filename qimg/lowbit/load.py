@@ -15,23 +15,29 @@ from qimg.lowbit.gguf_file import read_gguf
 from qimg.lowbit.layers import QuantLinear
 
 
-def _names(keys, limit: int = 8) -> str:
+def some_names(keys, limit: int = 8) -> str:
+    """The first `limit` of `keys`, sorted, and how many more (for error messages)."""
     keys = sorted(keys)
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def check_keys(path: Path, expected: dict[str, tuple], found: dict[str, tuple], component: str) -> None:
-    """The file holds exactly the module's keys at its shapes, else CheckpointError naming the difference."""
-    missing, extra = set(expected) - set(found), set(found) - set(expected)
+def check_keys(path: Path, expected: dict[str, tuple], found: dict[str, tuple], component: str,
+               optional: Callable[[str], bool] = lambda key: False) -> None:
+    """The file holds exactly the module's keys at its shapes (those `optional` names may be absent), else
+    CheckpointError naming the difference."""
+    missing = {k for k in set(expected) - set(found) if not optional(k)}
+    extra = set(found) - set(expected)
     if missing or extra:
         what = []
         if missing:
-            what.append(f"{len(missing)} of the {component}'s {len(expected)} tensors are missing ({_names(missing)})")
+            what.append(f"{len(missing)} of the {component}'s {len(expected)} tensors are missing "
+                        f"({some_names(missing)})")
         if extra:
-            what.append(f"{len(extra)} tensors are not the {component}'s ({_names(extra)})")
+            what.append(f"{len(extra)} tensors are not the {component}'s ({some_names(extra)})")
         raise CheckpointError(f"{path}: not this model's {component}: {'; '.join(what)}; is it a file for another "
                               f"family?")
-    wrong = [(k, found[k], shape) for k, shape in expected.items() if tuple(found[k]) != tuple(shape)]
+    wrong = [(k, found[k], shape) for k, shape in expected.items()
+             if k in found and tuple(found[k]) != tuple(shape)]
     if wrong:
         k, got, want = wrong[0]
         raise CheckpointError(f"{path}: the file's {component} is another size than the folder's config: {k} is "
@@ -57,7 +63,7 @@ def build(module: nn.Module, layers: dict[str, nn.Module], rest: dict[str, torch
     module = module.to(device)
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
-        raise CheckpointError(f"{path}: these {component} tensors were not filled: {_names(left)}")
+        raise CheckpointError(f"{path}: these {component} tensors were not filled: {some_names(left)}")
     return module.eval().requires_grad_(False)
 
 
@@ -96,7 +102,7 @@ def load_safetensors_module(factory: Callable[[], nn.Module], path: str | Path, 
     check_keys(path, expected, {k: tuple(t.shape) for k, t in tensors.items()}, component)
     stray = sorted(set(scales) - {k[: -len(".weight")] for k in tensors if k.endswith(".weight")})
     if stray:
-        raise CheckpointError(f"{path}: scale_weight for tensors the file does not hold: {_names(stray)}")
+        raise CheckpointError(f"{path}: scale_weight for tensors the file does not hold: {some_names(stray)}")
     layers = {}
     for name in linears:
         weight, bias = tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
