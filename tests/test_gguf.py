@@ -127,15 +127,15 @@ def test_dequantised_a_chunk_at_a_time_is_the_same(name, monkeypatch):
     assert torch.equal(dequantize(tensor, name, (8, 1024), torch.bfloat16), whole)
 
 
-def test_scaled_linear_unpacks_a_block_of_rows_at_a_time(monkeypatch):
+def test_scaled_linear_unpacks_its_rows():
     from torch import nn
 
     from qimg.lowbit import weight_only
 
     layer = weight_only.ScaledLinear(nn.Linear(64, 40), "int8")
     whole = (layer.qweight.float() * layer.scale).to(torch.bfloat16)
-    monkeypatch.setattr(weight_only, "CHUNK_WEIGHTS", 300)
     assert torch.equal(layer.dequantized(torch.bfloat16), whole)
+    assert torch.equal(layer.rows(7, 19, torch.bfloat16), whole[7:19])
 
 
 def test_big_quantised_layers_multiply_a_block_of_rows_at_a_time(monkeypatch):

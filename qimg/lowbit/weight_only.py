@@ -9,11 +9,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qimg.errors import InputError
-from qimg.lowbit.gguf_blocks import CHUNK_WEIGHTS
 from qimg.lowbit.layers import chunked_linear
 
 KINDS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
@@ -68,16 +66,8 @@ class ScaledLinear(nn.Module):
         return self.qweight
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """`qweight * scale` in `dtype`, computed in float32 a block of rows at a time (no float32 copy of the
-        whole weight)."""
-        rows = max(1, CHUNK_WEIGHTS // max(1, self.in_features))
-        if self.out_features <= rows:
-            return self.rows(0, self.out_features, dtype)
-        out = torch.empty(self.qweight.shape, dtype=dtype, device=self.qweight.device)
-        for start in range(0, self.out_features, rows):
-            stop = min(start + rows, self.out_features)
-            out[start:stop] = self.rows(start, stop, dtype)
-        return out
+        """The whole weight, `qweight * scale`, in `dtype` (the layer's own product unpacks it by `rows`)."""
+        return self.rows(0, self.out_features, dtype)
 
     def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         scale = self.scale[start:stop] if self.scale.shape[0] > 1 else self.scale
