@@ -326,7 +326,7 @@ class Pipeline(ABC):
         """With compiled blocks: a function giving the seconds spent compiling since it was made (`compile_s`:
         the first run at a new size pays it)."""
         if not self.transformer.compiled_blocks:
-            return dict
+            return lambda: {}
         from qimg.models.compiled import compile_seconds
 
         start = compile_seconds()

@@ -45,6 +45,7 @@ CREATE TABLE files (
 CREATE INDEX files_job ON files(job_id);
 """}
 JOB_COLUMNS = "id, kind, status, model, params, result, error, error_type, created_at, started_at, finished_at"
+FILE_COLUMNS = "id, job_id, role, name, mime, bytes, idx, created_at"  # FileRecord's fields, in order
 
 
 def pg_safe(value):
@@ -213,5 +214,3 @@ class PostgresJobStore(JobStore):
         with self._lock:
             self._db.close()
 
-
-FILE_COLUMNS = "id, job_id, role, name, mime, bytes, idx, created_at"
