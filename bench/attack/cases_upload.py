@@ -34,6 +34,13 @@ def replace_field(route, name, key, value, expect="4xx") -> Case:
     return Case(f"{route}.{name}", "POST", f"/v1/images/{route}", [("Content-Type", ctype)], data, expect, group=route)
 
 
+def field_case(route, key, value, expect) -> Case:
+    """`replace_field` named after the field and its value (a long value shortened, odd characters replaced)."""
+    label = value if len(value) <= 12 else f"{value[:6]}..{len(value)}chars"
+    label = re.sub(r"[^A-Za-z0-9_.\-\[\]{}]", "_", label)
+    return replace_field(route, f"field.{key}={label}", key, value, expect)
+
+
 def upload_cases(route: str, images: dict) -> list[Case]:
     png = images["png"]
 
@@ -140,9 +147,7 @@ def edit_cases(images: dict) -> list[Case]:
                                ("prompt", "", "4xx"), ("prompt", "x" * 32001, "4xx"),
                                ("response_format", "gif", "4xx"), ("input_fidelity", "high", "2xx"),
                                ("model", "qimg-tiny-layered", "4xx"), ("model", "nope", "4xx")]:
-        label = value if len(value) <= 12 else f"{value[:6]}..{len(value)}chars"
-        label = re.sub(r"[^A-Za-z0-9_.\-\[\]{}]", "_", label)
-        cases.append(replace_field("edits", f"field.{key}={label}", key, value, expect))
+        cases.append(field_case("edits", key, value, expect))
     # a prompt field with the JSON-escaped surrogate is plain text in a form: no surrogate exists, it is accepted
     return cases
 
@@ -168,7 +173,7 @@ def layers_cases(images: dict) -> list[Case]:
                                ("steps", "0", "4xx"), ("steps", "1001", "4xx"), ("seed", "-1", "4xx"),
                                ("model", "qimg-tiny", "4xx"), ("model", "nope", "4xx"), ("prompt", "x" * 32001, "4xx"),
                                ("guidance_scale", "101", "4xx"), ("n", "2", "4xx")]:
-        cases.append(replace_field("layers", f"field.{key}={value}", key, value, expect))
+        cases.append(field_case("layers", key, value, expect))
     return cases
 
 
