@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from tests.pg_support import postgres_url  # noqa: F401 - a PostgreSQL server per test module
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -4,54 +4,13 @@ claim each queued job once, whatever their number."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from qimg.serve.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, FileRecord, new_file_id, new_job_id
 from qimg.serve.store_sqlite import SQLiteJobStore
-
-PG_BIN = [Path(p) for p in sorted(Path("/usr/lib/postgresql").glob("*/bin"))] if Path("/usr/lib/postgresql").is_dir() \
-    else []
-
-
-def pg_tool(name: str) -> str | None:
-    return shutil.which(name) or next((str(b / name) for b in PG_BIN if (b / name).is_file()), None)
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A PostgreSQL server of its own (initdb in a temporary folder, a Unix socket there, trust auth), stopped after
-    the module. As root it runs as the `postgres` user, which Debian's package creates."""
-    initdb, pg_ctl = pg_tool("initdb"), pg_tool("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL's initdb/pg_ctl are not installed (.ci/run installs Debian's postgresql)")
-    pytest.importorskip("psycopg")
-    root = Path(tempfile.mkdtemp(prefix="qimg-pg-", dir="/tmp"))
-    data = root / "data"
-    as_user = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "qimg", "-E", "UTF8"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                    f"-k {root} -p {port} -c listen_addresses=''", "start"], check=True, capture_output=True)
-    try:
-        yield f"postgresql://qimg@/postgres?host={root}&port={port}"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -63,7 +22,7 @@ def store(request, tmp_path):
 
         url = request.getfixturevalue("postgres_url")
         made = PostgresJobStore(url)
-        made._db.execute("TRUNCATE jobs, files")
+        made._db.execute("TRUNCATE jobs, files CASCADE")
     yield made
     made.close()
 
@@ -111,7 +70,7 @@ def test_workers_claim_each_job_once(postgres_url):
     from qimg.serve.store_postgres import PostgresJobStore
 
     stores = [PostgresJobStore(postgres_url) for _ in range(4)]
-    stores[0]._db.execute("TRUNCATE jobs, files")
+    stores[0]._db.execute("TRUNCATE jobs, files CASCADE")
     ids = [new_job_id() for _ in range(50)]
     for job_id in ids:
         stores[0].create(job_id, "generate", "m", {})
@@ -137,7 +96,7 @@ def test_servers_sharing_a_database_recover_only_their_own_jobs(postgres_url):
     from qimg.serve.store_postgres import PostgresJobStore
 
     a, b = PostgresJobStore(postgres_url, owner="host-a"), PostgresJobStore(postgres_url, owner="host-b")
-    a._db.execute("TRUNCATE jobs, files")
+    a._db.execute("TRUNCATE jobs, files CASCADE")
     a_running, a_queued, b_running, b_queued = (new_job_id() for _ in range(4))
     for store, running, queued in ((a, a_running, a_queued), (b, b_running, b_queued)):
         store.create(running, "generate", "m", {})
@@ -168,13 +127,13 @@ def test_schema_is_created_once_and_refuses_a_newer_one(postgres_url):
 
 def test_two_servers_on_one_database(postgres_url, tmp_path):
     """Two API servers (own data folders, one PostgreSQL store): a job made through one is listed and fetched
-    through the other; a restart of one marks only its own unfinished jobs failed."""
+    through the other; a restart of one marks only the jobs it was running failed."""
     import httpx
 
     from qimg.serve.store_postgres import PostgresJobStore
     from tests.serve_support import ServerThread, make_settings, wait_models_loaded
 
-    PostgresJobStore(postgres_url)._db.execute("TRUNCATE jobs, files")
+    PostgresJobStore(postgres_url)._db.execute("TRUNCATE jobs, files CASCADE")
     settings = [make_settings(tmp_path / name, store=postgres_url, owner=name) for name in ("a", "b")]
     with ServerThread(settings[0]) as a, ServerThread(settings[1]) as b:
         wait_models_loaded(a.url)
@@ -191,9 +150,44 @@ def test_two_servers_on_one_database(postgres_url, tmp_path):
             assert seen["status"] == "succeeded" and seen["model"] == "tiny"
             assert job_id in [j["id"] for j in http.get(f"{b.url}/v1/jobs").json()["data"]]
     other = PostgresJobStore(postgres_url, owner="b")
-    stranded = new_job_id()
-    other.create(stranded, "generate", "tiny", {})
+    running_on_b = new_job_id()
+    other.create(running_on_b, "generate", "tiny", {})
+    assert other.claim("b", running_on_b) is not None
     with ServerThread(make_settings(tmp_path / "a", store=postgres_url, owner="a")):
         pass  # a's restart recovers a's jobs only
-    assert other.get(stranded).status == QUEUED
+    assert other.get(running_on_b).status == RUNNING
     other.close()
+
+
+def test_reap_requeues_then_fails_jobs_of_silent_workers(postgres_url):
+    """A running job whose worker stopped sending heartbeats is queued again (its partial outputs dropped) while
+    tried fewer than max_attempts times, then failed with the reason; a job with fresh heartbeats is left alone;
+    cancel requests reach the running worker through its heartbeat."""
+    from qimg.serve.store_postgres import PostgresJobStore
+
+    store = PostgresJobStore(postgres_url, owner="api")
+    store._db.execute("TRUNCATE jobs, files CASCADE")
+    silent, alive = new_job_id(), new_job_id()
+    for job_id in (silent, alive):
+        store.create(job_id, "generate", "m", {})
+    assert store.claim("w1", silent).id == silent and store.claim("w1", silent) is None
+    assert store.claim("w2", alive).id == alive
+    store.add_file_data(FileRecord(new_file_id(), silent, "output", "x.png", "image/png", 3, 0, 1.0), b"png")
+    store.add_file_data(FileRecord(new_file_id(), silent, "input", "y.png", "image/png", 3, 0, 1.0), b"inp")
+    time.sleep(0.3)
+    assert store.heartbeat("w2", [alive]) == {}
+    assert store.reap(stale_after=0.2, max_attempts=2) == ([silent], [])
+    job = store.get(silent)
+    assert job.status == QUEUED and [f.role for f in job.files] == ["input"]
+    assert store.get(alive).status == RUNNING
+    assert store.request_cancel(alive, "stop it") and store.heartbeat("w2", [alive]) == {alive: "stop it"}
+    assert store.heartbeat("w1", [alive]) == {}  # not w1's job
+    assert store.claim("w3").id == silent  # the oldest queued job: the requeued one
+    time.sleep(0.3)
+    requeued, ended = store.reap(stale_after=0.2, max_attempts=2)
+    assert sorted(ended) == sorted([silent, alive]) and requeued == []
+    job = store.get(silent)
+    assert job.status == FAILED and job.error_type == "worker_lost" and "w3" in job.error and "2 time" in job.error
+    assert store.get(alive).status == CANCELLED and "stop it" in store.get(alive).error
+    assert store.count_queued() == 0
+    store.close()

@@ -85,7 +85,7 @@ def test_dit_loss_falls(tmp_path):
         losses = []
         for _ in range(8):
             torch.manual_seed(1)
-            loss = T._dit_step(model, cond, random.Random(3), task, src, tgt, pairs, 8, progress=1.0)
+            loss = T._dit_step(model, cond, random.Random(3), task, T.LatentPool(src, tgt, pairs), 8, progress=1.0)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -110,7 +110,7 @@ def test_object_tokens_mark_the_objects_and_words_only():
 
 
 def test_object_weighted_dit_loss(tmp_path, monkeypatch):
-    """With uniform token weights the object-weighted loss is the plain loss; with the object masks it differs."""
+    """With no token weighted up the object-weighted loss is the plain loss; with the object masks it differs."""
     tokenizer = T._load_or_build_tokenizer(tmp_path)
     cond = T.Conditioning(T.build_processor(tokenizer), T.build_text_encoder(tokenizer))
     torch.manual_seed(0)
@@ -120,19 +120,36 @@ def test_object_weighted_dit_loss(tmp_path, monkeypatch):
     z = T.VAE["z_dim"]
     src, tgt = torch.randn(8, z, 8, 8), torch.randn(8, z, 8, 8)
 
-    def loss(weight, tokens=None):
+    def loss(weight, task="t2i", tokens=None):
         monkeypatch.setattr(T, "DIT_OBJECT_WEIGHT", weight)
+        pool = T.LatentPool(src, tgt, pairs)
         if tokens is not None:
-            monkeypatch.setattr(T, "object_tokens", tokens)
+            monkeypatch.setattr(pool, "weight_mask", tokens)
         torch.manual_seed(1)
         with torch.no_grad():
-            return T._dit_step(model, cond, random.Random(3), "t2i", src, tgt, pairs, 4, progress=1.0).item()
+            return T._dit_step(model, cond, random.Random(3), task, pool, 4, progress=1.0).item()
 
-    plain = loss(0.0)
-    assert loss(8.0, lambda scene: torch.ones(64)) == pytest.approx(plain, rel=1e-5)
-    assert loss(8.0, lambda scene: torch.zeros(64)) == pytest.approx(plain, rel=1e-5)
-    monkeypatch.undo()
-    assert abs(loss(8.0) - plain) > 1e-4 * plain
+    for task in ("t2i", "edit"):
+        plain = loss(0.0, task)
+        assert loss(8.0, task, lambda *a: torch.zeros(64)) == pytest.approx(plain, rel=1e-5)
+        monkeypatch.undo()
+        assert abs(loss(8.0, task) - plain) > 1e-4 * plain
+
+
+def test_edit_weight_mask_marks_what_the_edit_changes():
+    """An edit's mask holds the target's objects and every token the edit changes: a removed object's cell too."""
+    rng = random.Random(7)
+    checked = 0
+    while checked < 5:
+        scene = world.random_scene(rng, n_objects=2)
+        instruction, target = world.random_edit(scene, rng, kind="remove")
+        pool = T.LatentPool(None, None, [(scene, instruction, target)])
+        mask = pool.weight_mask(0, "edit", True).view(8, 8)
+        gone = [o for o in scene.objects if o not in target.objects]
+        cx, cy = world.cell_centre(gone[0].cell)
+        assert mask[int(cy // 16), int(cx // 16)] == 1
+        assert pool.weight_mask(0, "t2i", True).view(8, 8)[int(cy // 16), int(cx // 16)] == 0
+        checked += 1
 
 
 class StepClock:

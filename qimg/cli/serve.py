@@ -60,6 +60,23 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="run the HTTP server (OpenAI Images API, layers, jobs, web page)",
                        description="Serve models over HTTP: OpenAI-compatible /v1/images/generations and "
                                    "/v1/images/edits, /v1/images/layers, /v1/jobs, and a web page at /.")
+    server_args(p)
+    p.add_argument("--no-worker", action="store_true",
+                   help="serve the API only: `qimg worker` processes on the same --store run the jobs")
+    from qimg.cli.ray_serve import ray_args
+
+    ray_args(p)
+    p.set_defaults(handler=run)
+    w = sub.add_parser("worker", help="run jobs from a shared job store (--store postgresql://...), no HTTP",
+                       description="A worker process: claims queued jobs from the PostgreSQL job store that `qimg "
+                                   "serve --store` processes share, runs them on this machine's device and stores "
+                                   "the results there. Start as many as there are devices.")
+    server_args(p=w)
+    w.set_defaults(handler=run_worker)
+
+
+def server_args(p) -> None:
+    """The options `qimg serve` and `qimg worker` share."""
     p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
                    help="checkpoint folder or cached repo id, optionally named (repeatable; default: the embedded "
                         "qimg-tiny and qimg-tiny-layered). The first model that does a task is the default for it")
@@ -97,8 +114,13 @@ def register(sub) -> None:
                    help="keep the job rows in PostgreSQL (a database several servers can share; qimg creates the "
                         "schema) instead of SQLite in the data folder")
     p.add_argument("--owner", default=None, metavar="NAME",
-                   help="this server's name in a shared store (default: the host name); its restarts recover only "
-                        "its own jobs")
+                   help="this process's name in a shared store (default: host name and process id); a restart "
+                        "under the same name fails the jobs it left running at once")
+    p.add_argument("--stale-after", type=float, default=30.0, metavar="SECONDS",
+                   help="shared store: a running job whose worker sent no heartbeat (every 2 s) for this long is "
+                        "queued again for another worker, or failed once tried --max-attempts times (default 30)")
+    p.add_argument("--max-attempts", type=int, default=2, metavar="N",
+                   help="shared store: times a job is started before a worker's death fails it (default 2)")
     p.add_argument("--compile", action="store_true",
                    help="compile every model's transformer block with torch.compile (the first job at a size waits "
                         "for the compiler)")
@@ -125,7 +147,6 @@ def register(sub) -> None:
                    help="allow a non-loopback --host with no API key (refused otherwise)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log detail (default info; debug also logs every request)")
-    p.set_defaults(handler=run)
 
 
 def settings_from_args(args):
@@ -148,6 +169,11 @@ def settings_from_args(args):
     if args.max_batch < 1 or not args.batch_megapixels > 0:
         raise InputError(f"--max-batch must be >= 1 and --batch-megapixels > 0, got {args.max_batch} and "
                          f"{args.batch_megapixels}")
+    if getattr(args, "no_worker", False) and not args.store:
+        raise InputError("--no-worker serves the API only: give --store postgresql://... for the workers to share")
+    if args.stale_after <= 2 or args.max_attempts < 1:
+        raise InputError(f"--stale-after must be > 2 seconds (heartbeats come every 2 s) and --max-attempts >= 1, "
+                         f"got {args.stale_after} and {args.max_attempts}")
     if args.job_timeout < 0 or args.max_job_cost < 0:
         raise InputError(f"--job-timeout and --max-job-cost must be >= 0 (0: no limit), got {args.job_timeout} "
                          f"and {args.max_job_cost}")
@@ -161,6 +187,8 @@ def settings_from_args(args):
                     preload=not args.lazy, requeue=not args.no_requeue, limits=limits,
                     job_timeout=args.job_timeout or None, max_batch=args.max_batch,
                     batch_megapixels=args.batch_megapixels, store=args.store, owner=args.owner,
+                    run_jobs=not getattr(args, "no_worker", False), stale_after_s=args.stale_after,
+                    max_attempts=args.max_attempts,
                     load=LoadOptions(dtype=args.dtype, device=args.device, offload=args.offload,
                                      attention=args.attention, loras=tuple(args.lora), lora_mode=args.lora_mode,
                                      lora_partial=args.lora_partial, download=args.download,
@@ -170,16 +198,17 @@ def settings_from_args(args):
 
 
 def run(args) -> int:
+    if args.ray:
+        from qimg.cli.ray_serve import run_ray
+
+        return run_ray(args, settings_or_error(args))
     try:
         import uvicorn
 
         from qimg.serve.app import create_app
     except ModuleNotFoundError as err:
         raise InputError(f"qimg serve needs {err.name!r}: pip install 'qimg[serve]'") from None
-    try:
-        settings = settings_from_args(args)
-    except ValueError as err:
-        raise InputError(str(err)) from None
+    settings = settings_or_error(args)
     try:
         app = create_app(settings)
     except RuntimeError as err:
@@ -189,4 +218,38 @@ def run(args) -> int:
           f"data: {settings.data_dir}  auth: {'on' if settings.api_keys else 'off'}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+    return 0
+
+
+def settings_or_error(args):
+    try:
+        return settings_from_args(args)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+
+
+def run_worker(args) -> int:
+    """`qimg worker`: the services without HTTP, until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    from qimg.serve.app import build_services
+
+    if not args.store:
+        raise InputError("qimg worker takes its jobs from a shared store: give --store postgresql://...")
+    settings = settings_or_error(args)
+    try:
+        services = build_services(settings)
+    except RuntimeError as err:
+        raise InputError(str(err)) from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    services.start()
+    print(f"qimg worker {services.store.owner}: models {', '.join(settings.models)}, jobs from "
+          f"{settings.store.split('@')[-1]}", file=sys.stderr, flush=True)
+    try:
+        stop.wait()
+    finally:
+        services.stop()
     return 0

@@ -18,6 +18,8 @@ def register(sub) -> None:
                        "run starts from the embedded model's weights)")
     train.add_argument("--work", type=Path, default=None, help="checkpoints and caches (default: runs/tiny, "
                        "runs/tiny-layered)")
+    train.add_argument("--device", default="cpu", help="where qimg-tiny's transformer stage trains: cpu or cuda[:N] "
+                       "(bf16 autocast); the other stages and qimg-tiny-layered train on the CPU")
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     train.add_argument("--seed", type=int, default=None,
                        help="fixes the whole run: model init, data, noise (default 1234; a --work folder keeps the "
@@ -54,6 +56,13 @@ def run_train(args) -> int:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        if args.model == "layered":
+            raise InputError(f"--device {args.device}: only qimg-tiny's transformer stage trains off the CPU; "
+                             f"train --model layered without --device")
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            raise InputError(f"--device {args.device}: expected cpu or cuda[:N] with a CUDA device present "
+                             f"(torch.cuda.is_available() is {torch.cuda.is_available()})")
     name = "qimg-tiny" if args.model == "tiny" else "qimg-tiny-layered"
     out = (args.out or user_dir() / name).expanduser()
     package = Path(__import__("qimg").__file__).resolve().parent
@@ -63,7 +72,8 @@ def run_train(args) -> int:
     shipped = embedded_model_path(name)
     source = out if (out / "model_index.json").is_file() else shipped
     work = args.work or Path("runs/tiny" if args.model == "tiny" else "runs/tiny-layered")
-    done = run(args.minutes, work, out, seed=SEED if args.seed is None else args.seed, source=source)
+    extra = {"device": args.device} if args.model == "tiny" else {}
+    done = run(args.minutes, work, out, seed=SEED if args.seed is None else args.seed, source=source, **extra)
     print(f"export: {out}")
     print("training complete" if done else f"stopped after {args.minutes} minutes; run again to resume")
     return 0

@@ -9,6 +9,10 @@ interrupted writes and files with no index row; finished jobs and their files ar
 `queued` are queued again, oldest first, rebuilt from their recorded parameters and input files (with
 `requeue=False` they are marked failed too).
 Then the worker thread starts (and loads the models first unless `preload` is off).
+
+With a shared store (`store=postgresql://...`) the data folder holds only a cache of files whose bytes live in the
+database, so several processes may share it (no lock); queued jobs are not re-queued at start-up, since any worker
+on the database claims them, and a process's recovery touches only its own jobs.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from qimg.serve.events import EventBus
 from qimg.serve.models import ModelRegistry
 from qimg.serve.security import GuardMiddleware
 from qimg.serve.settings import Settings
-from qimg.serve.store import FileStore, JobStore
+from qimg.serve.store import FileStore, JobStore, SharedJobStore
 from qimg.serve.store_disk import DiskFileStore
 from qimg.serve.store_sqlite import SQLiteJobStore
 from qimg.serve.worker import Worker
@@ -44,10 +48,29 @@ class Services:
     models: ModelRegistry
     bus: EventBus
     worker: Worker
+    lock: "DataDirLock"
 
     @property
     def loras(self):
         return self.worker.loras
+
+    def start(self) -> None:
+        """Start-up recovery (see the module's text), then the worker."""
+        settings, store, worker = self.settings, self.store, self.worker
+        failed = store.recover(keep_queued=settings.requeue or worker.shared)
+        removed = self.files.sweep(drop_jobs=failed)
+        if failed or removed:
+            log.warning("restart: %d unfinished job(s) marked failed, %d stray file(s) removed", len(failed), removed)
+        if settings.requeue and not worker.shared and (requeued := worker.requeue(store.queued())):
+            log.warning("restart: %d job(s) left queued were queued again", requeued)
+        worker.start()
+
+    def stop(self) -> None:
+        try:
+            self.worker.stop()
+            self.store.close()
+        finally:
+            self.lock.release()
 
 
 class DataDirLock:
@@ -85,38 +108,45 @@ def open_store(settings: Settings) -> JobStore:
     return SQLiteJobStore(settings.data_dir / "jobs.sqlite3")
 
 
-def create_app(settings: Settings, *, pipelines: dict[str, object] | None = None) -> FastAPI:
-    """The ASGI app. `pipelines` adds ready-made pipeline objects by name (embedding qimg, tests)."""
+def open_files(settings: Settings, store: JobStore) -> FileStore:
+    """File bytes in the shared store's database (cached in the data folder), else under the data folder."""
+    if isinstance(store, SharedJobStore):
+        from qimg.serve.store_dbfiles import DatabaseFileStore
+
+        return DatabaseFileStore(settings.data_dir / "cache", store)
+    return DiskFileStore(settings.data_dir / "files", store)
+
+
+def build_services(settings: Settings, pipelines: dict[str, object] | None = None) -> Services:
+    """Every service, wired once; `start()` / `stop()` run the start-up recovery and the worker."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = DataDirLock(data_dir)
-    lock.acquire()
+    if not settings.store:
+        lock.acquire()
     try:
         store = open_store(settings)
         models = ModelRegistry(settings.models, load=settings.load, pipelines=pipelines)
+        files = open_files(settings, store)
     except BaseException:
         lock.release()
         raise
-    files = DiskFileStore(data_dir / "files", store)
     bus = EventBus()
     worker = Worker(settings, store, files, models, bus)
-    services = Services(settings, store, files, models, bus, worker)
+    return Services(settings, store, files, models, bus, worker, lock)
+
+
+def create_app(settings: Settings, *, pipelines: dict[str, object] | None = None) -> FastAPI:
+    """The ASGI app. `pipelines` adds ready-made pipeline objects by name (embedding qimg, tests)."""
+    services = build_services(settings, pipelines)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        failed = store.recover(keep_queued=settings.requeue)
-        removed = files.sweep(drop_jobs=failed)
-        if failed or removed:
-            log.warning("restart: %d unfinished job(s) marked failed, %d stray file(s) removed", len(failed), removed)
-        if settings.requeue and (requeued := worker.requeue(store.queued())):
-            log.warning("restart: %d job(s) left queued were queued again", requeued)
-        worker.start()
+        services.start()
         try:
             yield
         finally:
-            worker.stop()
-            store.close()
-            lock.release()
+            services.stop()
 
     app = FastAPI(title="qimg", version=qimg.__version__, lifespan=lifespan,
                   default_response_class=errors.SafeJSONResponse,

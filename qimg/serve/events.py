@@ -64,6 +64,11 @@ class EventBus:
             except RuntimeError:  # that loop is closed: the subscriber is gone
                 self.unsubscribe(sub)
 
+    def subscribed(self) -> list[str]:
+        """The jobs someone in this process waits on."""
+        with self._lock:
+            return list(self._subs)
+
     def progress(self, job_id: str) -> dict | None:
         """The last progress report of a running job (without the preview)."""
         return self._progress.get(job_id)

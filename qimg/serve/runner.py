@@ -80,6 +80,24 @@ class LayersResult:
 OUTPUT_KEYS = ("output_format", "output_compression", "format")
 
 
+def stored_result(job, files: FileStore) -> ImagesResult | LayersResult:
+    """A finished job's result, rebuilt from its row and its stored files (the job ran in another process)."""
+    def load(record: FileRecord) -> Stored:
+        found = files.path(record.id)
+        if found is None:
+            raise FileNotFoundError(f"output {record.id} of job {job.id} is missing")
+        return Stored(record, found[1].read_bytes())
+
+    r = job.result
+    by_role = {role: sorted((f for f in job.files if f.role == role), key=lambda f: f.index)
+               for role in ("output", "layer", "export")}
+    if job.kind == "layers":
+        return LayersResult([load(f) for f in by_role["layer"]], (by_role["export"] or [None])[0], r["width"],
+                            r["height"], r["format"])
+    return ImagesResult([load(f) for f in by_role["output"]], r["width"], r["height"], r.get("seed"),
+                        r.get("seconds"), r.get("steps"), r.get("batch", 1))
+
+
 def spec_from_params(kind: str, params: dict, images: list[Image.Image]) -> Spec:
     """A job's spec from the parameters recorded in its row and its input pictures: the routes build every spec
     this way, so a job still queued when the server stopped is rebuilt exactly when it is requeued."""

@@ -81,7 +81,12 @@ class Settings:
     max_batch: int = 8  # queued generations denoised together (same model, size, schedule, LoRAs); 1: off
     batch_megapixels: float = 4.0  # output pixels a batch may hold (sum of n x width x height), in millions
     store: str | None = None  # "postgresql://...": job rows in PostgreSQL (qimg.serve.store_postgres); None: SQLite
-    owner: str | None = None  # this server's name in a shared store (default: the host name)
+    owner: str | None = None  # this process's name in a shared store (default: host name and process id)
+    run_jobs: bool = True  # False: this process serves the API only; workers on the shared store run its jobs
+    poll_s: float = 0.5  # a worker on a shared store looks for queued jobs this often when idle
+    heartbeat_s: float = 2.0  # shared store: heartbeats, cancels from other processes, take-over of stopped workers
+    stale_after_s: float = 30.0  # a running job whose worker sent no heartbeat for this long is taken back
+    max_attempts: int = 2  # times a job is run before a worker's death fails it instead of queueing it again
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -97,5 +102,12 @@ class Settings:
         if self.store is not None and not self.store.startswith(("postgresql://", "postgres://")):
             raise ValueError(f"store must be a postgresql:// URL (or none for SQLite in the data folder), got "
                              f"{self.store.split('@')[-1]!r}")
+        if not self.run_jobs and self.store is None:
+            raise ValueError("a server that runs no jobs needs a shared store (store=postgresql://...) whose workers "
+                             "run them")
+        if not (0 < self.heartbeat_s < self.stale_after_s) or self.poll_s <= 0 or self.max_attempts < 1:
+            raise ValueError(f"shared-store timing: need 0 < heartbeat_s ({self.heartbeat_s}) < stale_after_s "
+                             f"({self.stale_after_s}), poll_s > 0 ({self.poll_s}), max_attempts >= 1 "
+                             f"({self.max_attempts})")
         if self.job_timeout is not None and not self.job_timeout > 0:
             raise ValueError(f"job_timeout must be > 0 seconds (or None for no limit), got {self.job_timeout}")

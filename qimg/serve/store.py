@@ -158,6 +158,45 @@ class JobStore(ABC):
     def close(self) -> None: ...
 
 
+class SharedJobStore(JobStore):
+    """A job store several worker processes (on one or many machines) share. Any worker may run any queued job: it
+    claims it with a row lock, so no job runs twice; while it runs a job it sends heartbeats, which also carry
+    cancel requests made through other processes; a job whose worker stopped sending them (killed, machine lost)
+    is taken back by `reap` and queued again, or failed once it has been tried `max_attempts` times."""
+
+    owner: str  # this process's name: the jobs it accepts and runs carry it
+
+    @abstractmethod
+    def claim(self, worker: str, job_id: str | None = None) -> Job | None:
+        """Mark a queued job running for `worker` and return it: `job_id`, else the oldest, this process's own jobs
+        first; None when there is none (or `job_id` is not queued)."""
+
+    @abstractmethod
+    def heartbeat(self, worker: str, job_ids: list[str]) -> dict[str, str]:
+        """`worker` is alive and still running `job_ids`; returns {job id: reason} for those a cancel was requested
+        for."""
+
+    @abstractmethod
+    def request_cancel(self, job_id: str, reason: str) -> bool:
+        """Ask the worker running `job_id` to stop it (at its next heartbeat); False if it is not running."""
+
+    @abstractmethod
+    def reap(self, stale_after: float, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Running jobs with no heartbeat for `stale_after` seconds: queued again (their partial outputs dropped)
+        while they have been tried fewer than `max_attempts` times, else failed; cancelled when a cancel was asked
+        for. Returns (requeued, ended) ids."""
+
+    @abstractmethod
+    def count_queued(self) -> int: ...
+
+    @abstractmethod
+    def add_file_data(self, record: FileRecord, data: bytes) -> None:
+        """The file's index row and its bytes, in one transaction."""
+
+    @abstractmethod
+    def file_data(self, file_id: str) -> bytes | None: ...
+
+
 class FileStore(ABC):
     """File bytes by server-generated id; every write is atomic (a reader never sees a partial file)."""
 

@@ -1,8 +1,9 @@
-"""`JobStore` on PostgreSQL (`--store postgresql://...`, psycopg 3): the job rows and the file index in a database
-several machines can share. qimg creates the schema and migrates it (`qimg_schema` holds the version). Each server
-has an `owner` name (its host's, by default): the jobs it accepts and runs carry it, and its start-up recovery and
-re-queueing touch only its own jobs, never another server's. Workers may also take queued jobs with `claim()`, a row
-lock that skips rows another worker holds (`FOR UPDATE SKIP LOCKED`), so no job is handed out twice."""
+"""`SharedJobStore` on PostgreSQL (`--store postgresql://...`, psycopg 3): the job rows, the file index and the
+files' bytes in a database several processes and machines share. qimg creates the schema and migrates it
+(`qimg_schema` holds the version). Each process has an `owner` name (host and process id, by default): the jobs it
+accepts and runs carry it, and its start-up recovery touches only its own jobs. Workers take queued jobs with
+`claim()`, a row lock that skips rows another worker holds (`FOR UPDATE SKIP LOCKED`), so no job is handed out
+twice; a running job's worker sends heartbeats, and `reap()` takes back the jobs of workers that stopped."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import json
 import threading
 import time
 
-from qimg.serve.store import (CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL, FileRecord, Job, JobStore, storable)
+from qimg.serve.store import (CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL, FileRecord, Job, SharedJobStore,
+                              storable)
 from qimg.serve.store_sqlite import RESTART_QUEUED, RESTART_RUNNING
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = {1: """
 CREATE TABLE jobs (
     seq BIGSERIAL PRIMARY KEY,
@@ -43,7 +45,13 @@ CREATE TABLE files (
     created_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX files_job ON files(job_id);
+""", 2: """
+ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN heartbeat_at DOUBLE PRECISION;
+ALTER TABLE jobs ADD COLUMN cancel_reason TEXT;
+CREATE TABLE file_data (id TEXT PRIMARY KEY REFERENCES files(id) ON DELETE CASCADE, data BYTEA NOT NULL);
 """}
+OUTPUT_ROLES = ["output", "layer", "export"]
 JOB_COLUMNS = "id, kind, status, model, params, result, error, error_type, created_at, started_at, finished_at"
 FILE_COLUMNS = "id, job_id, role, name, mime, bytes, idx, created_at"  # FileRecord's fields, in order
 
@@ -72,11 +80,16 @@ def connect(url: str):
         raise RuntimeError(f"cannot open the job store at {where}: {str(err).strip().splitlines()[0]}") from None
 
 
-class PostgresJobStore(JobStore):
-    def __init__(self, url: str, owner: str | None = None):
-        import socket
+def default_owner() -> str:
+    import os
+    import socket
 
-        self.url, self.owner = url, owner or socket.gethostname()
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class PostgresJobStore(SharedJobStore):
+    def __init__(self, url: str, owner: str | None = None):
+        self.url, self.owner = url, owner or default_owner()
         self._lock = threading.RLock()
         self._db = connect(url)
         self.migrate()
@@ -140,17 +153,55 @@ class PostgresJobStore(JobStore):
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE status=%s AND owner=%s ORDER BY seq", (QUEUED, self.owner))]
 
     def mark_running(self, job_id: str) -> bool:
-        return self._count("UPDATE jobs SET status=%s, started_at=%s, worker=%s WHERE id=%s AND status=%s",
-                           (RUNNING, time.time(), self.owner, job_id, QUEUED)) == 1
+        return self.claim(self.owner, job_id) is not None
 
-    def claim(self, worker: str) -> Job | None:
-        """The oldest queued job, marked running for `worker`; a row another worker is claiming is skipped, so no
-        two workers get the same job. None when nothing is queued."""
+    def claim(self, worker: str, job_id: str | None = None) -> Job | None:
+        pick = ("SELECT seq FROM jobs WHERE id=%s AND status=%s FOR UPDATE SKIP LOCKED", (job_id, QUEUED)) if job_id \
+            else ("SELECT seq FROM jobs WHERE status=%s ORDER BY (owner = %s) DESC, seq FOR UPDATE SKIP LOCKED LIMIT 1",
+                  (QUEUED, self.owner))
+        now = time.time()
         rows = self._rows(
-            f"UPDATE jobs SET status=%s, started_at=%s, worker=%s WHERE seq = (SELECT seq FROM jobs WHERE status=%s "
-            f"ORDER BY seq FOR UPDATE SKIP LOCKED LIMIT 1) AND status=%s RETURNING {JOB_COLUMNS}",
-            (RUNNING, time.time(), worker, QUEUED, QUEUED))
+            f"UPDATE jobs SET status=%s, started_at=%s, heartbeat_at=%s, worker=%s, attempts=attempts+1, "
+            f"cancel_reason=NULL WHERE seq = ({pick[0]}) AND status=%s RETURNING {JOB_COLUMNS}",
+            (RUNNING, now, now, worker, *pick[1], QUEUED))
         return self._job(rows[0]) if rows else None
+
+    def heartbeat(self, worker: str, job_ids: list[str]) -> dict[str, str]:
+        if not job_ids:
+            return {}
+        rows = self._rows("UPDATE jobs SET heartbeat_at=%s WHERE id = ANY(%s) AND worker=%s AND status=%s "
+                          "RETURNING id, cancel_reason", (time.time(), list(job_ids), worker, RUNNING))
+        return {job_id: reason for job_id, reason in rows if reason is not None}
+
+    def request_cancel(self, job_id: str, reason: str) -> bool:
+        return self._count("UPDATE jobs SET cancel_reason=%s WHERE id=%s AND status=%s",
+                           (pg_safe(reason), job_id, RUNNING)) == 1
+
+    def reap(self, stale_after: float, max_attempts: int) -> tuple[list[str], list[str]]:
+        now = time.time()
+        with self._lock, self._db.transaction():
+            stale = self._db.execute(
+                "SELECT id, attempts, worker, cancel_reason FROM jobs WHERE status=%s AND heartbeat_at < %s "
+                "FOR UPDATE SKIP LOCKED", (RUNNING, now - stale_after)).fetchall()
+            again = [job_id for job_id, attempts, _, cancel in stale if attempts < max_attempts and cancel is None]
+            lost = [row for row in stale if row[0] not in again]
+            if again:
+                self._db.execute("DELETE FROM files WHERE job_id = ANY(%s) AND role = ANY(%s)", (again, OUTPUT_ROLES))
+                self._db.execute("UPDATE jobs SET status=%s, started_at=NULL, heartbeat_at=NULL, worker=NULL "
+                                 "WHERE id = ANY(%s)", (QUEUED, again))
+            for job_id, attempts, worker, cancel in lost:
+                if cancel is not None:  # it was being cancelled: that is what it ends as
+                    status, kind, error = CANCELLED, "cancelled", f"{cancel} (its worker {worker} stopped)"
+                else:
+                    status, kind = FAILED, "worker_lost"
+                    error = (f"the worker running this job ({worker}) stopped answering for {stale_after:g} s; the job "
+                             f"was tried {attempts} time(s) and is not tried again")
+                self._db.execute("UPDATE jobs SET status=%s, error=%s, error_type=%s, finished_at=%s WHERE id=%s",
+                                 (status, pg_safe(error), kind, now, job_id))
+        return again, [row[0] for row in lost]
+
+    def count_queued(self) -> int:
+        return self._rows("SELECT count(*) FROM jobs WHERE status=%s", (QUEUED,))[0][0]
 
     def finish(self, job_id: str, status: str, *, result: dict | None = None, error: str | None = None,
                error_type: str | None = None) -> bool:
@@ -206,6 +257,17 @@ class PostgresJobStore(JobStore):
         return [self._file(r) for r in self._rows(
             f"SELECT {FILE_COLUMNS} FROM files WHERE job_id = ANY(%s) AND role = ANY(%s) ORDER BY job_id, role, idx",
             (list(job_ids), list(roles)))]
+
+    def add_file_data(self, record: FileRecord, data: bytes) -> None:
+        with self._lock, self._db.transaction():
+            self._db.execute(f"INSERT INTO files ({FILE_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                             (record.id, record.job_id, record.role, record.name, record.mime, record.bytes,
+                              record.index, record.created_at or time.time()))
+            self._db.execute("INSERT INTO file_data (id, data) VALUES (%s, %s)", (record.id, data))
+
+    def file_data(self, file_id: str) -> bytes | None:
+        rows = self._rows("SELECT data FROM file_data WHERE id=%s", (file_id,))
+        return bytes(rows[0][0]) if rows else None
 
     def all_file_names(self) -> set[str]:
         return {r[0] for r in self._rows("SELECT name FROM files")}

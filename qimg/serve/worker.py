@@ -1,5 +1,11 @@
 """The worker: one thread that runs jobs one at a time (one accelerator, one job), in arrival order.
 
+With a shared store (PostgreSQL) the worker takes its jobs from the database instead of a local queue: any
+process on that database may run any job (`SharedJobStore.claim`), this process's own first; admission counts the
+jobs queued in the database; cancels, heartbeats, the take-over of jobs whose worker died and the answers to
+requests whose job ran elsewhere go through `qimg.serve.shared.SharedDuties`. A process with `run_jobs` off
+serves the API only.
+
 Admission is bounded: at most `max_queue` jobs wait (the running one not counted); `submit` raises HTTP 429 with
 a Retry-After estimate beyond that. Cancelling a queued job drops it; cancelling a running one (by request, or
 because the client of a synchronous request went away) stops it through its `JobControl`, which the pipeline polls
@@ -29,7 +35,7 @@ from qimg.serve.events import EventBus
 from qimg.serve.loras import LoraLibrary
 from qimg.serve.models import ModelRegistry
 from qimg.serve.settings import Settings
-from qimg.serve.store import CANCELLED, FAILED, RUNNING, SUCCEEDED, FileStore, JobStore
+from qimg.serve.store import CANCELLED, FAILED, RUNNING, SUCCEEDED, FileStore, JobStore, SharedJobStore
 from qimg.serve.uploads import queue_full
 
 log = logging.getLogger("qimg.serve")
@@ -94,11 +100,20 @@ class Worker:
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
         self._thread: threading.Thread | None = None
         self.loading = False
+        self.shared = isinstance(store, SharedJobStore)
+        self.duties = None
+        if self.shared:
+            from qimg.serve.shared import SharedDuties
+
+            self.duties = SharedDuties(self)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="qimg-worker", daemon=True)
-        self._thread.start()
+        if self.settings.run_jobs:
+            self._thread = threading.Thread(target=self._loop, name="qimg-worker", daemon=True)
+            self._thread.start()
+        if self.duties is not None:
+            self.duties.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -114,6 +129,8 @@ class Worker:
             self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": FAILED, "outcome": ApiError(
                 503, STOPPED_KEPT if keep else STOPPED_QUEUED, code="server_shutdown")})
         self._queue.put(None)
+        if self.duties is not None:
+            self.duties.stop()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -122,6 +139,8 @@ class Worker:
         """Create the job row and queue it; raises HTTP 429 (with Retry-After) when the queue is full."""
         if self._stopping.is_set():
             raise ApiError(503, "the server is shutting down", code="server_shutdown")
+        if self.shared:
+            return self._submit_shared(task)
         with self._lock:
             if len(self._pending) >= self.settings.max_queue:
                 raise queue_full(self._retry_after())
@@ -137,6 +156,24 @@ class Worker:
             task.inputs = None  # on disk now; read back when the job runs
             self._pending[task.job_id] = task
         self._queue.put(task.job_id)
+        return job
+
+    def _submit_shared(self, task: Task):
+        """Into the shared store: the input pictures first, then the queued row (another process may claim it at
+        once), then a nudge to this process's worker."""
+        if self.store.count_queued() >= self.settings.max_queue:
+            raise queue_full(self._retry_after())
+        stored = []
+        try:
+            for i, upload in enumerate(task.inputs or []):
+                stored.append(self.files.put_bytes(upload.data, ext=upload.ext, mime=upload.mime, job_id=task.job_id,
+                                                   role="input", index=i).id)
+            job = self.store.create(task.job_id, task.kind, task.model, task.params)
+        except BaseException:
+            self.store.delete_files(stored)
+            raise
+        task.inputs = None
+        self.nudge()
         return job
 
     def requeue(self, jobs: list) -> int:
@@ -184,7 +221,7 @@ class Worker:
     def cancel(self, job_id: str, reason: str = "cancelled by request") -> str:
         """'cancelled' (it was queued), 'stopping' (it is running: it stops before its next step) or its status."""
         with self._lock:
-            if job_id in self._pending and self.store.cancel_queued(job_id, reason):
+            if (job_id in self._pending or self.shared) and self.store.cancel_queued(job_id, reason):
                 self._pending.pop(job_id, None)
                 self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": CANCELLED,
                                           "outcome": Cancelled(reason)})
@@ -193,13 +230,30 @@ class Worker:
             if control is not None:
                 control.stop(reason)
                 return "stopping"
+        if self.shared and self.store.request_cancel(job_id, reason):  # running in another process
+            return "stopping"
         job = self.store.get(job_id)
         return job.status if job else "unknown"
 
     def state(self) -> dict:
+        waiting = self.store.count_queued() if self.shared else None
         with self._lock:
-            return {"waiting": len(self._pending), "running": self._running, "max_queue": self.settings.max_queue,
-                    "loading_models": self.loading}
+            return {"waiting": len(self._pending) if waiting is None else waiting, "running": self._running,
+                    "max_queue": self.settings.max_queue, "loading_models": self.loading}
+
+    def nudge(self) -> None:
+        """Wake the loop to claim a job now (one was queued or queued again)."""
+        self._queue.put("")
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return list(self._controls)
+
+    def stop_running(self, job_id: str, reason: str) -> None:
+        with self._lock:
+            control = self._controls.get(job_id)
+        if control is not None:
+            control.stop(reason)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -214,16 +268,17 @@ class Worker:
                     log.error("model %s could not be loaded: %s", entry.name, err)
             self.loading = False
         while not self._stopping.is_set():
-            job_id = self._queue.get()
-            if job_id is None or self._stopping.is_set():
-                break
+            task = self._claim() if self.shared else self._next_local()
+            if task is None:
+                continue
             with self._lock:
-                task = self._pending.pop(job_id, None)
-                if task is None:  # cancelled while queued
-                    continue
-                batch = [t for t in [task, *self._companions(task)] if self.store.mark_running(t.job_id)]
+                if self.shared:
+                    batch = [task]
+                else:
+                    batch = [t for t in [task, *self._companions(task)] if self.store.mark_running(t.job_id)]
                 if not batch:
                     continue
+                job_id = task.job_id
                 self._running = job_id
                 controls = {t.job_id: JobControl(self.settings.job_timeout) for t in batch}
                 self._controls.update(controls)
@@ -239,6 +294,30 @@ class Worker:
                     self._running = None
                     for t in batch:
                         self._controls.pop(t.job_id, None)
+
+    def _next_local(self) -> Task | None:
+        job_id = self._queue.get()
+        if job_id is None or self._stopping.is_set():
+            return None
+        with self._lock:
+            return self._pending.pop(job_id, None)  # None: cancelled while queued
+
+    def _claim(self) -> Task | None:
+        """The next job from the shared store (marked running for this worker), or None after waiting for a nudge
+        (a job submitted here) or the poll interval."""
+        try:
+            job = self.store.claim(self.store.owner)
+        except Exception as err:  # noqa: BLE001 - the database is away: keep trying, never end the loop
+            log.error("could not claim a job from the shared store: %s", err)
+            self._stopping.wait(self.settings.poll_s)
+            return None
+        if job is not None:
+            return Task(job.id, job.kind, job.model, job.params)
+        try:
+            self._queue.get(timeout=self.settings.poll_s)
+        except queue.Empty:
+            pass
+        return None
 
     def _run(self, task: Task, control: JobControl) -> None:
         job_id = task.job_id

@@ -30,7 +30,9 @@ from qimg.tiny.fit import (user_dir, SEED, _save, cosine_lr, decoder_steps, expo
 IMAGE_TOKENS = 64  # 128x128 at 16x
 VAE_STEPS = 2500
 DECODER_STEPS = 1200
-DIT_STEPS = 6000
+DIT_STEPS = 14000
+# a run resumed with a fresh optimizer (from an export) warms its rate up again over this many steps
+REWARM_STEPS = 200
 POOL_PAIRS = 12000  # edit pairs; sources and targets also serve text-to-image
 VAE = dict(base_dim=8, decoder_base_dim=16, z_dim=32, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
            temperal_downsample=(False, True, True, True), in_channels=4, out_channels=4)
@@ -228,10 +230,12 @@ def build_pool(work: Path, deadline: float, seed: int = SEED) -> bool:
             if len(pairs) % 3200 == 0:
                 log(f"latents: {len(pairs)}/{POOL_PAIRS}")
     src_z, tgt_z = torch.cat(sources), torch.cat(targets)
-    both = torch.cat([src_z, tgt_z]).float()
-    mean = both.mean(dim=(0, 2, 3)).tolist()
-    std = both.std(dim=(0, 2, 3)).tolist()
-    (work / "latent-stats.json").write_text(json.dumps({"mean": mean, "std": std}))
+    stats = work / "latent-stats.json"
+    if not stats.exists():  # a work folder seeded from an export keeps the statistics its transformer was trained on
+        both = torch.cat([src_z, tgt_z]).float()
+        mean = both.mean(dim=(0, 2, 3)).tolist()
+        std = both.std(dim=(0, 2, 3)).tolist()
+        stats.write_text(json.dumps({"mean": mean, "std": std}))
     scenes = [(s, i, t) for s, i, t in pairs]
     torch.save({"src": src_z, "tgt": tgt_z, "pairs": scenes}, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
@@ -295,43 +299,83 @@ def equal_length_batch(cond: Conditioning, draw, size: int, n_images: int, max_t
     return chosen
 
 
-def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32) -> bool:
+class LatentPool:
+    """The cached edit pairs as normalised latents (on the training device) with their scenes, and the
+    loss-weight masks of each pair's scenes, computed once (rendering them is a tenth of a CPU step)."""
+
+    def __init__(self, src: torch.Tensor, tgt: torch.Tensor, pairs: list):
+        self.src, self.tgt, self.pairs = src, tgt, pairs
+        self._masks: dict = {}
+
+    @classmethod
+    def load(cls, work: Path, device: str) -> "LatentPool":
+        pool = torch.load(work / "pool.pt", weights_only=False)
+        stats = json.loads((work / "latent-stats.json").read_text())
+        mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
+        return cls(((pool["src"].float() - mean) / std).to(device), ((pool["tgt"].float() - mean) / std).to(device),
+                   pool["pairs"])
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def weight_mask(self, i: int, task: str, use_target: bool) -> torch.Tensor:
+        """`[tokens]` 1.0 on the tokens the loss weights up: the objects and words of the frame being denoised
+        and, for an edit, every token whose pixels the edit changes (a removed object's cell too)."""
+        key = (i, task, use_target)
+        if key not in self._masks:
+            src, _, tgt = self.pairs[i]
+            scene = tgt if task == "edit" or use_target else src
+            mask = object_tokens(scene)
+            if task == "edit":
+                mask = torch.maximum(mask, patch_any((world.render_array(tgt) != world.render_array(src)).any(-1)))
+            self._masks[key] = mask
+        return self._masks[key]
+
+
+def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32, device: str = "cpu") -> bool:
     path = work / "state-dit.pt"
-    pool = torch.load(work / "pool.pt", weights_only=False)
-    stats = json.loads((work / "latent-stats.json").read_text())
-    mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
-    src = (pool["src"].float() - mean) / std
-    tgt = (pool["tgt"].float() - mean) / std
-    pairs = pool["pairs"]
+    pool = LatentPool.load(work, device)
     tokenizer = _load_or_build_tokenizer(work)
     processor = build_processor(tokenizer)
     text_encoder = build_text_encoder(tokenizer, seed).train()
     torch.manual_seed(seed)
     model = QwenImage21Transformer(QwenImage21Config(**DIT)).train()
     _init_dit(model)
-    params = list(model.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01, betas=(0.9, 0.99))
-    state = resume_state(path, model, opt)
+    state = resume_state(path, model)
     if state:
         text_encoder.load_state_dict(state["text_encoder"])
-    ema = state.get("ema") or {k: v.detach().clone() for k, v in _all_state(model, text_encoder).items()}
+    model.to(device)
+    text_encoder.to(device)
+    params = list(model.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01, betas=(0.9, 0.99))
+    if state.get("opt") is not None:
+        opt.load_state_dict(state["opt"])
+    ema = {k: v.to(device) for k, v in state["ema"].items()} if state.get("ema") else \
+        {k: v.detach().clone() for k, v in _all_state(model, text_encoder).items()}
     step, rng = state.get("step", 0), state.get("rng", random.Random(seed + 2))
+    warm_from = state.get("warm_from", 0)
     if step >= DIT_STEPS:
         return True
     cond = Conditioning(processor, text_encoder)
-    log(f"dit: step {step}/{DIT_STEPS}, {sum(p.numel() for p in model.parameters()):,} transformer and "
-        f"{sum(p.numel() for p in text_encoder.parameters()):,} encoder parameters")
+    log(f"dit: step {step}/{DIT_STEPS} on {device}, {sum(p.numel() for p in model.parameters()):,} transformer "
+        f"and {sum(p.numel() for p in text_encoder.parameters()):,} encoder parameters")
     losses: dict[str, list] = {"t2i": [], "edit": []}
     started = time.time()
+
+    def save():
+        cpu = lambda sd: {k: v.cpu() for k, v in sd.items()}  # noqa: E731
+        _save(path, model=cpu(model.state_dict()), text_encoder=cpu(text_encoder.state_dict()), opt=opt.state_dict(),
+              ema=cpu(ema), step=step, rng=rng, warm_from=warm_from)
+
     while step < DIT_STEPS and time.time() < deadline:
         step_seed(seed + 2, step)
-        progress = step / DIT_STEPS
-        lr = cosine_lr(5e-4, step, DIT_STEPS, 500)
+        lr = cosine_lr(5e-4, step, DIT_STEPS, 500) * min(1.0, (step - warm_from + 1) / REWARM_STEPS)
         for group in opt.param_groups:
             group["lr"] = lr
         task = "edit" if rng.random() < 0.4 else "t2i"
-        loss = _dit_step(model, cond, rng, task, src, tgt, pairs, batch, progress)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+            loss = _dit_step(model, cond, rng, task, pool, batch, step / DIT_STEPS)
         optimizer_step(opt, loss, params)
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
@@ -347,10 +391,8 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32) ->
                 f"edit {np.mean(losses['edit'] or [0]):.4f} lr {lr:.2e} {rate:.2f} it/s")
             losses = {"t2i": [], "edit": []}
         if step % 500 == 0:
-            _save(path, model=model.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(),
-                  ema=ema, step=step, rng=rng)
-    _save(path, model=model.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(), ema=ema,
-          step=step, rng=rng)
+            save()
+    save()
     return step >= DIT_STEPS
 
 
@@ -384,11 +426,11 @@ def cached_tokenizer(work: Path, texts):
     return qwen_tokenizer(data["vocab"], data["merges"])
 
 
-def _dit_step(model, cond, rng, task, src, tgt, pairs, batch, progress) -> torch.Tensor:
-    n_pool = len(pairs)
+def _dit_step(model, cond, rng, task, pool: LatentPool, batch, progress) -> torch.Tensor:
+    pairs = pool.pairs
 
     def draw():
-        i = rng.randrange(n_pool)
+        i = rng.randrange(len(pool))
         s, instruction, t = pairs[i]
         if task == "edit":
             return instruction, i, True
@@ -402,27 +444,26 @@ def _dit_step(model, cond, rng, task, src, tgt, pairs, batch, progress) -> torch
     chosen = equal_length_batch(cond, draw, batch, 1 if task == "edit" else 0, max_tries=20 * batch)
     # for CFG, drop the text of a whole batch at a time (a shorter prompt would change the batch's token length)
     prompts = [c[0] for c in chosen] if rng.random() > 0.1 else [" "] * len(chosen)
-    idx = torch.tensor([c[1] for c in chosen])
+    idx = [c[1] for c in chosen]
+    device = pool.src.device
     if task == "t2i":
-        x0 = torch.stack([tgt[i] if use_t else src[i] for (_, i, use_t) in chosen])
+        x0 = torch.stack([pool.tgt[i] if use_t else pool.src[i] for (_, i, use_t) in chosen])
         states, slots = cond(prompts)
         cond_tokens, cond_shapes = [], []
     else:
-        x0 = tgt[idx]
-        images = [world.render(pairs[i][0]) for i in idx.tolist()]
-        states, slots = cond(prompts, images)
-        cond_tokens, cond_shapes = [src[idx].flatten(2).transpose(1, 2)], [(8, 8)]
+        x0 = pool.tgt[idx]
+        states, slots = cond(prompts, [world.render(pairs[i][0]) for i in idx])
+        cond_tokens, cond_shapes = [pool.src[idx].flatten(2).transpose(1, 2)], [(8, 8)]
     b = x0.shape[0]
     x0 = x0.flatten(2).transpose(1, 2)
-    sigma = sample_sigmas(b, SIGMA_SHIFT)
-    noise = torch.randn_like(x0)
+    sigma = sample_sigmas(b, SIGMA_SHIFT).to(device)
+    noise = torch.randn(x0.shape).to(device)  # drawn on the CPU: the same noise on every device for one seed
     xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-    prefix = model.encode_prefix(states, slots, cond_tokens, cond_shapes)
-    v = model.denoise(xt, sigma, prefix, (8, 8))
-    if not DIT_OBJECT_WEIGHT:
-        return F.mse_loss(v, noise - x0)
-    scenes = [pairs[i][2] if task == "edit" or c[2] else pairs[i][0] for c, i in zip(chosen, idx.tolist())]
-    weight = 1 + DIT_OBJECT_WEIGHT * torch.stack([object_tokens(s) for s in scenes])
+    prefix = model.encode_prefix(states, slots.to(device), cond_tokens, cond_shapes)
+    v = model.denoise(xt, sigma, prefix, (8, 8)).float()
+    mask = torch.stack([pool.weight_mask(i, task, c[2]) for c, i in zip(chosen, idx)]).to(device)
+    # objects weigh more at high noise, where the prompt alone lays them out: OBJECT_WEIGHT x (0.5 + sigma)
+    weight = 1 + DIT_OBJECT_WEIGHT * (0.5 + sigma[:, None]) * mask
     return ((v - (noise - x0)).pow(2).mean(-1) * weight).sum() / weight.sum()
 
 
@@ -478,7 +519,8 @@ def resume_from_export(out: Path, work: Path) -> bool:
              for k in te_keys}
     ema = {**{f"dit.{k}": v.clone() for k, v in dit_sd.items()}, **{f"te.{k}": v.clone() for k, v in te_sd.items()}}
     _save(work / "state-dit.pt", model=dit_sd, text_encoder=te_sd, opt=None, ema=ema,
-          step=int(meta.get("trained_steps", 0)), rng=random.Random(SEED + 2))
+          step=int(meta.get("trained_steps", 0)), rng=random.Random(SEED + 2),
+          warm_from=int(meta.get("trained_steps", 0)))
     log(f"resumed from {out} at step {meta.get('trained_steps', 0)} (optimizer state starts fresh)")
     return True
 
@@ -492,11 +534,15 @@ STAGES = ("vae", "latents", "decoder", "dit", "export")
 
 
 def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int = SEED,
-        source: Path | None = None) -> bool:
+        source: Path | None = None, device: str = "cpu") -> bool:
     """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
     whole run (a work folder keeps the one it was started with). An empty work folder is seeded from the export
-    at `source` (default: `out`) when there is one."""
-    fits = [("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder), ("dit", train_dit)]
+    at `source` (default: `out`) when there is one. `device` runs the transformer stage there (bf16 autocast on
+    CUDA); the others are short and stay on the CPU."""
+    import functools
+
+    fits = [("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder),
+            ("dit", functools.partial(train_dit, device=device))]
     return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export,
                       source)
 

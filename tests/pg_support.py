@@ -1,0 +1,47 @@
+"""A PostgreSQL server of its own for a test module (Debian's `postgresql` package; `.ci/run` installs it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+PG_BIN = [Path(p) for p in sorted(Path("/usr/lib/postgresql").glob("*/bin"))] if Path("/usr/lib/postgresql").is_dir() \
+    else []
+
+
+def pg_tool(name: str) -> str | None:
+    return shutil.which(name) or next((str(b / name) for b in PG_BIN if (b / name).is_file()), None)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A PostgreSQL server of its own (initdb in a temporary folder, a Unix socket there, trust auth), stopped after
+    the module. As root it runs as the `postgres` user, which Debian's package creates."""
+    initdb, pg_ctl = pg_tool("initdb"), pg_tool("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL's initdb/pg_ctl are not installed (.ci/run installs Debian's postgresql)")
+    pytest.importorskip("psycopg")
+    root = Path(tempfile.mkdtemp(prefix="qimg-pg-", dir="/tmp"))
+    data = root / "data"
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "qimg", "-E", "UTF8"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                    f"-k {root} -p {port} -c listen_addresses=''", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://qimg@/postgres?host={root}&port={port}"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
