@@ -65,6 +65,8 @@ class SharedDuties:
             log.warning("took back %d job(s) of stopped workers: %d queued again, %d ended", len(requeued) +
                         len(ended), len(requeued), len(ended))
             worker.nudge()
+        if worker.dispatch is not None:
+            worker.dispatch.orphans()
         self.answer_waiting()
 
     def answer_waiting(self) -> None:

@@ -187,6 +187,15 @@ class SharedJobStore(JobStore):
         for. Returns (requeued, ended) ids."""
 
     @abstractmethod
+    def take_back(self, job_id: str, why: str, max_attempts: int) -> bool:
+        """As `reap` for one running job whose worker is known to be gone (`why` says how): True if it was queued
+        again."""
+
+    @abstractmethod
+    def orphans(self, older_than: float) -> list[Job]:
+        """Jobs queued longer than `older_than` seconds, whichever process accepted them, oldest first."""
+
+    @abstractmethod
     def count_queued(self) -> int: ...
 
     @abstractmethod

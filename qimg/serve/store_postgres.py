@@ -178,27 +178,43 @@ class PostgresJobStore(SharedJobStore):
                            (pg_safe(reason), job_id, RUNNING)) == 1
 
     def reap(self, stale_after: float, max_attempts: int) -> tuple[list[str], list[str]]:
-        now = time.time()
         with self._lock, self._db.transaction():
             stale = self._db.execute(
                 "SELECT id, attempts, worker, cancel_reason FROM jobs WHERE status=%s AND heartbeat_at < %s "
-                "FOR UPDATE SKIP LOCKED", (RUNNING, now - stale_after)).fetchall()
-            again = [job_id for job_id, attempts, _, cancel in stale if attempts < max_attempts and cancel is None]
-            lost = [row for row in stale if row[0] not in again]
-            if again:
-                self._db.execute("DELETE FROM files WHERE job_id = ANY(%s) AND role = ANY(%s)", (again, OUTPUT_ROLES))
-                self._db.execute("UPDATE jobs SET status=%s, started_at=NULL, heartbeat_at=NULL, worker=NULL "
-                                 "WHERE id = ANY(%s)", (QUEUED, again))
-            for job_id, attempts, worker, cancel in lost:
-                if cancel is not None:  # it was being cancelled: that is what it ends as
-                    status, kind, error = CANCELLED, "cancelled", f"{cancel} (its worker {worker} stopped)"
-                else:
-                    status, kind = FAILED, "worker_lost"
-                    error = (f"the worker running this job ({worker}) stopped answering for {stale_after:g} s; the job "
-                             f"was tried {attempts} time(s) and is not tried again")
-                self._db.execute("UPDATE jobs SET status=%s, error=%s, error_type=%s, finished_at=%s WHERE id=%s",
-                                 (status, pg_safe(error), kind, now, job_id))
+                "FOR UPDATE SKIP LOCKED", (RUNNING, time.time() - stale_after)).fetchall()
+            return self._take_back(stale, f"stopped answering for {stale_after:g} s", max_attempts)
+
+    def take_back(self, job_id: str, why: str, max_attempts: int) -> bool:
+        with self._lock, self._db.transaction():
+            rows = self._db.execute("SELECT id, attempts, worker, cancel_reason FROM jobs WHERE id=%s AND status=%s "
+                                    "FOR UPDATE", (job_id, RUNNING)).fetchall()
+            return bool(self._take_back(rows, why, max_attempts)[0])
+
+    def _take_back(self, rows: list, why: str, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Running jobs (id, attempts, worker, cancel reason) whose worker is gone: queued again while tried fewer
+        than `max_attempts` times, cancelled when a cancel was asked for, else failed (transaction held)."""
+        now = time.time()
+        again = [job_id for job_id, attempts, _, cancel in rows if attempts < max_attempts and cancel is None]
+        lost = [row for row in rows if row[0] not in again]
+        if again:
+            self._db.execute("DELETE FROM files WHERE job_id = ANY(%s) AND role = ANY(%s)", (again, OUTPUT_ROLES))
+            self._db.execute("UPDATE jobs SET status=%s, started_at=NULL, heartbeat_at=NULL, worker=NULL "
+                             "WHERE id = ANY(%s)", (QUEUED, again))
+        for job_id, attempts, worker, cancel in lost:
+            if cancel is not None:  # it was being cancelled: that is what it ends as
+                status, kind, error = CANCELLED, "cancelled", f"{cancel} (its worker {worker} {why})"
+            else:
+                status, kind = FAILED, "worker_lost"
+                error = (f"the worker running this job ({worker}) {why}; the job was tried {attempts} time(s) and is "
+                         f"not tried again")
+            self._db.execute("UPDATE jobs SET status=%s, error=%s, error_type=%s, finished_at=%s WHERE id=%s",
+                             (status, pg_safe(error), kind, now, job_id))
         return again, [row[0] for row in lost]
+
+    def orphans(self, older_than: float) -> list[Job]:
+        return [self._job(r) for r in self._rows(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE status=%s AND created_at < %s ORDER BY seq",
+            (QUEUED, time.time() - older_than))]
 
     def count_queued(self) -> int:
         return self._rows("SELECT count(*) FROM jobs WHERE status=%s", (QUEUED,))[0][0]

@@ -101,6 +101,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self.loading = False
         self.shared = isinstance(store, SharedJobStore)
+        self.dispatch = None  # set where another service runs the jobs (Ray replicas): called with each new job id
         self.duties = None
         if self.shared:
             from qimg.serve.shared import SharedDuties
@@ -173,7 +174,10 @@ class Worker:
             self.store.delete_files(stored)
             raise
         task.inputs = None
-        self.nudge()
+        if self.dispatch is not None:
+            self.dispatch(task.job_id)
+        else:
+            self.nudge()
         return job
 
     def requeue(self, jobs: list) -> int:
@@ -271,29 +275,33 @@ class Worker:
             task = self._claim() if self.shared else self._next_local()
             if task is None:
                 continue
+            if self.shared:
+                self.execute([task])
+                continue
             with self._lock:
-                if self.shared:
-                    batch = [task]
-                else:
-                    batch = [t for t in [task, *self._companions(task)] if self.store.mark_running(t.job_id)]
-                if not batch:
-                    continue
-                job_id = task.job_id
-                self._running = job_id
-                controls = {t.job_id: JobControl(self.settings.job_timeout) for t in batch}
-                self._controls.update(controls)
-            try:
-                if len(batch) == 1:
-                    self._run(task, controls[job_id])
-                else:
-                    self._run_batch(batch, controls)
-            except Exception:  # never let the loop die
-                log.exception("job %s crashed the worker loop", job_id)
-            finally:
-                with self._lock:
-                    self._running = None
-                    for t in batch:
-                        self._controls.pop(t.job_id, None)
+                batch = [t for t in [task, *self._companions(task)] if self.store.mark_running(t.job_id)]
+            if batch:
+                self.execute(batch)
+
+    def execute(self, batch: list[Task]) -> None:
+        """Run jobs already marked running (one, or a batch of compatible generations) to their end."""
+        job_id = batch[0].job_id
+        with self._lock:
+            self._running = job_id
+            controls = {t.job_id: JobControl(self.settings.job_timeout) for t in batch}
+            self._controls.update(controls)
+        try:
+            if len(batch) == 1:
+                self._run(batch[0], controls[job_id])
+            else:
+                self._run_batch(batch, controls)
+        except Exception:  # never let the loop die
+            log.exception("job %s crashed the worker loop", job_id)
+        finally:
+            with self._lock:
+                self._running = None
+                for t in batch:
+                    self._controls.pop(t.job_id, None)
 
     def _next_local(self) -> Task | None:
         job_id = self._queue.get()
