@@ -2,6 +2,7 @@
 
     python bench/serve_load.py [--clients 16] [--requests 64] [--steps N] [--size WxH] [--model PATH]
                                [--max-batch 1,8] [--url http://127.0.0.1:PORT] [--timeout 300]
+                               [--replicas 1,2 [--store postgresql://...]]
 
 Without --url it starts `qimg serve` in a subprocess on a free 127.0.0.1 port with a temporary data directory and
 stops it at the end. The model is --model, else the embedded qimg-tiny, else a tiny random reference checkpoint
@@ -12,6 +13,10 @@ with an image, or if its job is not "succeeded" in /v1/jobs afterwards. The run 
 For each `--max-batch` value (default "1,16": batching off, then on) a fresh server runs the same requests (same
 prompts and seeds); the pictures of every run are compared with the first run's, byte for byte.
 
+With `--replicas` the runs are `qimg serve --ray --replicas N` instead (one per value; an ingress and N model
+replicas on a local Ray, jobs in PostgreSQL: --store, else a temporary server from Debian's postgresql package);
+replicas run one job at a time, so --max-batch does not apply.
+
 Prints requests/s, p50/p95/p99 latency, lost requests and identical pictures per run, and the speed-up over the
 first run; writes bench/results/serve_load.json.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -109,48 +115,64 @@ def main(argv=None) -> int:
     p.add_argument("--url", default=None, help="an already running server (loopback only; one run)")
     p.add_argument("--max-queue", type=int, default=None, help="for the started server (default: --clients)")
     p.add_argument("--timeout", type=float, default=300.0, help="bound on each run, seconds")
+    p.add_argument("--replicas", default=None, help="comma-separated: one `qimg serve --ray` run per value")
+    p.add_argument("--store", default=None, help="PostgreSQL URL for --replicas (default: a temporary server)")
     p.add_argument("--output", default=str(RESULTS))
     args = p.parse_args(argv)
-    batches = [int(b) for b in args.max_batch.split(",")] if not args.url else [None]
+    if args.replicas:
+        plans = [(None, int(r)) for r in args.replicas.split(",")]
+    else:
+        plans = [(int(b), None) for b in args.max_batch.split(",")] if not args.url else [(None, None)]
     workdir = Path(tempfile.mkdtemp(prefix="qimg-serve-load-"))
     try:
-        model = "(running server)" if args.url else pick_model(args.model, workdir)
-        runs, pictures = [], []
-        for max_batch in batches:
-            result, shas = run_once(args, model, max_batch, workdir)
-            runs.append(result)
-            pictures.append(shas)
-        first = pictures[0]
-        for result, shas in zip(runs, pictures):
-            common = set(first) & set(shas)
-            result["identical_pictures"] = sum(first[k] == shas[k] for k in common)
-            result["compared_pictures"] = len(common)
-            result["speedup_vs_first"] = (round(result["requests_per_s"] / runs[0]["requests_per_s"], 3)
-                                          if runs[0]["requests_per_s"] else None)
-        print(f"\n{'max_batch':>9} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'lost':>5} "
-              f"{'identical':>10} {'speed-up':>8}")
-        for r in runs:
-            print(f"{str(r['max_batch']):>9} {r['requests_per_s']:>7} {r['latency_p50_s']:>7} {r['latency_p95_s']:>7} "
-                  f"{r['latency_p99_s']:>7} {r['lost']:>5} {r['identical_pictures']:>4}/{r['compared_pictures']:<5} "
-                  f"{r['speedup_vs_first']:>8}")
-        summary = {"clients": args.clients, "requests": args.requests, "steps": args.steps, "size": args.size,
-                   "model": model, "runs": runs,
-                   "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                               "platform": platform.platform()},
-                   "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        from qimg.atomic import atomic_write
+        with contextlib.ExitStack() as stack:
+            if args.replicas and not args.store:
+                sys.path.insert(0, str(ROOT))
+                from tests.pg_support import temporary_postgres
 
-        with atomic_write(out, "w") as handle:
-            json.dump(summary, handle, indent=2)
-        print(f"wrote {out}")
-        return 0 if all(r["lost"] == 0 for r in runs) else 1
+                args.store = stack.enter_context(temporary_postgres())
+            return measure(args, plans, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_once(args, model: str, max_batch: int | None, workdir: Path) -> tuple[dict, dict]:
+def measure(args, plans, workdir: Path) -> int:
+    model = "(running server)" if args.url else pick_model(args.model, workdir)
+    runs, pictures = [], []
+    for max_batch, replicas in plans:
+        result, shas = run_once(args, model, max_batch, workdir, replicas)
+        runs.append(result)
+        pictures.append(shas)
+    first = pictures[0]
+    for result, shas in zip(runs, pictures):
+        common = set(first) & set(shas)
+        result["identical_pictures"] = sum(first[k] == shas[k] for k in common)
+        result["compared_pictures"] = len(common)
+        result["speedup_vs_first"] = (round(result["requests_per_s"] / runs[0]["requests_per_s"], 3)
+                                      if runs[0]["requests_per_s"] else None)
+    print(f"\n{'replicas':>8} {'max_batch':>9} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'lost':>5} "
+          f"{'identical':>10} {'speed-up':>8}")
+    for r in runs:
+        print(f"{str(r['replicas']):>8} {str(r['max_batch']):>9} {r['requests_per_s']:>7} {r['latency_p50_s']:>7} "
+              f"{r['latency_p95_s']:>7} {r['latency_p99_s']:>7} {r['lost']:>5} "
+              f"{r['identical_pictures']:>4}/{r['compared_pictures']:<5} "
+              f"{r['speedup_vs_first']:>8}")
+    summary = {"clients": args.clients, "requests": args.requests, "steps": args.steps, "size": args.size,
+               "model": model, "runs": runs,
+               "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                           "platform": platform.platform()},
+               "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from qimg.atomic import atomic_write
+
+    with atomic_write(out, "w") as handle:
+        json.dump(summary, handle, indent=2)
+    print(f"wrote {out}")
+    return 0 if all(r["lost"] == 0 for r in runs) else 1
+
+
+def run_once(args, model: str, max_batch: int | None, workdir: Path, replicas: int | None = None) -> tuple[dict, dict]:
     """One server, all the requests: (the run's figures, {request: sha256 of its PNG})."""
     proc = None
     try:
@@ -161,14 +183,16 @@ def run_once(args, model: str, max_batch: int | None, workdir: Path) -> tuple[di
                 raise SystemExit("--url must be a loopback address")
         else:
             host, port = "127.0.0.1", free_port()
-            data = workdir / f"data-{max_batch}"
+            name = f"replicas-{replicas}" if replicas else f"batch-{max_batch}"
             cmd = [sys.executable, "-m", "qimg.cli", "serve", "--host", host, "--port", str(port), "--data-dir",
-                   str(data), "--model", f"bench={model}", "--max-queue",
-                   str(args.max_queue if args.max_queue is not None else args.clients), "--log-level", "warning",
-                   "--max-batch", str(max_batch)]
+                   str(workdir / f"data-{name}"), "--model", f"bench={model}", "--max-queue",
+                   str(args.max_queue if args.max_queue is not None else args.clients), "--log-level", "warning"]
+            cmd += ["--ray", "--replicas", str(replicas), "--store", args.store] if replicas else \
+                ["--max-batch", str(max_batch)]
             proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                    stdout=subprocess.DEVNULL, stderr=open(workdir / f"server-{max_batch}.log", "wb"))
-        wait_ready(host, port, proc)
+                                    stdout=subprocess.DEVNULL, stderr=open(workdir / f"server-{name}.log", "wb"),
+                                    start_new_session=True)
+        wait_ready(host, port, proc, timeout=300 if replicas else 120)
         warm = {"prompt": "warm-up", "seed": 0, **({"size": args.size} if args.size else {}),
                 **({"steps": args.steps} if args.steps else {})}
         request(host, port, "POST", "/v1/images/generations", warm)  # first-call costs are not the server's rate
@@ -242,7 +266,8 @@ def run_once(args, model: str, max_batch: int | None, workdir: Path) -> tuple[di
             batch_sizes.append((job.get("result") or {}).get("batch", 1))
         lost = args.requests - len(latencies) + unconfirmed
         result = {
-            "max_batch": max_batch, "completed": len(latencies), "lost": lost, "retried_429": counts["429"],
+            "max_batch": max_batch, "replicas": replicas, "completed": len(latencies), "lost": lost,
+            "retried_429": counts["429"],
             "wall_s": round(wall, 3), "requests_per_s": round(len(latencies) / wall, 3) if wall else None,
             "latency_p50_s": round(percentile(latencies, 0.50), 4),
             "latency_p95_s": round(percentile(latencies, 0.95), 4),
@@ -251,7 +276,7 @@ def run_once(args, model: str, max_batch: int | None, workdir: Path) -> tuple[di
             "mean_batch": round(statistics.fmean(batch_sizes), 2) if batch_sizes else None,
             "failures": failures[:20],
         }
-        print(f"max_batch {max_batch}: {args.clients} clients, {args.requests} requests: "
+        print(f"replicas {replicas} max_batch {max_batch}: {args.clients} clients, {args.requests} requests: "
               f"{result['requests_per_s']} req/s, p50 {result['latency_p50_s']} s, p95 {result['latency_p95_s']} s, "
               f"lost {lost}, 429 retried {counts['429']}, mean batch {result['mean_batch']}, wall {result['wall_s']} s")
         for f in failures[:5]:
@@ -261,9 +286,9 @@ def run_once(args, model: str, max_batch: int | None, workdir: Path) -> tuple[di
         if proc is not None:
             proc.terminate()
             try:
-                proc.wait(15)
+                proc.wait(60 if replicas else 15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, 9)
                 proc.wait(5)
 
 

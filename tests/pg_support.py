@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -19,14 +20,13 @@ def pg_tool(name: str) -> str | None:
     return shutil.which(name) or next((str(b / name) for b in PG_BIN if (b / name).is_file()), None)
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A PostgreSQL server of its own (initdb in a temporary folder, a Unix socket there, trust auth), stopped after
-    the module. As root it runs as the `postgres` user, which Debian's package creates."""
+@contextlib.contextmanager
+def temporary_postgres():
+    """A PostgreSQL server of its own (initdb in a temporary folder, a Unix socket there, trust auth), stopped and
+    removed on exit; yields its URL. As root it runs as the `postgres` user, which Debian's package creates."""
     initdb, pg_ctl = pg_tool("initdb"), pg_tool("pg_ctl")
     if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL's initdb/pg_ctl are not installed (.ci/run installs Debian's postgresql)")
-    pytest.importorskip("psycopg")
+        raise FileNotFoundError("PostgreSQL's initdb/pg_ctl are not installed (.ci/run installs Debian's postgresql)")
     root = Path(tempfile.mkdtemp(prefix="qimg-pg-", dir="/tmp"))
     data = root / "data"
     as_user = []
@@ -36,12 +36,22 @@ def postgres_url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "qimg", "-E", "UTF8"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                    f"-k {root} -p {port} -c listen_addresses=''", "start"], check=True, capture_output=True)
     try:
+        subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "qimg", "-E", "UTF8"], check=True,
+                       capture_output=True)
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                        f"-k {root} -p {port} -c listen_addresses=''", "start"], check=True, capture_output=True)
         yield f"postgresql://qimg@/postgres?host={root}&port={port}"
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A PostgreSQL server per test module (skipped where PostgreSQL or psycopg is not installed)."""
+    pytest.importorskip("psycopg")
+    if pg_tool("initdb") is None or pg_tool("pg_ctl") is None:
+        pytest.skip("PostgreSQL's initdb/pg_ctl are not installed (.ci/run installs Debian's postgresql)")
+    with temporary_postgres() as url:
+        yield url
