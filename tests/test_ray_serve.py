@@ -1,7 +1,7 @@
 """`qimg serve --ray` on this machine (a local Ray started by the server, a PostgreSQL server of the module's own):
 two replicas of qimg-tiny serve 100 requests at concurrency 8 through the official `openai` client; one replica's
 process is killed with SIGKILL mid-load. Every request must end with a picture or a clear error, and the job list
-must agree: every job ended, one succeeded job per picture."""
+must agree: every job ended, one succeeded job per picture. Streamed partial images cross from replica to client."""
 
 from __future__ import annotations
 
@@ -82,6 +82,11 @@ def test_two_ray_replicas_survive_a_killed_one(postgres_url, tmp_path):
         while len(replica_pids()) < 2 or victim in replica_pids():  # Ray restarts the replica
             assert time.monotonic() < deadline, "Ray did not restart the killed replica"
             time.sleep(1)
+        # streaming through the ingress: the replica's partial images reach the client
+        kinds = [event.type for event in client.images.generate(
+            model="qimg-tiny", prompt="a red circle", size="128x128", stream=True, partial_images=2,
+            extra_body={"steps": 6})]
+        assert kinds.count("image_generation.partial_image") == 2 and kinds[-1] == "image_generation.completed"
     finally:
         server.send_signal(signal.SIGTERM)
         try:
