@@ -107,6 +107,10 @@ def run_eval(args) -> int:
 
     result = evaluate(pipe, n=args.n, out=args.out, steps=args.steps, cfg=args.cfg, cache=args.cache, tasks=tasks,
                       layered=layered, progress=progress)
+    if "first_command" in result:
+        first = result["first_command"]
+        print(f"first command ({first['prompt']!r}), seeds 0-{first['of'] - 1}: {first['right']} of {first['of']} "
+              f"exact")
     for task in ("t2i", "edit", "layers"):
         if task in result:
             print(task, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[task].items()})

@@ -59,6 +59,17 @@ def eval_t2i(pipe, scenes, sampling: dict, progress=None) -> tuple[dict, list]:
     }, samples
 
 
+def eval_first_command(pipe, sampling: dict, seeds=range(10)) -> dict:
+    """The README's first command (the first example prompt, two objects) for seeds 0-9: how many pictures the
+    checker reads as exactly that scene."""
+    from qimg.tiny.grammar import EXAMPLES
+
+    text = EXAMPLES["generate"][0]
+    scene = world.parse_prompt(text)
+    right = [bool(checker.score_t2i(pipe.generate(text, seed=s, **sampling)[0], scene)["exact"]) for s in seeds]
+    return {"prompt": text, "right": sum(right), "of": len(right)}
+
+
 def eval_edits(pipe, scenes, rng: random.Random, sampling: dict, progress=None) -> tuple[dict, list]:
     rows, samples, seconds, kinds = [], [], [], []
     for i, source in enumerate(ticking(scenes, progress, "edit")):
@@ -166,6 +177,7 @@ def evaluate(pipe, n: int = 200, out: Path = Path("eval"), steps=None, cfg=None,
     samples = []
     if "t2i" in tasks:
         result["t2i"], s = eval_t2i(pipe, scenes, sampling, progress)
+        result["first_command"] = eval_first_command(pipe, sampling)
         samples += s[:18]
     if "edit" in tasks:
         result["edit"], s = eval_edits(pipe, scenes, random.Random(seed), sampling, progress)

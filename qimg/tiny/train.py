@@ -50,21 +50,13 @@ ENCODER_EMBED_STD = 1.0
 # samples (P(sigma > 0.9) = 1.4%)
 SIGMA_SHIFT = 0.7
 ENCODER_INIT = "embed-std-1"  # recorded in exports; older exports' transformer/encoder are not resumed
-# Measured on 200 held-out scenes. The model before the shipped one (7,000 plain steps): cfg 2 for text-to-image
-# (at 5 steps: exact 8.5% -> 11%, colour 62% -> 70%; cfg 3 no better); edits keep cfg 1 (at cfg 2 their
-# untouched-region PSNR fell 24.2 -> 22.1 dB); 5 steps beat 20 on every metric in a quarter of the time. The shipped
-# one (6,000 weighted steps) at cfg 2, text-to-image by steps, exact / colour / shape / size / position:
-#   2: 13.0 / 95.8 / 42.2 / 93.2 / 98.7%   3: 17.5 / 94.3 / 47.1 / 94.8 / 97.4%
-#   4: 17.0 / 92.5 / 46.9 / 92.5 / 95.6%   5: 18.0 / 92.2 / 46.1 / 91.2 / 95.3%   8: 18.0 / 90.9 / 45.3 / 88.3 / 94.0%
-# and edits (cfg 1), satisfied / untouched-region PSNR: 1 or 2 steps 19.5% / 27.9 dB, 3: 14.5% / 27.9, 5: 10.0% /
-# 27.1, 10: 10.0%; cfg 1.5 at 5 steps 13.5%. Its estimates are close to a posterior mean, so few steps do.
+# Sampling defaults: the shipped model's estimates are close to a posterior mean, so few steps do best (the step
+# and guidance sweeps are in the README, "The embedded tiny models").
 DEFAULTS = {"default_resolution": 128, "default_steps": 3, "default_cfg": 2.0, "default_edit_cfg": 1.0,
             "default_edit_steps": 2}
-# The transformer's flow-matching loss weights the latent tokens an object or word touches this much more (0: plain
-# MSE). Most of a frame is flat background that is easy to predict; the objects are what the prompt is about. The
-# shipped model was trained with it from step 0 for 6,000 steps (1.9 h); against the previous model (7,000
-# plain steps, about 3.2 h) on 200 held-out scenes: exact 11% -> 18%, colour 70 -> 92%, size 73 -> 91%, position
-# 84 -> 95%, shape 34 -> 46%; edits 6.5% -> 10% satisfied, untouched-region PSNR 24.2 -> 27.1 dB.
+# The transformer's flow-matching loss weights the latent tokens an object or word touches (and, for an edit, every
+# token it changes) this much more, times (0.5 + sigma) (0: plain MSE). Most of a frame is flat background that is
+# easy to predict; the objects are what the prompt is about, and at high noise only the prompt lays them out.
 DIT_OBJECT_WEIGHT = 8.0
 
 
