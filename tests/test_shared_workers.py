@@ -18,7 +18,6 @@ import pytest
 
 from tests.serve_support import REPO, ServerThread, make_settings, reference_checkpoint
 
-pytestmark = pytest.mark.slow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -55,6 +54,7 @@ def submit(http, url: str, steps: int = 1, size: str = "64x64", **extra) -> str:
     return made.json()["id"]
 
 
+@pytest.mark.slow
 def test_workers_share_one_database(postgres_url, tmp_path):
     from qimg.serve.store_postgres import PostgresJobStore
 
@@ -110,3 +110,23 @@ def test_workers_share_one_database(postgres_url, tmp_path):
                 except subprocess.TimeoutExpired:
                     proc.kill()
         store.close()
+
+
+def test_admission_counts_the_jobs_queued_in_the_database(postgres_url, tmp_path):
+    """With no worker running, an API process on the shared store takes `max_queue` jobs, then answers 429 with a
+    Retry-After; its /health says the jobs run in the workers."""
+    from qimg.serve.store_postgres import PostgresJobStore
+
+    store = PostgresJobStore(postgres_url, owner="test")
+    store._db.execute("TRUNCATE jobs, files CASCADE")
+    settings = make_settings(tmp_path / "api", store=postgres_url, run_jobs=False, max_queue=2)
+    with ServerThread(settings) as api, httpx.Client(timeout=60) as http:
+        ids = [submit(http, api.url) for _ in range(2)]
+        refused = http.post(f"{api.url}/v1/images/generations", headers={"Prefer": "respond-async"},
+                            json={"prompt": "a red circle", "size": "64x64", "steps": 1, "model": "tiny"})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1, refused.text
+        health = http.get(f"{api.url}/health").json()
+        assert health["jobs_run_by"] == "workers on the shared store" and health["queue"]["waiting"] == 2
+        assert http.delete(f"{api.url}/v1/jobs/{ids[0]}").status_code in (200, 202)
+        assert submit(http, api.url)  # a slot again
+    store.close()

@@ -34,9 +34,11 @@ def get_job(svc, job_id: str):
 @router.get("/health")
 async def health(request: Request):
     svc = services(request)
+    runs_jobs = svc.settings.run_jobs and svc.worker.dispatch is None
     return {"status": "ok", "version": qimg.__version__,
-            "models": {e.name: e.state for e in svc.models.entries()},
-            "queue": svc.worker.state(), "auth": bool(svc.settings.api_keys)}
+            "models": {e.name: e.state if runs_jobs else "in the workers" for e in svc.models.entries()},
+            "queue": svc.worker.state(), "auth": bool(svc.settings.api_keys),
+            "jobs_run_by": "this process" if runs_jobs else "workers on the shared store"}
 
 
 @router.get("/v1/loras")

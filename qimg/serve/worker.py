@@ -162,8 +162,9 @@ class Worker:
     def _submit_shared(self, task: Task):
         """Into the shared store: the input pictures first, then the queued row (another process may claim it at
         once), then a nudge to this process's worker."""
-        if self.store.count_queued() >= self.settings.max_queue:
-            raise queue_full(self._retry_after())
+        queued = self.store.count_queued()
+        if queued >= self.settings.max_queue:
+            raise queue_full(self._retry_after(queued))
         stored = []
         try:
             for i, upload in enumerate(task.inputs or []):
@@ -217,10 +218,12 @@ class Worker:
             raise ValueError(f"its input file {record.id} is missing")
         return decode_image(found[1].read_bytes(), f"input {record.index + 1}", self.settings.limits).image
 
-    def _retry_after(self) -> int:
-        """Seconds until a slot is likely free: the mean recent job time times the jobs ahead (lock held)."""
+    def _retry_after(self, waiting: int | None = None) -> int:
+        """Seconds until a slot is likely free: the mean recent job time (5 s before any) times the jobs ahead (this
+        process's queue, or `waiting` in a shared store; several workers may share those)."""
         mean = sum(self._durations) / len(self._durations) if self._durations else 5.0
-        return max(1, min(3600, math.ceil(mean * max(1, len(self._pending)))))
+        ahead = len(self._pending) if waiting is None else waiting
+        return max(1, min(3600, math.ceil(mean * max(1, ahead))))
 
     def cancel(self, job_id: str, reason: str = "cancelled by request") -> str:
         """'cancelled' (it was queued), 'stopping' (it is running: it stops before its next step) or its status."""
