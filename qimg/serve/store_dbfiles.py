@@ -14,22 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 from qimg.atomic import atomic_write
-from qimg.serve.store import FILE_ID, FileRecord, FileStore, SharedJobStore, new_file_id
-from qimg.serve.store_disk import EXTENSIONS
+from qimg.serve.store import FileRecord, FileStore, SharedJobStore
+from qimg.serve.store_disk import indexed_record, made_folder, new_stored_name
 
 
 class DatabaseFileStore(FileStore):
     def __init__(self, cache: str | Path, index: SharedJobStore):
-        self.root = Path(cache)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.root = self.root.resolve()
-        self.index = index
-
-    def _new(self, ext: str) -> tuple[str, str]:
-        if ext not in EXTENSIONS:
-            raise ValueError(f"unsupported stored file extension {ext!r}")
-        file_id = new_file_id()
-        return file_id, file_id + ext
+        self.root, self.index = made_folder(cache), index
 
     def _store(self, file_id: str, name: str, data: bytes, mime: str, job_id, role: str, index: int) -> FileRecord:
         record = FileRecord(file_id, job_id, role, name, mime, len(data), index, time.time())
@@ -38,12 +29,12 @@ class DatabaseFileStore(FileStore):
 
     def put_bytes(self, data: bytes, *, ext: str, mime: str, job_id: str | None, role: str,
                   index: int = 0) -> FileRecord:
-        file_id, name = self._new(ext)
+        file_id, name = new_stored_name(ext)
         return self._store(file_id, name, bytes(data), mime, job_id, role, index)
 
     def put_with(self, write: Callable[[Path], None], *, ext: str, mime: str, job_id: str | None, role: str,
                  index: int = 0) -> FileRecord:
-        file_id, name = self._new(ext)
+        file_id, name = new_stored_name(ext)
         path = self.root / name
         write(path)  # atomically, into the cache; the database row follows
         try:
@@ -53,9 +44,7 @@ class DatabaseFileStore(FileStore):
             raise
 
     def path(self, file_id: str) -> tuple[FileRecord, Path] | None:
-        if not isinstance(file_id, str) or not FILE_ID.fullmatch(file_id):
-            return None
-        record = self.index.get_file(file_id)
+        record = indexed_record(self.index, file_id)
         if record is None:
             return None
         path = self.root / record.name

@@ -19,18 +19,30 @@ log = logging.getLogger("qimg.serve")
 EXTENSIONS = {".png", ".jpg", ".webp", ".psd", ".ora", ".pptx", ".zip", ".json"}
 
 
+def new_stored_name(ext: str) -> tuple[str, str]:
+    """A new file id and its name on disk (`<id><ext>`, from the fixed extension list)."""
+    if ext not in EXTENSIONS:
+        raise ValueError(f"unsupported stored file extension {ext!r}")
+    file_id = new_file_id()
+    return file_id, file_id + ext
+
+
+def indexed_record(index: JobStore, file_id) -> FileRecord | None:
+    """The index row of a well-formed file id; None for anything else."""
+    if not isinstance(file_id, str) or not FILE_ID.fullmatch(file_id):
+        return None
+    return index.get_file(file_id)
+
+
+def made_folder(root: str | Path) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return root.resolve()
+
+
 class DiskFileStore(FileStore):
     def __init__(self, root: str | Path, index: JobStore):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.root = self.root.resolve()
-        self.index = index
-
-    def _new(self, ext: str) -> tuple[str, str]:
-        if ext not in EXTENSIONS:
-            raise ValueError(f"unsupported stored file extension {ext!r}")
-        file_id = new_file_id()
-        return file_id, file_id + ext
+        self.root, self.index = made_folder(root), index
 
     def _record(self, file_id, name, mime, job_id, role, index) -> FileRecord:
         record = FileRecord(file_id, job_id, role, name, mime, (self.root / name).stat().st_size, index, time.time())
@@ -39,21 +51,19 @@ class DiskFileStore(FileStore):
 
     def put_bytes(self, data: bytes, *, ext: str, mime: str, job_id: str | None, role: str,
                   index: int = 0) -> FileRecord:
-        file_id, name = self._new(ext)
+        file_id, name = new_stored_name(ext)
         with atomic_write(self.root / name) as handle:
             handle.write(data)
         return self._record(file_id, name, mime, job_id, role, index)
 
     def put_with(self, write: Callable[[Path], None], *, ext: str, mime: str, job_id: str | None, role: str,
                  index: int = 0) -> FileRecord:
-        file_id, name = self._new(ext)
+        file_id, name = new_stored_name(ext)
         write(self.root / name)
         return self._record(file_id, name, mime, job_id, role, index)
 
     def path(self, file_id: str) -> tuple[FileRecord, Path] | None:
-        if not isinstance(file_id, str) or not FILE_ID.fullmatch(file_id):
-            return None
-        record = self.index.get_file(file_id)
+        record = indexed_record(self.index, file_id)
         if record is None:
             return None
         path = (self.root / record.name)
