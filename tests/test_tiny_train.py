@@ -247,3 +247,20 @@ def test_tiny_train_cli_takes_a_seed(tmp_path, capsys):
     assert main([*args, "--seed", "6"]) == 2
     assert "was started with seed 5; resume it with --seed 5" in capsys.readouterr().err
     assert main(args) == 2  # no --seed means 1234, not "whatever the folder has"
+
+
+def test_edit_kinds_are_drawn_evenly():
+    """Edit training draws every kind equally often, though the pool holds them unevenly."""
+    from collections import Counter
+
+    rng = random.Random(11)
+    pairs = []
+    while len(pairs) < 600:
+        scene = world.random_scene(rng, word_prob=0.3)
+        kind = "background" if len(pairs) < 400 else None  # two thirds of the pool are background changes
+        pairs.append((scene, *world.random_edit(scene, rng, kind=kind)))
+    pool = T.LatentPool(None, None, pairs)
+    drawn = Counter(world.parse_edit(T.draw_edit(pool, rng)[0]).kind for _ in range(6000))
+    assert set(drawn) == set(pool.kinds) and len(drawn) >= 5
+    share = 1 / len(drawn)
+    assert all(abs(n / 6000 - share) < 0.03 for n in drawn.values()), drawn

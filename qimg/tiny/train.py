@@ -298,6 +298,10 @@ class LatentPool:
     def __init__(self, src: torch.Tensor, tgt: torch.Tensor, pairs: list):
         self.src, self.tgt, self.pairs = src, tgt, pairs
         self._masks: dict = {}
+        self.by_kind: dict[str, list[int]] = {}
+        for i, (_, instruction, _) in enumerate(pairs):
+            self.by_kind.setdefault(world.parse_edit(instruction).kind, []).append(i)
+        self.kinds = sorted(self.by_kind)
 
     @classmethod
     def load(cls, work: Path, device: str) -> "LatentPool":
@@ -418,14 +422,21 @@ def cached_tokenizer(work: Path, texts):
     return qwen_tokenizer(data["vocab"], data["merges"])
 
 
+def draw_edit(pool: LatentPool, rng: random.Random) -> tuple[str, int, bool]:
+    """An edit pair (instruction, pool index, True): every edit kind equally often, whatever its share of the pool
+    (word edits are 6% of it, background changes 22%)."""
+    i = rng.choice(pool.by_kind[rng.choice(pool.kinds)])
+    return pool.pairs[i][1], i, True
+
+
 def _dit_step(model, cond, rng, task, pool: LatentPool, batch, progress) -> torch.Tensor:
     pairs = pool.pairs
 
     def draw():
+        if task == "edit":
+            return draw_edit(pool, rng)
         i = rng.randrange(len(pool))
         s, instruction, t = pairs[i]
-        if task == "edit":
-            return instruction, i, True
         use_target = rng.random() < 0.5
         scene = t if use_target else s
         if len(scene.objects) > 1 and rng.random() > min(1.0, 0.2 + progress / 0.3):
