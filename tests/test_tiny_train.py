@@ -264,3 +264,19 @@ def test_edit_kinds_are_drawn_evenly():
     assert set(drawn) == set(pool.kinds) and len(drawn) >= 5
     share = 1 / len(drawn)
     assert all(abs(n / 6000 - share) < 0.03 for n in drawn.values()), drawn
+
+
+def test_train_refuses_a_device_it_cannot_use(tmp_path, capsys):
+    import torch
+
+    from qimg.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    base = ["tiny", "train", "--minutes", "0", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    assert main([*base, "--device", "cuda"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+    assert main([*base, "--device", "cuda", "--model", "layered"]) == 2
+    assert "train --model layered without --device" in capsys.readouterr().err
+    assert main([*base, "--batch", "0"]) == 2
+    assert "--batch must be at least 1, got 0" in capsys.readouterr().err

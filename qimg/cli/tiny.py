@@ -20,6 +20,8 @@ def register(sub) -> None:
                        "runs/tiny-layered)")
     train.add_argument("--device", default="cpu", help="where qimg-tiny's transformer stage trains: cpu or cuda[:N] "
                        "(bf16 autocast); the other stages and qimg-tiny-layered train on the CPU")
+    train.add_argument("--batch", type=int, default=32, help="qimg-tiny transformer stage: scenes per step (default "
+                       "32; a GPU takes 256 or more)")
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     train.add_argument("--seed", type=int, default=None,
                        help="fixes the whole run: model init, data, noise (default 1234; a --work folder keeps the "
@@ -72,7 +74,9 @@ def run_train(args) -> int:
     shipped = embedded_model_path(name)
     source = out if (out / "model_index.json").is_file() else shipped
     work = args.work or Path("runs/tiny" if args.model == "tiny" else "runs/tiny-layered")
-    extra = {"device": args.device} if args.model == "tiny" else {}
+    if args.batch < 1:
+        raise InputError(f"--batch must be at least 1, got {args.batch}")
+    extra = {"device": args.device, "batch": args.batch} if args.model == "tiny" else {}
     done = run(args.minutes, work, out, seed=SEED if args.seed is None else args.seed, source=source, **extra)
     print(f"export: {out}")
     print("training complete" if done else f"stopped after {args.minutes} minutes; run again to resume")

@@ -537,15 +537,15 @@ STAGES = ("vae", "latents", "decoder", "dit", "export")
 
 
 def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int = SEED,
-        source: Path | None = None, device: str = "cpu") -> bool:
+        source: Path | None = None, device: str = "cpu", batch: int = 32) -> bool:
     """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
     whole run (a work folder keeps the one it was started with). An empty work folder is seeded from the export
     at `source` (default: `out`) when there is one. `device` runs the transformer stage there (bf16 autocast on
-    CUDA); the others are short and stay on the CPU."""
+    CUDA; `batch` scenes per step); the others are short and stay on the CPU."""
     import functools
 
     fits = [("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder),
-            ("dit", functools.partial(train_dit, device=device))]
+            ("dit", functools.partial(train_dit, device=device, batch=batch))]
     return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export,
                       source)
 
