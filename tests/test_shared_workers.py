@@ -1,7 +1,7 @@
 """`qimg worker` processes on one PostgreSQL job store (a real server, started per module) behind an API process
 that runs no jobs: every job runs exactly once, a synchronous request is answered when its job ran in another
 process, a cancel reaches the process running the job, and a worker killed with SIGKILL mid-job has its job
-taken back and finished by the other."""
+taken back and finished by the other; one stopped with SIGTERM hands its job back at once."""
 
 from __future__ import annotations
 
@@ -101,6 +101,19 @@ def test_workers_share_one_database(postgres_url, tmp_path):
             assert (status, attempts) == ("succeeded", 2) and worker != running
             seen = http.get(f"{api.url}/v1/jobs/{victim_job}").json()
             assert seen["status"] == "succeeded" and len(seen["outputs"]) == 1
+
+            # SIGTERM (a graceful stop) of the worker running a job hands the job back at once
+            workers["w3"] = start_worker(postgres_url, tmp_path / "w3", "w3")
+            stopped_job = submit(http, api.url, steps=300, size="256x256")
+            wait_for(lambda: rows(store)[stopped_job][0] == "running", 120, "the job to start")
+            busy = rows(store)[stopped_job][2]
+            workers[busy].send_signal(signal.SIGTERM)
+            assert workers[busy].wait(30) == 0
+            assert rows(store)[stopped_job][0] in ("queued", "running")  # handed back, not failed
+            status, attempts, worker = wait_for(
+                lambda: rows(store)[stopped_job] if rows(store)[stopped_job][0] in TERMINAL else None, 300,
+                "the handed-back job to end")
+            assert (status, attempts) == ("succeeded", 2) and worker != busy
     finally:
         for proc in workers.values():
             if proc.poll() is None:

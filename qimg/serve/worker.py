@@ -361,8 +361,13 @@ class Worker:
             check_cost(task.kind, pipe.plan(spec.options), self.settings.limits)
 
     def _fail(self, job_id: str, err: BaseException, control: JobControl) -> BaseException:
-        """End the job with the status `err` means; returns what waiting clients got."""
+        """End the job with the status `err` means; returns what waiting clients got. On a shared store a job this
+        process stops because it shuts down is handed back for another worker (while it has attempts left)."""
         status, message, kind, outcome = self._failure(job_id, err, control)
+        if (self.shared and kind == "server_shutdown"
+                and self.store.take_back(job_id, "was shut down", self.settings.max_attempts)):
+            self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": FAILED, "outcome": outcome})
+            return outcome
         self.store.finish(job_id, status, error=message, error_type=kind)
         self.bus.publish(job_id, {"type": "done", "job_id": job_id, "status": status, "outcome": outcome})
         return outcome
