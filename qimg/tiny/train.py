@@ -264,8 +264,9 @@ class Conditioning:
         captured = {}
         handle = self.norm.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0]))
         try:
-            fwd = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                                           "mm_token_type_ids") if k in inputs}
+            device = self.norm.weight.device  # the processor's tensors are on the CPU; the encoder may not be
+            fwd = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                                     "mm_token_type_ids") if k in inputs}
             self.model.model(**fwd)
         finally:
             handle.remove()
