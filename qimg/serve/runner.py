@@ -15,7 +15,7 @@ from PIL import Image
 from qimg.errors import InputError
 from qimg.export.picture import encode_picture
 from qimg.options import GenerateOptions, LayersOptions
-from qimg.serve.store import FileRecord, FileStore
+from qimg.serve.store import OUTPUT_ROLES, FileRecord, FileStore
 from qimg.serve.uploads import parse_size
 
 OUTPUT_FORMATS = {"png": ("PNG", "image/png", ".png"), "jpeg": ("JPEG", "image/jpeg", ".jpg"),
@@ -90,7 +90,7 @@ def stored_result(job, files: FileStore) -> ImagesResult | LayersResult:
 
     r = job.result
     by_role = {role: sorted((f for f in job.files if f.role == role), key=lambda f: f.index)
-               for role in ("output", "layer", "export")}
+               for role in OUTPUT_ROLES}
     if job.kind == "layers":
         return LayersResult([load(f) for f in by_role["layer"]], (by_role["export"] or [None])[0], r["width"],
                             r["height"], r["format"])

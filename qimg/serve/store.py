@@ -18,6 +18,8 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATUSES = (QUEUED, RUNNING, *TERMINAL)
 
+OUTPUT_ROLES = ("output", "layer", "export")  # the files a job makes (its "input" files are what it was given)
+
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 FILE_ID = re.compile(r"^file_[0-9a-f]{32}$")
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 from qimg.atomic import atomic_write
 from qimg.serve.store import FileRecord, FileStore, SharedJobStore
-from qimg.serve.store_disk import indexed_record, made_folder, new_stored_name
+from qimg.serve.store_disk import drop_outputs, indexed_record, made_folder, new_stored_name
 
 
 class DatabaseFileStore(FileStore):
@@ -59,9 +59,7 @@ class DatabaseFileStore(FileStore):
     def sweep(self, drop_jobs: list[str] = ()) -> int:
         """Drops the outputs of `drop_jobs` from the database and the cache's temporaries of interrupted writes
         (those older than ten minutes: a younger one may be another process's write in progress)."""
-        if drop_jobs:
-            dropped = self.index.files_of_jobs(list(drop_jobs), ("output", "layer", "export"))
-            self.index.delete_files([r.id for r in dropped])
+        drop_outputs(self.index, drop_jobs)
         removed = 0
         for entry in os.scandir(self.root):
             if (entry.is_file(follow_symlinks=False) and entry.name.startswith(".") and entry.name.endswith(".tmp")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from qimg.atomic import atomic_write
-from qimg.serve.store import FILE_ID, FileRecord, FileStore, JobStore, new_file_id
+from qimg.serve.store import FILE_ID, OUTPUT_ROLES, FileRecord, FileStore, JobStore, new_file_id
 
 log = logging.getLogger("qimg.serve")
 
@@ -32,6 +32,12 @@ def indexed_record(index: JobStore, file_id) -> FileRecord | None:
     if not isinstance(file_id, str) or not FILE_ID.fullmatch(file_id):
         return None
     return index.get_file(file_id)
+
+
+def drop_outputs(index: JobStore, job_ids: list[str]) -> None:
+    """Forget the files `job_ids` made (their rows; a store that holds the bytes in its rows drops those too)."""
+    if job_ids:
+        index.delete_files([r.id for r in index.files_of_jobs(list(job_ids), OUTPUT_ROLES)])
 
 
 def made_folder(root: str | Path) -> Path:
@@ -73,9 +79,7 @@ class DiskFileStore(FileStore):
 
     def sweep(self, drop_jobs: list[str] = ()) -> int:
         removed = 0
-        if drop_jobs:
-            dropped = self.index.files_of_jobs(list(drop_jobs), ("output", "layer", "export"))
-            self.index.delete_files([r.id for r in dropped])
+        drop_outputs(self.index, drop_jobs)
         known = self.index.all_file_names()
         for entry in os.scandir(self.root):
             if entry.is_file(follow_symlinks=False) and entry.name not in known:

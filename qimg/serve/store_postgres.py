@@ -11,8 +11,8 @@ import json
 import threading
 import time
 
-from qimg.serve.store import (CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL, FileRecord, Job, SharedJobStore,
-                              storable)
+from qimg.serve.store import (CANCELLED, FAILED, OUTPUT_ROLES, QUEUED, RUNNING, TERMINAL, FileRecord, Job,
+                              SharedJobStore, storable)
 from qimg.serve.store_sqlite import RESTART_QUEUED, RESTART_RUNNING
 
 SCHEMA_VERSION = 2
@@ -51,7 +51,6 @@ ALTER TABLE jobs ADD COLUMN heartbeat_at DOUBLE PRECISION;
 ALTER TABLE jobs ADD COLUMN cancel_reason TEXT;
 CREATE TABLE file_data (id TEXT PRIMARY KEY REFERENCES files(id) ON DELETE CASCADE, data BYTEA NOT NULL);
 """}
-OUTPUT_ROLES = ["output", "layer", "export"]
 JOB_COLUMNS = "id, kind, status, model, params, result, error, error_type, created_at, started_at, finished_at"
 FILE_COLUMNS = "id, job_id, role, name, mime, bytes, idx, created_at"  # FileRecord's fields, in order
 
@@ -197,7 +196,7 @@ class PostgresJobStore(SharedJobStore):
         again = [job_id for job_id, attempts, _, cancel in rows if attempts < max_attempts and cancel is None]
         lost = [row for row in rows if row[0] not in again]
         if again:
-            self._db.execute("DELETE FROM files WHERE job_id = ANY(%s) AND role = ANY(%s)", (again, OUTPUT_ROLES))
+            self._db.execute("DELETE FROM files WHERE job_id = ANY(%s) AND role = ANY(%s)", (again, list(OUTPUT_ROLES)))
             self._db.execute("UPDATE jobs SET status=%s, started_at=NULL, heartbeat_at=NULL, worker=NULL "
                              "WHERE id = ANY(%s)", (QUEUED, again))
         for job_id, attempts, worker, cancel in lost:
@@ -255,9 +254,13 @@ class PostgresJobStore(SharedJobStore):
         return FileRecord(*row)
 
     def add_file(self, record: FileRecord) -> None:
-        self._count(f"INSERT INTO files ({FILE_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                    (record.id, record.job_id, record.role, record.name, record.mime, record.bytes, record.index,
-                     record.created_at or time.time()))
+        with self._lock:
+            self._insert_file(record)
+
+    def _insert_file(self, record: FileRecord) -> None:
+        self._db.execute(f"INSERT INTO files ({FILE_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                         (record.id, record.job_id, record.role, record.name, record.mime, record.bytes, record.index,
+                          record.created_at or time.time()))
 
     def get_file(self, file_id: str) -> FileRecord | None:
         rows = self._rows(f"SELECT {FILE_COLUMNS} FROM files WHERE id=%s", (file_id,))
@@ -276,9 +279,7 @@ class PostgresJobStore(SharedJobStore):
 
     def add_file_data(self, record: FileRecord, data: bytes) -> None:
         with self._lock, self._db.transaction():
-            self._db.execute(f"INSERT INTO files ({FILE_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                             (record.id, record.job_id, record.role, record.name, record.mime, record.bytes,
-                              record.index, record.created_at or time.time()))
+            self._insert_file(record)
             self._db.execute("INSERT INTO file_data (id, data) VALUES (%s, %s)", (record.id, data))
 
     def file_data(self, file_id: str) -> bytes | None:
