@@ -83,14 +83,14 @@ def test_workers_share_one_database(postgres_url, tmp_path):
             assert base64.b64decode(answer.json()["data"][0]["b64_json"])[:4] == b"\x89PNG"
 
             # a cancel through the API reaches the worker running the job
-            slow = submit(http, api.url, steps=1000, size="256x256")
+            slow = submit(http, api.url, steps=1000, size="512x512")
             wait_for(lambda: rows(store)[slow][0] == "running", 120, "the slow job to start")
             assert http.delete(f"{api.url}/v1/jobs/{slow}").status_code in (200, 202)
             wait_for(lambda: rows(store)[slow][0] in TERMINAL, 60, "the cancelled job to end")
             assert rows(store)[slow][0] == "cancelled"
 
             # SIGKILL the worker running a job: the other takes it back and finishes it
-            victim_job = submit(http, api.url, steps=300, size="256x256")
+            victim_job = submit(http, api.url, steps=300, size="512x512")
             running = wait_for(lambda: rows(store)[victim_job][2] if rows(store)[victim_job][0] == "running" else None,
                                120, "the job to start")
             os.killpg(workers[running].pid, signal.SIGKILL)
@@ -104,7 +104,7 @@ def test_workers_share_one_database(postgres_url, tmp_path):
 
             # SIGTERM (a graceful stop) of the worker running a job hands the job back at once
             workers["w3"] = start_worker(postgres_url, tmp_path / "w3", "w3")
-            stopped_job = submit(http, api.url, steps=300, size="256x256")
+            stopped_job = submit(http, api.url, steps=300, size="512x512")
             wait_for(lambda: rows(store)[stopped_job][0] == "running", 120, "the job to start")
             busy = rows(store)[stopped_job][2]
             workers[busy].send_signal(signal.SIGTERM)
