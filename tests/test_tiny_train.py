@@ -227,6 +227,8 @@ def test_short_run_exports_loads_and_resumes(tmp_path, monkeypatch, capsys):
     assert T.run(10, work, out)
     again = torch.load(work / "state-dit.pt", weights_only=False)
     assert again["step"] == 3 and first["step"] == 2
+    # the lengthened schedule warms its rate up again from where it resumed; an unchanged one does not
+    assert first["total"] == 2 and again["total"] == 3 and first["warm_from"] == 0 and again["warm_from"] == 2
     log = capsys.readouterr().out
     assert "dit: step 2/3" in log  # resumed at step 2, not started over
     assert "vae: step" not in log and "decoder: step" not in log  # finished stages are not rerun

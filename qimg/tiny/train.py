@@ -30,8 +30,9 @@ from qimg.tiny.fit import (user_dir, SEED, _save, cosine_lr, decoder_steps, expo
 IMAGE_TOKENS = 64  # 128x128 at 16x
 VAE_STEPS = 2500
 DECODER_STEPS = 1200
-DIT_STEPS = 14000
-# a run resumed with a fresh optimizer (from an export) warms its rate up again over this many steps
+DIT_STEPS = 20000
+# a run resumed with a fresh optimizer (from an export), or whose schedule was lengthened since its checkpoint, warms
+# its rate up again over this many steps
 REWARM_STEPS = 200
 POOL_PAIRS = 12000  # edit pairs; sources and targets also serve text-to-image
 VAE = dict(base_dim=8, decoder_base_dim=16, z_dim=32, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
@@ -352,6 +353,8 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32, de
         {k: v.detach().clone() for k, v in _all_state(model, text_encoder).items()}
     step, rng = state.get("step", 0), state.get("rng", random.Random(seed + 2))
     warm_from = state.get("warm_from", 0)
+    if state and state.get("total") != DIT_STEPS:
+        warm_from = step  # the cosine now ends elsewhere: its rate at this step may be far above the last one
     if step >= DIT_STEPS:
         return True
     cond = Conditioning(processor, text_encoder)
@@ -363,7 +366,7 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32, de
     def save():
         cpu = lambda sd: {k: v.cpu() for k, v in sd.items()}  # noqa: E731
         _save(path, model=cpu(model.state_dict()), text_encoder=cpu(text_encoder.state_dict()), opt=opt.state_dict(),
-              ema=cpu(ema), step=step, rng=rng, warm_from=warm_from)
+              ema=cpu(ema), step=step, rng=rng, warm_from=warm_from, total=DIT_STEPS)
 
     while step < DIT_STEPS and time.time() < deadline:
         step_seed(seed + 2, step)
