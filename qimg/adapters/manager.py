@@ -16,7 +16,7 @@ from torch import nn
 
 from qimg.adapters.deltas import moved
 from qimg.adapters.files import FAMILIES, AdapterFile, read_adapter
-from qimg.adapters.slot import drop_slot, slot_of
+from qimg.adapters.slot import drop_slot, slot_of, sync_hook
 from qimg.errors import InputError
 from qimg.models.layers import layer_device, layer_dtype
 
@@ -157,6 +157,7 @@ class Adapters:
             slot.scales = {n: self.attached[n].spec.scale for n in names if n in slot.kinds}
             if fused:
                 slot.fuse(linear)
+            sync_hook(linear)
         self.fused = fused and bool(names)
         return [self.attached[n].report() for n in names]
 

@@ -1,7 +1,8 @@
 """Adapters on one Linear layer, without changing the layer or its state-dict keys.
 
 An adapted Linear gets a child `adapters` (an `AdapterSlot`, whose tensors are non-persistent buffers: they move
-with the model and stay out of its state dict) and one forward hook that adds the unfused adapters' outputs. Fusing
+with the model and stay out of its state dict) and, while some active adapter is unfused, one forward hook that adds
+their outputs (a layer whose adapters are all fused or inactive runs as a plain Linear, fused projections included). Fusing
 replaces the layer's weight (and bias) by new tensors `W0 + sum(scale * dW)`; the original tensors are kept (on the
 CPU: a memory-mapped checkpoint costs no memory) and put back on unfusing, so the base weights come back bit for
 bit.
@@ -102,18 +103,27 @@ def keep(tensor: torch.Tensor) -> torch.Tensor:
 
 def _hook(linear: nn.Linear, args, output):
     slot = linear.adapters
-    if not slot.scales or len(slot.fused) == len(slot.scales):
+    if not slot.unfused():
         return None
     return slot(args[0], output)
 
 
 def slot_of(linear: nn.Linear) -> AdapterSlot:
-    """The layer's slot, created (with its forward hook) the first time."""
+    """The layer's slot, created the first time."""
     slot = getattr(linear, "adapters", None)
     if slot is None:
         slot = linear.adapters = AdapterSlot()
-        linear._adapter_hook = linear.register_forward_hook(_hook)
     return slot
+
+
+def sync_hook(linear: nn.Linear) -> None:
+    """Hook the layer exactly while its slot has active adapters that are not fused into its weight."""
+    hook = getattr(linear, "_adapter_hook", None)
+    if linear.adapters.unfused() and hook is None:
+        linear._adapter_hook = linear.register_forward_hook(_hook)
+    elif not linear.adapters.unfused() and hook is not None:
+        hook.remove()
+        del linear._adapter_hook
 
 
 def drop_slot(linear: nn.Linear) -> None:
@@ -122,6 +132,6 @@ def drop_slot(linear: nn.Linear) -> None:
     if slot is None:
         return
     slot.unfuse(linear)
-    linear._adapter_hook.remove()
+    slot.scales = {}
+    sync_hook(linear)
     del linear.adapters
-    del linear._adapter_hook

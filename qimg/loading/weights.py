@@ -250,4 +250,11 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, metada
     from qimg.atomic import atomic_path
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+        save_file({k: _own(v.detach()) for k, v in sd.items()}, str(tmp), metadata=metadata)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous and alone in its storage (safetensors refuses tensors that share memory, such as the views
+    that fused projections leave in a state dict)."""
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qimg.models.fused import linears
 
 FP16_MAX = 65504.0
 FP16_ROW_MAX = 1024.0  # larger float16 matmul input rows are scaled down to this: products with sane weights fit
@@ -25,11 +26,11 @@ def wide_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
     divided by the power of two (exact) that brings it within +-FP16_ROW_MAX, multiplied in float16 and scaled back,
     so neither a large input nor its product overflows. Rows already within it are not scaled (no bias rounding)."""
     if layer_dtype(layers[0]) != torch.float16:
-        return [layer(x) for layer in layers]
+        return linears(layers, x)
     row_max = x.detach().abs().amax(-1, keepdim=True).float()
     scale = torch.exp2(torch.log2(row_max / FP16_ROW_MAX).ceil()).clamp(min=1.0)
     x16 = (x / scale).to(torch.float16)
-    return [_unscaled(layer, layer(x16), scale) for layer in layers]
+    return [_unscaled(layer, y, scale) for layer, y in zip(layers, linears(layers, x16))]
 
 
 def wide_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

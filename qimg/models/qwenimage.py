@@ -97,6 +97,9 @@ class JointAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(head_dim, EPS), RMSNorm(head_dim, EPS)
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, EPS), RMSNorm(head_dim, EPS)
 
+    def fused_groups(self):
+        return [(self.to_q, self.to_k, self.to_v), (self.add_q_proj, self.add_k_proj, self.add_v_proj)]
+
     def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k, freqs):
         q, k, v = (t.unflatten(-1, (self.heads, self.head_dim)) for t in wide_linears((to_q, to_k, to_v), x))
         v = fp16_range(v, layer_dtype(to_v))

@@ -100,6 +100,9 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(head_dim, eps)
         self.norm_k = RMSNorm(head_dim, eps)
 
+    def fused_groups(self):
+        return [(self.to_q, self.to_k, self.to_v)]
+
     def qkv(self, x: torch.Tensor, freqs: torch.Tensor):
         """Projected, normed and rotated `[B, S, H, Dh]` queries, keys and values."""
         q, k, v = (t.unflatten(-1, (self.heads, self.head_dim))
@@ -116,6 +119,9 @@ class SwiGLU(nn.Module):
         self.proj = nn.Linear(dim, hidden, bias=False)
         self.gate_layer = nn.Linear(dim, hidden, bias=False)
         self.out = nn.Linear(hidden, dim, bias=False)
+
+    def fused_groups(self):
+        return [(self.gate_layer, self.proj)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = wide_linears((self.gate_layer, self.proj), x)

@@ -25,6 +25,7 @@ from qimg.adapters.manager import Adapters
 from qimg.errors import Cancelled, InputError
 from qimg.loading.files import embedded_name, read_json
 from qimg.loading.weights import load_module
+from qimg.models.fused import fuse_projections
 from qimg.models.hooks import BlockStep
 from qimg.options import LoadOptions, SamplingOptions
 from qimg.pipelines.base import (Clock, Defaults, ModelInfo, ProgressEvent, draw_noise, pick_device, pick_dtype,
@@ -131,6 +132,7 @@ class Pipeline(ABC):
     default_config: Defaults
     cfg_normalize_default = False
     batch_guidance = True  # both guidance branches in one call where the family can (LoadOptions.batch_guidance)
+    fused_projections = False  # q/k/v and gate/up multiplied as one matrix each (`qimg.models.fused`; GPUs)
 
     def __init__(self, transformer, vae, conditioner, scheduler: SchedulerConfig, *, info: ModelInfo,
                  defaults: Defaults | None = None, sample_sigmas=None, placement: Placement | None = None,
@@ -206,6 +208,11 @@ class Pipeline(ABC):
         transformer.set_attention(options.attention)
         if mesh is not None:
             mesh.attach(transformer)
+        # On a GPU the weights are the device's own copies; on the CPU they stay memory-mapped from the files
+        # (fusing would copy them), and offloaded weights move every phase, which would end the fusion.
+        fused = home == device and device.type != "cpu"
+        if fused:
+            fuse_projections(transformer)
         if options.compile:
             from qimg.models.compiled import compile_blocks
 
@@ -220,6 +227,7 @@ class Pipeline(ABC):
                    placement=placement, preset=options.preset, adapters=adapters)
         pipe.batch_guidance = options.batch_guidance
         pipe.mesh = mesh
+        pipe.fused_projections = fused
         return pipe
 
     # -- LoRAs and presets -------------------------------------------------------------------------------------
@@ -241,6 +249,8 @@ class Pipeline(ABC):
         finally:
             self.placement = Placement.of_pipeline(self.info.device, self.placement.mode, self.conditioner,
                                                    self.transformer)
+            if self.fused_projections:  # a fused LoRA replaced weights: fuse them again
+                fuse_projections(self.transformer)
             self.preset = self.find_preset()
 
     def find_preset(self) -> Preset | None:
