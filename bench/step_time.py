@@ -4,6 +4,8 @@ transformer with its prefix KV cache on, and the v1 (Qwen-Image / Edit / Layered
     python bench/step_time.py [--threads 2] [--repeats 5] [--configs tiny,medium,v1-tiny,v1-medium] [--out FILE]
     python bench/step_time.py --device cuda --dtype bfloat16 --configs medium,full-1024,full-2048
     python bench/step_time.py --compile     # qimg's blocks compiled (writes step_time-compiled.json)
+    python bench/step_time.py --compile step  # the whole step compiled (step_time-compiled-step.json)
+    python bench/step_time.py --fused       # q/k/v and gate/up fused, as a GPU load does (step_time-fused.json)
 
 Prints a table and writes bench/results/step_time.json (step_time-cuda.json on a GPU). Timings of the two
 implementations are interleaved so that background load affects both alike; the figure is the median of
@@ -21,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from qimg.models.fused import fuse_projections
 
 CONFIGS = {
     # name: (transformer config, image side in px, prompt tokens)
@@ -104,15 +108,18 @@ def median_time(fn, repeats: int, device: torch.device) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
-def bench(name: str, repeats: int, device: torch.device, dtype: torch.dtype, compiled: bool = False) -> dict:
+def bench(name: str, repeats: int, device: torch.device, dtype: torch.dtype, compiled: bool | str = False,
+          fused: bool = False) -> dict:
     from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
 
     cfg, side, n_text = CONFIGS[name]
     ref, ours = build(cfg, device, dtype)
+    if fused:
+        fuse_projections(ours)
     if compiled:
-        from qimg.models.compiled import compile_blocks
+        from qimg.models.compiled import compile_transformer
 
-        compile_blocks(ours)
+        compile_transformer(ours, compiled)
     c = ours.cfg
     h = w = side // 16
     text = torch.randn(1, n_text, c.context_in_dim, device=device, dtype=dtype)
@@ -150,7 +157,8 @@ def bench(name: str, repeats: int, device: torch.device, dtype: torch.dtype, com
             "reference_peak_gib": ref_peak / 2**30, "qimg_peak_gib": ours_peak / 2**30}
 
 
-def bench_v1(name: str, repeats: int, device: torch.device, dtype: torch.dtype, compiled: bool = False) -> dict:
+def bench_v1(name: str, repeats: int, device: torch.device, dtype: torch.dtype, compiled: bool | str = False,
+             fused: bool = False) -> dict:
     import diffusers
 
     from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
@@ -160,10 +168,12 @@ def bench_v1(name: str, repeats: int, device: torch.device, dtype: torch.dtype, 
     with torch.device("meta"):
         ours = QwenImageTransformer(QwenImageConfig.from_dict(dict(ref.config))).eval()
     ours.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
+    if fused:
+        fuse_projections(ours)
     if compiled:
-        from qimg.models.compiled import compile_blocks
+        from qimg.models.compiled import compile_transformer
 
-        compile_blocks(ours)
+        compile_transformer(ours, compiled)
     h = w = side // 16
     shapes = [(1, h, w)]
     text = torch.randn(1, n_text, cfg["joint_attention_dim"], device=device, dtype=dtype)
@@ -202,11 +212,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/step_time[-DEVICE].json)")
-    parser.add_argument("--compile", action="store_true", help="qimg's blocks compiled (qimg.models.compiled)")
+    parser.add_argument("--compile", nargs="?", const="blocks", default=False, choices=["blocks", "step"],
+                        help="qimg's transformer compiled (qimg.models.compiled): its blocks (default) or whole step")
+    parser.add_argument("--fused", action="store_true", help="qimg's projections fused (qimg.models.fused)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    rows = [(bench_v1 if name in V1_CONFIGS else bench)(name, args.repeats, device, dtype, args.compile)
+    rows = [(bench_v1 if name in V1_CONFIGS else bench)(name, args.repeats, device, dtype, args.compile,
+                                                                 args.fused)
             for name in args.configs.split(",")]
     print(f"{'config':<9} {'params':>13} {'image':>9} {'text':>5} {'reference s':>12} {'qimg s':>9} "
           f"{'speed-up':>9} {'ref peak GiB':>12} {'qimg peak GiB':>13} {'max diff':>9} {'rel diff':>9} "
@@ -217,12 +230,12 @@ def main() -> None:
               f"{r['qimg_peak_gib']:>13.2f} {r['max_abs_diff']:>9.1e} {r['rel_diff']:>9.1e} "
               f"{fmt(r['reference_err_vs_fp32']):>8} {fmt(r['qimg_err_vs_fp32']):>8}")
     name = ("step_time.json" if device.type == "cpu" else f"step_time-{device.type}.json").replace(
-        ".json", "-compiled.json" if args.compile else ".json")
+        ".json", {False: ".json", "blocks": "-compiled.json", "step": "-compiled-step.json"}[args.compile]).replace(".json", "-fused.json" if args.fused else ".json")
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
     out.parent.mkdir(exist_ok=True)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     out.write_text(json.dumps({"threads": args.threads, "device": args.device, "gpu": gpu, "dtype": args.dtype,
-                               "compiled": args.compile,
+                               "compiled": args.compile, "fused": args.fused,
                                "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {out}")
 

@@ -80,8 +80,10 @@ class LoadOptions:
     text_encoder / vae: one .safetensors file each (transformers' or ComfyUI's key layouts, bf16/fp16/fp32 or scaled
     fp8; the folder still gives the configs) replacing that component's folder; fp8 Linear weights of an encoder stay
     fp8. quantize_encoder: "int8" or "fp8" weight-only quantisation of the condition encoder's Linear layers.
-    compile: compile the transformer's block with torch.compile (regional: two graphs shared by every block; the
-    first run at a size pays the compile time, reported as `compile_s`).
+    compile: torch.compile the transformer: "blocks" (or True; regional: two graphs shared by every block, quick to
+    compile at any size) or "step" (the whole denoising step as one graph: no Python between the layers, for small
+    models and CPUs; one process, cancels land between steps); the first run at a size pays the compile time,
+    reported as `compile_s`.
     parallel: "ulysses=U,cfg=C" (`qimg.parallel`): this process is one of U x C ranks started by torchrun that make
     each picture together; every rank gets the pictures (rank 0 should save them).
     """
@@ -105,7 +107,7 @@ class LoadOptions:
     text_encoder: str | os.PathLike | None = None  # one .safetensors file replacing the folder's condition encoder
     vae: str | os.PathLike | None = None  # one .safetensors file replacing the folder's VAE
     quantize_encoder: str | None = None  # "int8" | "fp8": the condition encoder's Linear weights, on load
-    compile: bool = False  # torch.compile the transformer's repeated block (qimg.models.compiled)
+    compile: bool | str = False  # False, "blocks" (True) or "step" (qimg.models.compiled)
 
     def __post_init__(self):
         import torch
@@ -147,8 +149,9 @@ class LoadOptions:
         if self.quantize is not None and self.loras and self.lora_mode == "unfused":
             raise InputError("unfused LoRAs on quantized weights are not supported yet: use lora_mode 'fused' "
                              "(merged before quantizing)")
-        if not isinstance(self.compile, bool):
-            raise InputError(f"compile must be true or false, got {self.compile!r}")
+        from qimg.models.compiled import compile_mode
+
+        object.__setattr__(self, "compile", compile_mode(self.compile))
         if self.quantize_encoder is not None and self.quantize_encoder not in ("int8", "fp8"):
             raise InputError(f"quantize_encoder must be 'int8' or 'fp8', got {self.quantize_encoder!r}")
         for name in ("text_encoder", "vae"):

@@ -1,6 +1,7 @@
-"""`compile=True` (`--compile`): the blocks' two halves compiled once and shared by every block; compiled and eager
-outputs within 1e-5 in float32 (2.x with its prefix KV cache, v1); no recompile for a new step, guidance branch or
-picture at the same size, at most one per half for a new size; the compile time is in the pictures' parameters."""
+"""`compile=True` / "blocks" (`--compile`): the blocks' two halves compiled once and shared by every block;
+`compile="step"`: the whole step as one graph. Compiled and eager outputs within 1e-5 in float32 (2.x with its
+prefix KV cache, v1); no recompile for a new step, guidance branch or picture at the same size, at most one per graph
+for a new size; the compile time is in the pictures' parameters."""
 
 from __future__ import annotations
 
@@ -43,11 +44,13 @@ def velocities(pipe, family: str):
         return model(latents, text, torch.tensor([0.6]), [(1, 4, 4)])
 
 
+@pytest.mark.parametrize("mode", [True, "step"])
 @pytest.mark.parametrize("family", ["2.x", "v1"])
-def test_compiled_blocks_match_eager_and_compile_once(family, ref21, ref_v1):
+def test_compiled_blocks_match_eager_and_compile_once(family, mode, ref21, ref_v1):
     folder = ref21[1] if family == "2.x" else ref_v1["t2i"][1]
     eager = qimg.load(folder, dtype="float32")
-    fast = qimg.load(folder, dtype="float32", compile=True, batch_guidance=False)
+    fast = qimg.load(folder, dtype="float32", compile=mode, batch_guidance=False)
+    assert fast.transformer.compiled_step == (mode == "step")
 
     def picture(pipe, size=64, seed=3):
         return pipe.generate("a red circle", width=size, height=size, steps=3, seed=seed, cfg=4.0)[0]
@@ -66,3 +69,35 @@ def test_compiled_blocks_match_eager_and_compile_once(family, ref21, ref_v1):
     grown = graphs()
     picture(fast, size=96, seed=5)
     assert graphs() == grown
+
+
+def test_compile_modes_are_named_and_a_step_with_a_hook_runs_eagerly(ref21):
+    from qimg.errors import InputError
+    from qimg.models.compiled import compile_step
+    from qimg.options import LoadOptions
+
+    assert LoadOptions(compile=True).compile == "blocks" and LoadOptions(compile="step").compile == "step"
+    assert LoadOptions().compile is False
+    with pytest.raises(InputError, match=r"compile must be true, false or one of \['blocks', 'step'\], got 'fast'"):
+        LoadOptions(compile="fast")
+    pipe = qimg.load(ref21[1], dtype="float32", compile="step")
+    before = graphs()
+    seen = []
+
+    def hook(where, index, state, run):  # a step cache's or a user's hook sees every block: not one graph
+        seen.append(index)
+        return run(state)
+
+    picture = pipe.generate("a red circle", width=64, height=64, steps=2, seed=1, cfg=1, block_hook=hook)[0]
+    assert graphs() == before and len(seen) == 2 * len(pipe.transformer.transformer_blocks)
+    eager = qimg.load(ref21[1], dtype="float32").generate("a red circle", width=64, height=64, steps=2, seed=1,
+                                                           cfg=1)[0]
+    assert np.abs(np.asarray(picture, dtype=int) - np.asarray(eager, dtype=int)).max() <= 1
+
+    class Split:  # a sequence split across processes (what Ulysses sets)
+        pass
+
+    other = qimg.load(ref21[1], dtype="float32")
+    other.transformer.set_sequence(Split())
+    with pytest.raises(InputError, match="runs on one process"):
+        compile_step(other.transformer)

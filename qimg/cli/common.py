@@ -77,9 +77,7 @@ def model_args(p: argparse.ArgumentParser, default: str = "qimg-tiny") -> None:
                                                                "file (diffusers keys, optionally prefixed)")
     p.add_argument("--quantize-encoder", choices=["int8", "fp8"], default=None,
                    help="store the condition encoder's Linear weights in 8 bits (weight-only): about half of bfloat16")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the transformer's block with torch.compile (the first picture at a size waits for "
-                        "the compiler; later ones run the compiled code)")
+    add_compile_flag(p, "picture")
     p.add_argument("--transformer", default=None, metavar="FILE",
                    help="replace the model's transformer weights with one file: .gguf (Q8_0, Q4_0/1, Q5_0/1, "
                         "Q2_K-Q6_K, F16, BF16, F32) or .safetensors (diffusers or ComfyUI keys; bf16, fp16, fp8 "
@@ -199,3 +197,12 @@ class ProgressBar:
         self.bar.update(event.step - self.bar.n)
         if event.step >= event.total:
             self.bar.close()
+
+
+def add_compile_flag(p: argparse.ArgumentParser, unit: str) -> None:
+    p.add_argument("--compile", action="store_const", const="blocks", default=False,
+                   help=f"torch.compile the transformer's blocks (quick to compile at any size); the first {unit} at "
+                        f"a size waits for the compiler")
+    p.add_argument("--compile-step", dest="compile", action="store_const", const="step",
+                   help="torch.compile the transformer's whole step instead (fastest for small models and CPUs; one "
+                        "process; longer to compile)")

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from qimg.cli.common import lora_args
+from qimg.cli.common import add_compile_flag, lora_args
 from qimg.errors import InputError
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
@@ -121,9 +121,7 @@ def server_args(p) -> None:
                         "queued again for another worker, or failed once tried --max-attempts times (default 30)")
     p.add_argument("--max-attempts", type=int, default=2, metavar="N",
                    help="shared store: times a job is started before a worker's death fails it (default 2)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile every model's transformer block with torch.compile (the first job at a size waits "
-                        "for the compiler)")
+    add_compile_flag(p, "job")
     p.add_argument("--download", action="store_true",
                    help="fetch each --model from the Hugging Face Hub first when it is not cached")
     p.add_argument("--lora-dir", default=None, metavar="DIR",

@@ -128,7 +128,8 @@ class UsesAttention:
 
     attend: Attend = staticmethod(sdpa)
     sequence = WHOLE
-    compiled_blocks = False  # set by qimg.models.compiled.compile_blocks: blocks take real RoPE tables
+    compiled_blocks = False  # set by qimg.models.compiled: blocks take real RoPE tables
+    compiled_step = False  # set by qimg.models.compiled.compile_step: the whole step is one graph
 
     def set_attention(self, choice: str | Attend) -> None:
         self.attend = attention_backend(choice)

@@ -360,6 +360,12 @@ class QwenImage21Transformer(UsesAttention, nn.Module):
         freqs = self.target_rope(prefix, shape) if freqs is None else freqs
         if sigma.numel() > 1 and bool((sigma == sigma[:1]).all()):
             sigma = sigma[:1]  # one embedding broadcast over the batch: the same numbers at any batch size
+        freqs = rope_table(self.sequence.shard(freqs, dim=-2), self.compiled_blocks)
+        return self.denoise_step(latents, sigma, prefix, freqs, block_hook)
+
+    def denoise_step(self, latents, sigma, prefix: Prefix, freqs, block_hook: BlockHook | None = None):
+        """`denoise` once its arguments are settled (`freqs`: this process's RoPE table; what `compile="step"`
+        compiles)."""
         temb = self._temb(sigma)
         mod = self._modulation(temb)
         mask = None
@@ -382,7 +388,6 @@ class QwenImage21Transformer(UsesAttention, nn.Module):
                     return out
             return block(x, mod, freqs, mix)[0]
 
-        freqs = rope_table(sequence.shard(freqs, dim=-2), self.compiled_blocks)
         x = run_blocks(self.transformer_blocks, self.img_in(sequence.shard(latents)), run_block, block_hook)
         scale = self.norm_out.linear(F.silu(temb).to(x.dtype)).unsqueeze(1)
         return sequence.gather(self.proj_out(F.layer_norm(x, x.shape[-1:], eps=self.cfg.eps) * (1 + scale)))

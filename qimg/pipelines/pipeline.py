@@ -214,9 +214,9 @@ class Pipeline(ABC):
         if fused:
             fuse_projections(transformer)
         if options.compile:
-            from qimg.models.compiled import compile_blocks
+            from qimg.models.compiled import compile_transformer
 
-            compile_blocks(transformer)
+            compile_transformer(transformer, options.compile)
         scheduler = SchedulerConfig.from_dict(read_json(folder / "scheduler" / "scheduler_config.json"))
         mode = None if home == device else ("blocks" if options.offload == "blocks" else "model")
         placement = Placement.of_pipeline(device, mode, conditioner, transformer)
@@ -378,7 +378,9 @@ class Pipeline(ABC):
             self.vae.run_tiles = None
 
     def sample(self, plan: Plan, cond: Conditioning, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        hook = stop_between_blocks(plan, plan.options.block_hook)
+        hook = plan.options.block_hook
+        if not self.transformer.compiled_step:  # a compiled step is one graph: cancel between steps
+            hook = stop_between_blocks(plan, hook)
         cache = plan.extra["step_cache"] = step_cache(plan.options.cache, hook, self.transformer.sequence.total)
         if cache is not None:
             hook = cache.hook
