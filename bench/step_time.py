@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from qimg.models.fused import fuse_projections
 
@@ -71,6 +72,27 @@ def build(cfg: dict, device: torch.device, dtype: torch.dtype):
         ours = QwenImage21Transformer(config).eval()
     ours.load_state_dict(ref.state_dict(), assign=True)  # the same tensors: one copy of 7B weights on the GPU
     return ref, ours
+
+
+def matmul_floor(c, tokens: int, prefix: int, repeats: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Seconds the step's matrix products and attention alone take (one product per projection, as fused as they
+    get, no norms, RoPE or residuals): the floor no implementation of this step goes below on this machine."""
+    dim, hidden = c.dim, c.dim * c.mlp_ratio
+    x = torch.randn(tokens, dim, device=device, dtype=dtype)
+    h = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    def weight(rows, cols):
+        return torch.randn(rows, cols, device=device, dtype=dtype)
+
+    w_qkv, w_out, w_up, w_down = weight(3 * dim, dim), weight(dim, dim), weight(2 * hidden, dim), weight(dim, hidden)
+    q = torch.randn(1, c.num_attention_heads, tokens, c.attention_head_dim, device=device, dtype=dtype)
+    kv = torch.randn(1, c.num_attention_heads, tokens + prefix, c.attention_head_dim, device=device, dtype=dtype)
+
+    def step():
+        for _ in range(c.num_layers):
+            F.linear(x, w_qkv), F.scaled_dot_product_attention(q, kv, kv), F.linear(x, w_out)
+            F.linear(x, w_up), F.linear(h, w_down)
+
+    return median_time(step, repeats, device)[0]
 
 
 def fp32_output(model, text, latents, sigma, shape) -> torch.Tensor:
@@ -142,10 +164,11 @@ def bench(name: str, repeats: int, device: torch.device, dtype: torch.dtype, com
             exact = fp32_output(ours, text, latents, sigma, (h, w))
             ref_err = ((ref_out - exact).norm() / exact.norm()).item()
             ours_err = ((our_out - exact).norm() / exact.norm()).item()
-        t_ref, t_ours = [], []
+        t_ref, t_ours, floor = [], [], []
         for _ in range(3):  # interleave rounds
             t_ref.append(median_time(lambda: ref(kv_cache=cache, kv_cache_mode="cached", **kwargs), repeats, device))
             t_ours.append(median_time(lambda: ours.denoise(latents, sigma, prefix, (h, w), freqs), repeats, device))
+            floor.append(matmul_floor(c, h * w, n_text, repeats, device, dtype))
     params = sum(p.numel() for p in ours.parameters())
     (ref_s, ref_peak), (ours_s, ours_peak) = min(t_ref), min(t_ours)
     del ref, ours, cache, prefix, freqs
@@ -154,7 +177,8 @@ def bench(name: str, repeats: int, device: torch.device, dtype: torch.dtype, com
     return {"config": name, "params": params, "image": f"{side}x{side}", "prompt_tokens": n_text,
             "reference_s": ref_s, "qimg_s": ours_s, "speedup": ref_s / ours_s, "max_abs_diff": diff,
             "rel_diff": rel, "reference_err_vs_fp32": ref_err, "qimg_err_vs_fp32": ours_err,
-            "reference_peak_gib": ref_peak / 2**30, "qimg_peak_gib": ours_peak / 2**30}
+            "reference_peak_gib": ref_peak / 2**30, "qimg_peak_gib": ours_peak / 2**30,
+            "matmul_floor_s": min(floor)}
 
 
 def bench_v1(name: str, repeats: int, device: torch.device, dtype: torch.dtype, compiled: bool | str = False,
@@ -223,14 +247,15 @@ def main() -> None:
             for name in args.configs.split(",")]
     print(f"{'config':<9} {'params':>13} {'image':>9} {'text':>5} {'reference s':>12} {'qimg s':>9} "
           f"{'speed-up':>9} {'ref peak GiB':>12} {'qimg peak GiB':>13} {'max diff':>9} {'rel diff':>9} "
-          f"{'ref err':>8} {'qimg err':>8}")
+          f"{'ref err':>8} {'qimg err':>8} {'matmul floor s':>14}")
     for r in rows:
         print(f"{r['config']:<9} {r['params']:>13,} {r['image']:>9} {r['prompt_tokens']:>5} "
               f"{r['reference_s']:>12.4f} {r['qimg_s']:>9.4f} {r['speedup']:>8.2f}x {r['reference_peak_gib']:>12.2f} "
               f"{r['qimg_peak_gib']:>13.2f} {r['max_abs_diff']:>9.1e} {r['rel_diff']:>9.1e} "
-              f"{fmt(r['reference_err_vs_fp32']):>8} {fmt(r['qimg_err_vs_fp32']):>8}")
-    name = ("step_time.json" if device.type == "cpu" else f"step_time-{device.type}.json").replace(
-        ".json", {False: ".json", "blocks": "-compiled.json", "step": "-compiled-step.json"}[args.compile]).replace(".json", "-fused.json" if args.fused else ".json")
+              f"{fmt(r['reference_err_vs_fp32']):>8} {fmt(r['qimg_err_vs_fp32']):>8} "
+              f"{'-' if r.get('matmul_floor_s') is None else format(r['matmul_floor_s'], '.4f'):>14}")
+    suffix = {False: "", "blocks": "-compiled", "step": "-compiled-step"}[args.compile] + ("-fused" if args.fused else "")
+    name = ("step_time" if device.type == "cpu" else f"step_time-{device.type}") + suffix + ".json"
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
     out.parent.mkdir(exist_ok=True)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
