@@ -254,7 +254,8 @@ def main() -> None:
               f"{r['qimg_peak_gib']:>13.2f} {r['max_abs_diff']:>9.1e} {r['rel_diff']:>9.1e} "
               f"{fmt(r['reference_err_vs_fp32']):>8} {fmt(r['qimg_err_vs_fp32']):>8} "
               f"{'-' if r.get('matmul_floor_s') is None else format(r['matmul_floor_s'], '.4f'):>14}")
-    suffix = {False: "", "blocks": "-compiled", "step": "-compiled-step"}[args.compile] + ("-fused" if args.fused else "")
+    suffix = {False: "", "blocks": "-compiled", "step": "-compiled-step"}[args.compile]
+    suffix += "-fused" if args.fused else ""
     name = ("step_time" if device.type == "cpu" else f"step_time-{device.type}") + suffix + ".json"
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
     out.parent.mkdir(exist_ok=True)
