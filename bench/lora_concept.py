@@ -51,33 +51,38 @@ def objects_mask(picture, scene: W.Scene) -> Image.Image:
     return Image.fromarray((objects * 255).astype(np.uint8))
 
 
-def write_examples(folder: Path, n: int, seed: int, share: float, edit_share: float, prior=None) -> None:
+def write_examples(folder: Path, n: int, seed: int, share: float, edit_share: float, prior=None,
+                   keep: Path | None = None) -> None:
     """`share` of the examples with an azure object, `edit_share` ordinary edit triplets, the rest ordinary
     text-to-image pairs; each with a mask of its objects (their tokens weigh 9x in the loss, as in the model's own
     training). With `prior` (the base pipeline), the ordinary examples' pictures are its own outputs for them
-    (DreamBooth's prior preservation: they teach the LoRA to leave the rest of the model as it is)."""
+    (DreamBooth's prior preservation: they teach the LoRA to leave the rest of the model as it is). With `keep`, the
+    ordinary examples go there instead (`qimg lora train --preserve`: trained toward the model's own velocity)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     kinds = ["azure"] * round(n * share) + ["edit"] * round(n * edit_share)
     kinds += ["plain"] * (n - len(kinds))
     random.Random(seed + 1).shuffle(kinds)
     for i, kind in enumerate(kinds):
         name = f"ex{i:04d}"
+        dest = keep if keep is not None and kind != "azure" else folder
         if kind == "edit":
             source = W.random_scene(rng)
             instruction, target = W.random_edit(source, rng)
-            W.render(source).save(folder / f"{name}_source.png")
+            W.render(source).save(dest / f"{name}_source.png")
             picture = W.render(target) if prior is None else prior.generate(
                 instruction, images=[W.render(source)], seed=i)[0]
-            picture.save(folder / f"{name}_target.png")
-            (folder / f"{name}.txt").write_text(instruction)
+            picture.save(dest / f"{name}_target.png")
+            (dest / f"{name}.txt").write_text(instruction)
         else:
             target = azure_scene(rng, azure=kind == "azure")
             picture = W.render(target) if prior is None or kind == "azure" else prior.generate(
                 W.prompt(target), seed=i)[0]
-            picture.save(folder / f"{name}.png")
-            (folder / f"{name}.txt").write_text(W.prompt(target))
-        objects_mask(W.render(target), target).save(folder / f"{name}_mask.png")
+            picture.save(dest / f"{name}.png")
+            (dest / f"{name}.txt").write_text(W.prompt(target))
+        objects_mask(W.render(target), target).save(dest / f"{name}_mask.png")
 
 
 def colour_of(image, scene: W.Scene) -> str | None:
@@ -109,6 +114,9 @@ def main() -> None:
     parser.add_argument("--edit-share", type=float, default=0.25, help="ordinary edit triplets (keep edits working)")
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=False,
                         help="ordinary examples drawn by the shipped model itself (prior preservation)")
+    parser.add_argument("--preserve", action=argparse.BooleanOptionalAction, default=False,
+                        help="ordinary examples in a --preserve folder: trained toward the shipped model's own output")
+    parser.add_argument("--preserve-share", type=float, default=0.5)
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--rank", type=int, default=16)
@@ -123,22 +131,24 @@ def main() -> None:
     out = Path(args.out)
     data = out / "data"
     base = qimg.load(dtype="float32", device="cpu")
+    keep = out / "keep" if args.preserve else None
     write_examples(data, args.examples, seed=101, share=args.azure_share, edit_share=args.edit_share,
-                   prior=base if args.prior else None)
+                   prior=base if args.prior else None, keep=keep)
     rng = random.Random(202)
     held = []
     while len(held) < args.eval:  # azure prompts that are not training examples
         scene = azure_scene(rng, azure=True)
         if scene not in held:
             held.append(scene)
-    train_prompts = {path.read_text() for path in data.glob("*.txt")}
+    train_prompts = {path.read_text() for d in (data, keep) if d is not None for path in d.glob("*.txt")}
     held = [s for s in held if W.prompt(s) not in train_prompts]
 
     before = concept_score(base, held)
     lora_path = out / "azure.safetensors"
     start = time.perf_counter()
     result = train_lora(base, TrainOptions(data=data, out=lora_path, rank=args.rank, steps=args.steps, lr=args.lr,
-                                           batch=4, targets=args.targets, minutes=args.minutes, save_every=250))
+                                           batch=4, targets=args.targets, minutes=args.minutes, save_every=250,
+                                           preserve=keep, preserve_share=args.preserve_share))
     train_s = time.perf_counter() - start
     tuned = qimg.load(dtype="float32", device="cpu", loras=[(lora_path, args.scale)])
     after = concept_score(tuned, held)
@@ -162,7 +172,8 @@ def main() -> None:
     print("colours read in the azure object's cell, before:", before["reads"], "after:", after["reads"])
     path = Path(__file__).parent / "results" / "lora_concept.json"
     path.write_text(json.dumps({"examples": result["examples"], "azure_share": args.azure_share,
-                                "edit_share": args.edit_share, "prior": args.prior,
+                                "edit_share": args.edit_share, "prior": args.prior, "preserve": args.preserve,
+                                "preserve_share": args.preserve_share,
                                 "steps": result["steps"], "rank": args.rank, "targets": args.targets,
                                 "scale": args.scale,
                                 "lr": args.lr, "train_minutes": train_s / 60, "threads": args.threads,

@@ -133,3 +133,44 @@ def test_cli(ref21, tmp_path, capsys):
     assert str(out.resolve()) in captured.out and "2/2 steps, done" in captured.out and "lora" in captured.err
     assert main(["lora", "train", "--data", str(tmp_path / "none"), "--out", str(out), "--model", str(folder)]) == 2
     assert "training data folder not found" in capsys.readouterr().err
+
+
+def drift(base, tuned, folder) -> float:
+    """How far the tuned model's velocities move from the base model's on `folder`'s examples (fixed noise)."""
+    from qimg.adapters.train import read_examples
+    from qimg.options import GenerateOptions
+
+    total = 0.0
+    with torch.no_grad():
+        for i, ex in enumerate(read_examples(folder)):
+            outs = []
+            for pipe in (base, tuned):
+                plan = pipe.plan(GenerateOptions(prompt=ex.prompt, width=64, height=64, steps=1, seed=0, cfg=1))
+                x0 = pipe.image_tokens(plan, ex.target)
+                noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))
+                cond = pipe.encode(plan)
+                outs.append(pipe.velocity(plan, cond.positive, cond.extra)(0.2 * x0 + 0.8 * noise,
+                                                                          torch.tensor([0.8])))
+            total += float(((outs[0] - outs[1]) ** 2).mean())
+    return total
+
+
+def test_preserved_examples_keep_the_base_models_output(ref21, tmp_path):
+    """Trained on one set of examples, a LoRA moves the model's output on others; with those others as --preserve
+    examples it moves it much less, and still learns its own examples."""
+    _, folder = ref21
+    data, keep = examples(tmp_path / "data", seed=1), examples(tmp_path / "keep", n=4, seed=2)
+    for i in range(4):  # other prompts than the training examples'
+        (keep / f"ex{i}.txt").write_text(f"another scene {i}")
+    base = qimg.load(folder, dtype="float32", device="cpu")
+    common = dict(data=data, rank=4, steps=30, lr=5e-3, batch=2, targets="all", resolution=64)
+    plain = train_lora(base, TrainOptions(out=tmp_path / "plain.safetensors", **common))
+    kept = train_lora(base, TrainOptions(out=tmp_path / "kept.safetensors", preserve=keep, **common))
+    assert plain["preserved"] == 0 and kept["preserved"] == 4
+    tuned = {name: qimg.load(folder, dtype="float32", device="cpu", loras=[tmp_path / f"{name}.safetensors"])
+             for name in ("plain", "kept")}
+    moved, held = drift(base, tuned["plain"], keep), drift(base, tuned["kept"], keep)
+    assert held < 0.5 * moved, (moved, held)
+    assert fixed_loss(tuned["kept"], data) < 0.9 * fixed_loss(base, data)
+    with pytest.raises(InputError, match="preserve_share must be between 0 and 1"):
+        TrainOptions(data=data, out=tmp_path / "x.safetensors", preserve=keep, preserve_share=1.0)

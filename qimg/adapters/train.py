@@ -7,13 +7,17 @@ loss (most of a picture is often easy background that would otherwise drown the 
 weights are frozen; low-rank `lora_A`/`lora_B` pairs beside the chosen Linear layers of the transformer are trained
 on the flow-matching loss in the model's own parameterisation (x_t = (1 - sigma) x0 + sigma noise, target velocity
 noise - x0), through the pipeline's own conditioning and velocity hooks. Prompts and pictures are encoded once.
-A run is a function of its seed and resumes from `OUT.train.pt` (written every `save_every` steps, atomically); the
+With `preserve` (a second folder of the same kinds of examples), `preserve_share` of the examples a step draws come
+from it and are trained toward the frozen base model's own velocity on them instead of their pictures' (output
+preservation: what the LoRA must not change, learnt from the model itself; a picture there only sets where the
+noise starts). A run is a function of its seed and resumes from `OUT.train.pt` (written every `save_every` steps, atomically); the
 result is a diffusers/PEFT file (`transformer.<layer>.lora_A.weight`, `lora_adapter_metadata`), which diffusers'
 `load_lora_weights` reads unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -50,10 +54,16 @@ class TrainOptions:
     save_every: int = 100
     checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
     mask_weight: float = 8.0  # extra weight of the tokens an example's mask marks
+    preserve: Path | None = None  # examples whose base-model velocity the LoRA must keep
+    preserve_share: float = 0.5  # of the examples drawn, this share from `preserve` (when given)
 
     def __post_init__(self):
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "out", Path(self.out))
+        if self.preserve is not None:
+            object.__setattr__(self, "preserve", Path(self.preserve))
+        if not 0 < self.preserve_share < 1:
+            raise InputError(f"preserve_share must be between 0 and 1 (exclusive), got {self.preserve_share!r}")
         for name, low in (("rank", 1), ("steps", 1), ("batch", 1), ("save_every", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -72,7 +82,8 @@ class TrainOptions:
     def recipe(self) -> dict:
         """What a checkpoint must agree on to be resumed."""
         return {"rank": self.rank, "alpha": self.alpha, "targets": self.targets, "seed": self.seed,
-                "batch": self.batch, "resolution": self.resolution, "mask_weight": self.mask_weight}
+                "batch": self.batch, "resolution": self.resolution, "mask_weight": self.mask_weight,
+                **({"preserve": str(self.preserve), "preserve_share": self.preserve_share} if self.preserve else {})}
 
 
 @dataclass
@@ -140,6 +151,7 @@ class TrainableLora(nn.Module):
         self.layers, self.rank, self.alpha, self.scale = layers, rank, alpha, alpha / rank
         self.down, self.up = nn.ParameterList(), nn.ParameterList()
         self.hooks = []
+        self.enabled = True
         for name in layers:
             linear = model.get_submodule(name)
             bound = 1 / math.sqrt(linear.in_features)  # kaiming_uniform(a=sqrt(5)), as PEFT initialises lora_A
@@ -150,9 +162,20 @@ class TrainableLora(nn.Module):
 
     def _hook(self, i: int):
         def hook(module, args, output):
+            if not self.enabled:
+                return None
             x = args[0].float()
             return output + (F.linear(F.linear(x, self.down[i]), self.up[i]) * self.scale).to(output.dtype)
         return hook
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Within: the base model alone."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -197,31 +220,24 @@ def sample_sigma(generator: torch.Generator) -> float:
 def train_lora(pipe, options: TrainOptions, progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Train (or resume) a LoRA for `pipe`'s transformer; writes `options.out` and returns a summary."""
     from qimg.loading.weights import save_state_dict
-    from qimg.options import GenerateOptions
 
     if "layers" in pipe.tasks:
         raise InputError(f"LoRA training takes text-to-image or edit models; {pipe.pipeline_class} splits layers")
     examples = read_examples(options.data)
-    edits = [e for e in examples if e.source is not None]
+    kept = read_examples(options.preserve) if options.preserve is not None else []
+    edits = [e for e in examples + kept if e.source is not None]
     if edits and "edit" not in pipe.tasks:
         raise InputError(f"{len(edits)} examples are edit triplets, but {pipe.pipeline_class} does not edit")
-    if len(edits) < len(examples) and "generate" not in pipe.tasks:
+    if len(edits) < len(examples) + len(kept) and "generate" not in pipe.tasks:
         raise InputError(f"{pipe.pipeline_class} only edits: every example needs NAME_source and NAME_target")
     start = time.perf_counter()
     pipe.unload_loras()
     transformer = pipe.transformer
     transformer.requires_grad_(False)
     resolution = options.resolution or pipe.defaults.resolution
-    encoded = []
     with torch.no_grad():
-        for ex in examples:
-            size = {} if ex.source is not None else dict(zip(("width", "height"), fit_area(
-                resolution * resolution, ex.target.width / ex.target.height, pipe.multiple)))
-            plan = pipe.plan(GenerateOptions(prompt=ex.prompt, images=(ex.source,) if ex.source else (),
-                                             resolution=resolution, steps=1, seed=0, cfg=1.0, use_kv_cache=False,
-                                             **size))
-            encoded.append((plan, pipe.encode(plan), pipe.image_tokens(plan, ex.target),
-                            token_weights(ex.mask, plan, options.mask_weight)))
+        encoded = [_encode(pipe, ex, resolution, options.mask_weight) for ex in examples]
+        kept_encoded = [_encode(pipe, ex, resolution, options.mask_weight) for ex in kept]
     generator = torch.Generator().manual_seed(options.seed)
     lora = TrainableLora(transformer, target_layers(transformer, options.targets), options.rank,
                          float(options.alpha or options.rank), generator)
@@ -234,14 +250,21 @@ def train_lora(pipe, options: TrainOptions, progress: Callable[[int, int, float]
             noise_gen = torch.Generator().manual_seed(options.seed * 100_003 + step)
             total = 0.0
             for _ in range(options.batch):
-                plan, cond, x0, weight = encoded[rng.randrange(len(encoded))]
+                keep = bool(kept_encoded) and rng.random() < options.preserve_share
+                pool = kept_encoded if keep else encoded
+                plan, cond, x0, weight = pool[rng.randrange(len(pool))]
                 sigma = sample_sigma(noise_gen)
                 noise = torch.randn(x0.shape, generator=noise_gen).to(x0.device, x0.dtype)
                 x_t = (1 - sigma) * x0 + sigma * noise
                 velocity = pipe.velocity(plan, cond.positive, cond.extra)
                 sigmas = torch.full((x0.shape[0],), sigma, device=x0.device)
+                if keep:
+                    with torch.no_grad(), lora.disabled():
+                        target = velocity(x_t, sigmas).float()
+                else:
+                    target = (noise - x0).float()
                 v = velocity(x_t, sigmas, block_hook=hook)
-                error = (v.float() - (noise - x0).float()).pow(2).mean(-1)
+                error = (v.float() - target).pow(2).mean(-1)
                 loss = (error.mean() if weight is None else (error * weight).sum() / weight.sum()) / options.batch
                 loss.backward()
                 total += loss.item()
@@ -260,9 +283,21 @@ def train_lora(pipe, options: TrainOptions, progress: Callable[[int, int, float]
         lora.remove()
     recent = losses[-min(len(losses), 50):]
     return {"out": str(options.out), "steps": step, "finished": step >= options.steps, "examples": len(examples),
+            "preserved": len(kept),
             "layers": len(lora.layers), "loss_first": losses[0] if losses else None,
             "loss_recent": sum(recent) / len(recent) if recent else None,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _encode(pipe, ex: Example, resolution: int, mask_weight: float) -> tuple:
+    """(plan, conditioning, target tokens, token weights) of one example."""
+    from qimg.options import GenerateOptions
+
+    size = {} if ex.source is not None else dict(zip(("width", "height"), fit_area(
+        resolution * resolution, ex.target.width / ex.target.height, pipe.multiple)))
+    plan = pipe.plan(GenerateOptions(prompt=ex.prompt, images=(ex.source,) if ex.source else (),
+                                     resolution=resolution, steps=1, seed=0, cfg=1.0, use_kv_cache=False, **size))
+    return plan, pipe.encode(plan), pipe.image_tokens(plan, ex.target), token_weights(ex.mask, plan, mask_weight)
 
 
 def _checkpointed(index, state, run):

@@ -34,6 +34,11 @@ def register(sub) -> None:
                        help="write the resumable checkpoint every STEPS steps (default 100)")
     train.add_argument("--checkpointing", action="store_true",
                        help="recompute block activations in the backward pass (less memory; for GPUs)")
+    train.add_argument("--preserve", type=Path, default=None, metavar="DIR",
+                       help="examples (same layout) whose output the LoRA must keep: trained toward the base model's "
+                            "own prediction on them (output preservation)")
+    train.add_argument("--preserve-share", type=float, default=0.5, metavar="F",
+                       help="share of the examples drawn from --preserve (default 0.5)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     model_args(train)
     train.set_defaults(handler=run_train)
@@ -49,7 +54,8 @@ def run_train(args) -> int:
     options = TrainOptions(data=args.data, out=args.out, rank=args.rank, alpha=args.alpha, steps=args.steps,
                            lr=args.lr, batch=args.batch, targets=args.targets, resolution=args.resolution,
                            seed=args.seed, minutes=args.minutes, save_every=args.save_every,
-                           checkpointing=args.checkpointing)
+                           checkpointing=args.checkpointing, preserve=args.preserve,
+                           preserve_share=args.preserve_share)
     pipe = qimg.load(args.model, dtype=args.dtype, device=args.device, attention=args.attention)
     bar = None
     if not args.quiet:
