@@ -10,8 +10,8 @@ noise - x0), through the pipeline's own conditioning and velocity hooks. Prompts
 With `preserve` (a second folder of the same kinds of examples), `preserve_share` of the examples a step draws come
 from it and are trained toward the frozen base model's own velocity on them instead of their pictures' (output
 preservation: what the LoRA must not change, learnt from the model itself; a picture there only sets where the
-noise starts). A run is a function of its seed and resumes from `OUT.train.pt` (written every `save_every` steps, atomically); the
-result is a diffusers/PEFT file (`transformer.<layer>.lora_A.weight`, `lora_adapter_metadata`), which diffusers'
+noise starts). A run is a function of its seed and resumes from `OUT.train.pt` (written every `save_every` steps,
+atomically); the result is a diffusers/PEFT file (`transformer.<layer>.lora_A.weight`, `lora_adapter_metadata`), which diffusers'
 `load_lora_weights` reads unchanged.
 """
 
