@@ -81,10 +81,22 @@ def compile_step(transformer) -> None:
 
     def step(self, *args, **kwargs):
         hook = args[hook_at] if len(args) > hook_at else kwargs.get("block_hook")
-        return (eager if hook is not None else compiled)(self, *args, **kwargs)
+        if hook is not None:
+            return eager(self, *args, **kwargs)
+        args, kwargs = _real_tables(args), {k: _real_tables(v) for k, v in kwargs.items()}
+        return compiled(self, *args, **kwargs)
 
     setattr(transformer, name, types.MethodType(step, transformer))
     transformer.compiled_blocks = transformer.compiled_step = True
+
+
+def _real_tables(value):
+    """Complex RoPE tables passed in (v1's `freqs`) as their (cos, sin) views: a graph takes no complex inputs."""
+    if isinstance(value, torch.Tensor) and value.is_complex():
+        return torch.view_as_real(value)
+    if isinstance(value, tuple):
+        return tuple(_real_tables(v) for v in value)
+    return value
 
 
 def compile_seconds() -> float:
