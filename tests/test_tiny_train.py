@@ -234,6 +234,9 @@ def test_short_run_exports_loads_and_resumes(tmp_path, monkeypatch, capsys):
     assert "vae: step" not in log and "decoder: step" not in log  # finished stages are not rerun
     meta = json.loads((out / "model_index.json").read_text())["_qimg"]
     assert meta["trained_steps"] == 3 and meta["decoder_steps"] == 2
+    again_out = tmp_path / "again"  # no time at all: the finished stages return at once and the export is written
+    assert T.run(0, work, again_out)
+    assert json.loads((again_out / "model_index.json").read_text())["_qimg"]["trained_steps"] == 3
 
 
 def test_tiny_train_cli_takes_a_seed(tmp_path, capsys):

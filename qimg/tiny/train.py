@@ -200,6 +200,8 @@ def build_pool(work: Path, deadline: float, seed: int = SEED) -> bool:
     path = work / "pool.pt"
     if path.exists():
         return True
+    if time.time() >= deadline:  # the pool is built in one go: do not start it past the deadline
+        return False
     vae = load_vae(work)
     rng = random.Random(seed + 1)
     pairs, sources, targets = [], [], []
