@@ -57,7 +57,7 @@ def test_two_ray_replicas_survive_a_killed_one(postgres_url, tmp_path):
         def one(i: int):
             try:
                 made = client.images.generate(model="qimg-tiny", prompt="a small green square on the left",
-                                              size="128x128", extra_body={"steps": 12, "seed": i})
+                                              size="128x128", extra_body={"steps": 24, "seed": i})
                 return "ok", made.data[0].b64_json
             except openai.APIStatusError as err:
                 return "error", f"{err.status_code}: {err.message}"
@@ -66,6 +66,8 @@ def test_two_ray_replicas_survive_a_killed_one(postgres_url, tmp_path):
             pending = [pool.submit(one, i) for i in range(REQUESTS)]
             while sum(f.done() for f in pending) < 15:  # mid-load
                 time.sleep(0.2)
+            while store._db.execute("SELECT count(*) FROM jobs WHERE status = 'running'").fetchone()[0] < 2:
+                time.sleep(0.01)  # both replicas mid-job: whichever is killed holds one
             victim = replica_pids()[0]
             os.kill(victim, signal.SIGKILL)
             results = [f.result() for f in pending]
