@@ -77,8 +77,11 @@ def run_train(args) -> int:
     if args.batch < 1:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
     extra = {"device": args.device, "batch": args.batch} if args.model == "tiny" else {}
+    index = out / "model_index.json"
+    before = index.stat().st_mtime_ns if index.is_file() else None
     done = run(args.minutes, work, out, seed=SEED if args.seed is None else args.seed, source=source, **extra)
-    print(f"export: {out}")
+    exported = index.is_file() and index.stat().st_mtime_ns != before
+    print(f"export: {out}" if exported else "nothing exported yet: the stages before the transformer are unfinished")
     print("training complete" if done else f"stopped after {args.minutes} minutes; run again to resume")
     return 0
 
