@@ -138,7 +138,9 @@ def test_a_fused_pipeline_with_loras_draws_what_the_unfused_one_draws(ref21, tmp
     lora = write_lora(tmp_path / "a.safetensors", random_lora(shapes), "peft")
     plain = qimg.load(folder, dtype="float32", device="cpu")
     fused = qimg.load(folder, dtype="float32", device="cpu")
-    fused.fused_projections = True  # what a GPU load does (on the CPU the weights stay memory-mapped)
+    # what a GPU load does (on the CPU the weights stay memory-mapped, so a CPU pipeline never fuses)
+    assert not fused.fused_projections
+    fused.__class__ = type("OnAGpu", (type(fused),), {"fused_projections": True})
     assert fuse_projections(fused.transformer) > 0
 
     def picture(pipe):

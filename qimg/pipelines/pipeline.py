@@ -132,7 +132,6 @@ class Pipeline(ABC):
     default_config: Defaults
     cfg_normalize_default = False
     batch_guidance = True  # both guidance branches in one call where the family can (LoadOptions.batch_guidance)
-    fused_projections = False  # q/k/v and gate/up multiplied as one matrix each (`qimg.models.fused`; GPUs)
 
     def __init__(self, transformer, vae, conditioner, scheduler: SchedulerConfig, *, info: ModelInfo,
                  defaults: Defaults | None = None, sample_sigmas=None, placement: Placement | None = None,
@@ -146,6 +145,13 @@ class Pipeline(ABC):
         self.adapters = adapters or Adapters(transformer, self.family, self.pipeline_class)
         self.preset = self.find_preset()
         self.mesh = None  # this rank's place in a parallel run (`qimg.parallel`), None on one process
+
+    @property
+    def fused_projections(self) -> bool:
+        """Whether q/k/v and gate/up run as one matrix each (`qimg.models.fused`): on a GPU without offload, where
+        the weights are the device's own copies. On the CPU they stay memory-mapped from the files (fusing would
+        copy them), and offloaded weights move every phase, which would end the fusion."""
+        return self.info.device.type != "cpu" and not self.placement.offload
 
     # -- loading -----------------------------------------------------------------------------------------------
     @classmethod
@@ -208,11 +214,6 @@ class Pipeline(ABC):
         transformer.set_attention(options.attention)
         if mesh is not None:
             mesh.attach(transformer)
-        # On a GPU the weights are the device's own copies; on the CPU they stay memory-mapped from the files
-        # (fusing would copy them), and offloaded weights move every phase, which would end the fusion.
-        fused = home == device and device.type != "cpu"
-        if fused:
-            fuse_projections(transformer)
         if options.compile:
             from qimg.models.compiled import compile_transformer
 
@@ -227,7 +228,8 @@ class Pipeline(ABC):
                    placement=placement, preset=options.preset, adapters=adapters)
         pipe.batch_guidance = options.batch_guidance
         pipe.mesh = mesh
-        pipe.fused_projections = fused
+        if pipe.fused_projections:  # before any step runs (a compiled graph is built on the first call)
+            fuse_projections(transformer)
         return pipe
 
     # -- LoRAs and presets -------------------------------------------------------------------------------------
