@@ -2,10 +2,10 @@
 
 An adapted Linear gets a child `adapters` (an `AdapterSlot`, whose tensors are non-persistent buffers: they move
 with the model and stay out of its state dict) and, while some active adapter is unfused, one forward hook that adds
-their outputs (a layer whose adapters are all fused or inactive runs as a plain Linear, fused projections included). Fusing
-replaces the layer's weight (and bias) by new tensors `W0 + sum(scale * dW)`; the original tensors are kept (on the
-CPU: a memory-mapped checkpoint costs no memory) and put back on unfusing, so the base weights come back bit for
-bit.
+their outputs (a layer whose adapters are all fused or inactive runs as a plain Linear, fused projections
+included). Fusing replaces the layer's weight (and bias) by new tensors `W0 + sum(scale * dW)`; the original tensors
+are kept (on the CPU: a memory-mapped checkpoint costs no memory) and put back on unfusing, so the base weights come
+back bit for bit.
 """
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ def slot_of(linear: nn.Linear) -> AdapterSlot:
 
 def sync_hook(linear: nn.Linear) -> None:
     """Hook the layer exactly while its slot has active adapters that are not fused into its weight."""
-    hook = getattr(linear, "_adapter_hook", None)
-    if linear.adapters.unfused() and hook is None:
+    hook, needed = getattr(linear, "_adapter_hook", None), bool(linear.adapters.unfused())
+    if needed and hook is None:
         linear._adapter_hook = linear.register_forward_hook(_hook)
-    elif not linear.adapters.unfused() and hook is not None:
+    elif not needed and hook is not None:
         hook.remove()
         del linear._adapter_hook
 

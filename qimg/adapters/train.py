@@ -11,8 +11,8 @@ With `preserve` (a second folder of the same kinds of examples), `preserve_share
 from it and are trained toward the frozen base model's own velocity on them instead of their pictures' (output
 preservation: what the LoRA must not change, learnt from the model itself; a picture there only sets where the
 noise starts). A run is a function of its seed and resumes from `OUT.train.pt` (written every `save_every` steps,
-atomically); the result is a diffusers/PEFT file (`transformer.<layer>.lora_A.weight`, `lora_adapter_metadata`), which diffusers'
-`load_lora_weights` reads unchanged.
+atomically); the result is a diffusers/PEFT file (`transformer.<layer>.lora_A.weight`, `lora_adapter_metadata`),
+which diffusers' `load_lora_weights` reads unchanged.
 """
 
 from __future__ import annotations

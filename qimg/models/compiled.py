@@ -73,7 +73,7 @@ def compile_step(transformer) -> None:
 
     if transformer.sequence is not WHOLE:
         raise InputError("compile 'step' runs on one process; a parallel run compiles 'blocks'")
-    if getattr(transformer, "compiled_step", False):
+    if transformer.compiled_step:
         return
     eager = getattr(type(transformer), name)
     compiled = torch.compile(eager, dynamic=True)
