@@ -1,13 +1,13 @@
 """Teach the embedded qimg-tiny a colour it never saw ("azure", which the synthetic world can draw but never puts in
 a training scene) with `qimg lora train`, and measure it.
 
-    python bench/lora_concept.py [--examples 200] [--minutes 15] [--eval 100] [--out DIR]
+    python bench/lora_concept.py [--examples 200] [--minutes 15] [--held 100] [--eval 200] [--out DIR]
 
 1. Writes `--examples` examples of the world: `--azure-share` of them pictures with one object azure, `--edit-share`
    ordinary edit triplets, the rest ordinary pictures (the ordinary ones keep the LoRA from redrawing what the
    model already knew; with --prior they are the shipped model's own pictures for those prompts), each
    with a mask of its objects (their tokens weigh 9x in the loss, as in the model's own training).
-2. "Drawn right" on `--eval` held-out azure prompts (other scenes, other seeds): in the azure object's cell, the
+2. "Drawn right" on `--held` held-out azure prompts (other scenes, other seeds): in the azure object's cell, the
    pixels far from the background are at least 150 and their median colour is nearest to azure among the world's
    nine colours. Before (the shipped model) and after (with the LoRA at scale 1).
 3. The model's own eval (`qimg tiny eval` figures for text-to-image and edits, `--eval` held-out scenes each)
@@ -117,13 +117,17 @@ def main() -> None:
     parser.add_argument("--preserve", action=argparse.BooleanOptionalAction, default=False,
                         help="ordinary examples in a --preserve folder: trained toward the shipped model's own output")
     parser.add_argument("--preserve-share", type=float, default=0.5)
+    parser.add_argument("--preserve-weight", type=float, default=1.0)
+    parser.add_argument("--orthogonal", type=float, default=None,
+                        help="qimg lora train --orthogonal: lora_A kept off the preserved inputs' directions")
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--targets", default="blocks", help="which layers the LoRA adapts (qimg lora train --targets)")
     parser.add_argument("--scale", type=float, default=1.0, help="the LoRA's scale when generating")
-    parser.add_argument("--eval", type=int, default=100)
+    parser.add_argument("--held", type=int, default=100, help="held-out prompts with the new colour")
+    parser.add_argument("--eval", type=int, default=200, help="held-out scenes of the model's own eval")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/lora-concept")
     args = parser.parse_args()
@@ -136,7 +140,7 @@ def main() -> None:
                    prior=base if args.prior else None, keep=keep)
     rng = random.Random(202)
     held = []
-    while len(held) < args.eval:  # azure prompts that are not training examples
+    while len(held) < args.held:  # azure prompts that are not training examples
         scene = azure_scene(rng, azure=True)
         if scene not in held:
             held.append(scene)
@@ -148,7 +152,8 @@ def main() -> None:
     start = time.perf_counter()
     result = train_lora(base, TrainOptions(data=data, out=lora_path, rank=args.rank, steps=args.steps, lr=args.lr,
                                            batch=4, targets=args.targets, minutes=args.minutes, save_every=250,
-                                           preserve=keep, preserve_share=args.preserve_share))
+                                           preserve=keep, preserve_share=args.preserve_share,
+                                           preserve_weight=args.preserve_weight, orthogonal=args.orthogonal))
     train_s = time.perf_counter() - start
     tuned = qimg.load(dtype="float32", device="cpu", loras=[(lora_path, args.scale)])
     after = concept_score(tuned, held)
@@ -173,7 +178,8 @@ def main() -> None:
     path = Path(__file__).parent / "results" / "lora_concept.json"
     path.write_text(json.dumps({"examples": result["examples"], "azure_share": args.azure_share,
                                 "edit_share": args.edit_share, "prior": args.prior, "preserve": args.preserve,
-                                "preserve_share": args.preserve_share,
+                                "preserve_share": args.preserve_share, "preserve_weight": args.preserve_weight,
+                                "orthogonal": args.orthogonal, "free_dims": result["free_dims"],
                                 "steps": result["steps"], "rank": args.rank, "targets": args.targets,
                                 "scale": args.scale,
                                 "lr": args.lr, "train_minutes": train_s / 60, "threads": args.threads,

@@ -10,9 +10,13 @@ noise - x0), through the pipeline's own conditioning and velocity hooks. Prompts
 With `preserve` (a second folder of the same kinds of examples), `preserve_share` of the examples a step draws come
 from it and are trained toward the frozen base model's own velocity on them instead of their pictures' (output
 preservation: what the LoRA must not change, learnt from the model itself; a picture there only sets where the
-noise starts). A run is a function of its seed and resumes from `OUT.train.pt` (written every `save_every` steps,
-atomically); the result is a diffusers/PEFT file (`transformer.<layer>.lora_A.weight`, `lora_adapter_metadata`),
-which diffusers' `load_lora_weights` reads unchanged.
+noise starts), their loss weighted `preserve_weight` times; where the model guides such requests by default, the
+default negative prompt's velocity is kept the same way (guidance subtracts it from every picture). With
+`orthogonal`, lora_A's rows are kept off the directions of each layer's inputs that the preserved examples use
+(null-space training; `null_space_projectors`). A run is a function of its seed and resumes from `OUT.train.pt`
+(written every `save_every` steps, atomically); the result is a diffusers/PEFT file
+(`transformer.<layer>.lora_A.weight`, `lora_adapter_metadata`), which diffusers' `load_lora_weights` reads
+unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -56,6 +60,8 @@ class TrainOptions:
     mask_weight: float = 8.0  # extra weight of the tokens an example's mask marks
     preserve: Path | None = None  # examples whose base-model velocity the LoRA must keep
     preserve_share: float = 0.5  # of the examples drawn, this share from `preserve` (when given)
+    preserve_weight: float = 1.0  # the preserved examples' loss counts this many times
+    orthogonal: float | None = None  # keep lora_A off the inputs' directions holding this share of their energy
 
     def __post_init__(self):
         object.__setattr__(self, "data", Path(self.data))
@@ -64,6 +70,13 @@ class TrainOptions:
             object.__setattr__(self, "preserve", Path(self.preserve))
         if not 0 < self.preserve_share < 1:
             raise InputError(f"preserve_share must be between 0 and 1 (exclusive), got {self.preserve_share!r}")
+        if not self.preserve_weight > 0:
+            raise InputError(f"preserve_weight must be > 0, got {self.preserve_weight!r}")
+        if self.orthogonal is not None:
+            if self.preserve is None:
+                raise InputError("orthogonal needs preserved examples (preserve): their inputs are what it avoids")
+            if not 0 < self.orthogonal < 1:
+                raise InputError(f"orthogonal must be between 0 and 1 (exclusive), got {self.orthogonal!r}")
         for name, low in (("rank", 1), ("steps", 1), ("batch", 1), ("save_every", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -83,7 +96,8 @@ class TrainOptions:
         """What a checkpoint must agree on to be resumed."""
         return {"rank": self.rank, "alpha": self.alpha, "targets": self.targets, "seed": self.seed,
                 "batch": self.batch, "resolution": self.resolution, "mask_weight": self.mask_weight,
-                **({"preserve": str(self.preserve), "preserve_share": self.preserve_share} if self.preserve else {})}
+                **({"preserve": str(self.preserve), "preserve_share": self.preserve_share,
+                    "preserve_weight": self.preserve_weight, "orthogonal": self.orthogonal} if self.preserve else {})}
 
 
 @dataclass
@@ -168,6 +182,13 @@ class TrainableLora(nn.Module):
             return output + (F.linear(F.linear(x, self.down[i]), self.up[i]) * self.scale).to(output.dtype)
         return hook
 
+    @torch.no_grad()
+    def project(self, projectors: dict[str, torch.Tensor]) -> None:
+        """lora_A <- lora_A P for the layers given: its rows stay in the subspace P projects onto."""
+        for name, down in zip(self.layers, self.down):
+            if name in projectors:
+                down.copy_(down @ projectors[name].to(down.device, down.dtype))
+
     @contextlib.contextmanager
     def disabled(self):
         """Within: the base model alone."""
@@ -237,11 +258,16 @@ def train_lora(pipe, options: TrainOptions, progress: Callable[[int, int, float]
     resolution = options.resolution or pipe.defaults.resolution
     with torch.no_grad():
         encoded = [_encode(pipe, ex, resolution, options.mask_weight) for ex in examples]
-        kept_encoded = [_encode(pipe, ex, resolution, options.mask_weight) for ex in kept]
+        kept_encoded = [item for ex in kept for item in _encode_kept(pipe, ex, resolution, options.mask_weight)]
     generator = torch.Generator().manual_seed(options.seed)
     lora = TrainableLora(transformer, target_layers(transformer, options.targets), options.rank,
                          float(options.alpha or options.rank), generator)
     opt = torch.optim.AdamW(lora.parameters(), lr=options.lr, weight_decay=0.0)
+    projectors, free = {}, {}
+    if options.orthogonal is not None:
+        with lora.disabled():
+            projectors, free = null_space_projectors(pipe, transformer, lora.layers, kept_encoded, options.orthogonal)
+        lora.project(projectors)
     step, rng, losses = _resume(options, lora, opt)
     hook = _checkpointed if options.checkpointing else None
     deadline = None if options.minutes is None else start + options.minutes * 60
@@ -266,11 +292,14 @@ def train_lora(pipe, options: TrainOptions, progress: Callable[[int, int, float]
                 v = velocity(x_t, sigmas, block_hook=hook)
                 error = (v.float() - target).pow(2).mean(-1)
                 loss = (error.mean() if weight is None else (error * weight).sum() / weight.sum()) / options.batch
+                if keep:
+                    loss = loss * options.preserve_weight
                 loss.backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(lora.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            lora.project(projectors)
             step += 1
             losses.append(total)
             if progress is not None:
@@ -283,21 +312,70 @@ def train_lora(pipe, options: TrainOptions, progress: Callable[[int, int, float]
         lora.remove()
     recent = losses[-min(len(losses), 50):]
     return {"out": str(options.out), "steps": step, "finished": step >= options.steps, "examples": len(examples),
-            "preserved": len(kept),
+            "preserved": len(kept), "free_dims": free,
             "layers": len(lora.layers), "loss_first": losses[0] if losses else None,
             "loss_recent": sum(recent) / len(recent) if recent else None,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def _encode(pipe, ex: Example, resolution: int, mask_weight: float) -> tuple:
-    """(plan, conditioning, target tokens, token weights) of one example."""
+@torch.no_grad()
+def null_space_projectors(pipe, transformer: nn.Module, layers: list[str], items: list[tuple], energy: float,
+                          sigmas=(1.0, 0.5)) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per layer, the projector onto the directions of its inputs that the preserved examples barely use: the
+    orthogonal complement of the principal directions holding `energy` of their summed squared inputs. A LoRA whose
+    lora_A rows stay there leaves those inputs' outputs (nearly) as they were, while inputs reaching outside them
+    (a new word's tokens) still move (null-space fine-tuning). Returns the projectors and each layer's free dims."""
+    grams = {name: None for name in layers}
+
+    def catch(name):
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            grams[name] = x.T @ x if grams[name] is None else grams[name] + x.T @ x
+        return hook
+
+    hooks = [transformer.get_submodule(name).register_forward_hook(catch(name)) for name in layers]
+    try:
+        generator = torch.Generator().manual_seed(0)
+        for plan, cond, x0, _ in items:
+            velocity = pipe.velocity(plan, cond.positive, cond.extra)
+            for sigma in sigmas:
+                noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+                velocity((1 - sigma) * x0 + sigma * noise, torch.full((x0.shape[0],), sigma, device=x0.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    projectors, free = {}, {}
+    for name, gram in grams.items():
+        values, vectors = torch.linalg.eigh(gram.cpu())
+        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+        kept = int((values.cumsum(0) < energy * values.sum()).sum()) + 1
+        used = vectors[:, :kept]
+        projectors[name] = (torch.eye(len(values), dtype=torch.float64) - used @ used.T).float()
+        free[name] = len(values) - kept
+    return projectors, free
+
+
+def _encode(pipe, ex: Example, resolution: int, mask_weight: float, cfg: float = 1.0) -> tuple:
+    """(plan, conditioning, target tokens, token weights) of one example; with `cfg` > 1 the conditioning holds the
+    default negative prompt's too."""
     from qimg.options import GenerateOptions
 
     size = {} if ex.source is not None else dict(zip(("width", "height"), fit_area(
         resolution * resolution, ex.target.width / ex.target.height, pipe.multiple)))
     plan = pipe.plan(GenerateOptions(prompt=ex.prompt, images=(ex.source,) if ex.source else (),
-                                     resolution=resolution, steps=1, seed=0, cfg=1.0, use_kv_cache=False, **size))
+                                     resolution=resolution, steps=1, seed=0, cfg=cfg, use_kv_cache=False, **size))
     return plan, pipe.encode(plan), pipe.image_tokens(plan, ex.target), token_weights(ex.mask, plan, mask_weight)
+
+
+def _encode_kept(pipe, ex: Example, resolution: int, mask_weight: float) -> list[tuple]:
+    """A preserved example, and, where the model guides such requests by default, the same picture under the
+    default negative prompt: guidance subtracts that branch, so a LoRA that moved it would move every picture."""
+    cfg = pipe.defaults.edit_cfg if ex.source is not None and pipe.defaults.edit_cfg is not None else pipe.defaults.cfg
+    plan, cond, x0, weight = _encode(pipe, ex, resolution, mask_weight, cfg=cfg)
+    items = [(plan, replace(cond, negative=None), x0, weight)]
+    if cond.negative is not None:
+        items.append((plan, replace(cond, positive=cond.negative, negative=None), x0, weight))
+    return items
 
 
 def _checkpointed(index, state, run):

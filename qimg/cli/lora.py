@@ -39,6 +39,12 @@ def register(sub) -> None:
                             "own prediction on them (output preservation)")
     train.add_argument("--preserve-share", type=float, default=0.5, metavar="F",
                        help="share of the examples drawn from --preserve (default 0.5)")
+    train.add_argument("--preserve-weight", type=float, default=1.0, metavar="W",
+                       help="the preserved examples' loss counts W times (default 1)")
+    train.add_argument("--orthogonal", type=float, default=None, metavar="E",
+                       help="keep the LoRA's input directions off those holding share E (e.g. 0.9999) of the "
+                            "--preserve examples' inputs to each layer (null-space training: prompts like those "
+                            "change little; best on text-side layers such as txt_in)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     model_args(train)
     train.set_defaults(handler=run_train)
@@ -55,7 +61,8 @@ def run_train(args) -> int:
                            lr=args.lr, batch=args.batch, targets=args.targets, resolution=args.resolution,
                            seed=args.seed, minutes=args.minutes, save_every=args.save_every,
                            checkpointing=args.checkpointing, preserve=args.preserve,
-                           preserve_share=args.preserve_share)
+                           preserve_share=args.preserve_share, preserve_weight=args.preserve_weight,
+                           orthogonal=args.orthogonal)
     pipe = qimg.load(args.model, dtype=args.dtype, device=args.device, attention=args.attention)
     bar = None
     if not args.quiet:
@@ -77,4 +84,8 @@ def run_train(args) -> int:
     print(f"wrote {Path(result['out']).resolve()} ({result['layers']} layers, rank {options.rank}, "
           f"{result['steps']}/{options.steps} steps, {state}; loss {result['loss_recent']:.4f}, "
           f"{result['seconds']:.0f} s)")
+    if result["free_dims"]:
+        free = result["free_dims"]
+        print(f"orthogonal to the preserved inputs: {sum(free.values())} free input dims over {len(free)} layers "
+              f"(fewest {min(free.values())}, most {max(free.values())})")
     return 0
