@@ -135,8 +135,9 @@ def test_cli(ref21, tmp_path, capsys):
     assert "training data folder not found" in capsys.readouterr().err
 
 
-def drift(base, tuned, folder) -> float:
-    """How far the tuned model's velocities move from the base model's on `folder`'s examples (fixed noise)."""
+def drift(base, tuned, folder, negative=False) -> float:
+    """How far the tuned model's velocities move from the base model's on `folder`'s examples (fixed noise); with
+    `negative`, under the default negative prompt (a guided plan's other branch)."""
     from qimg.adapters.train import read_examples
     from qimg.options import GenerateOptions
 
@@ -145,12 +146,13 @@ def drift(base, tuned, folder) -> float:
         for i, ex in enumerate(read_examples(folder)):
             outs = []
             for pipe in (base, tuned):
-                plan = pipe.plan(GenerateOptions(prompt=ex.prompt, width=64, height=64, steps=1, seed=0, cfg=1))
+                plan = pipe.plan(GenerateOptions(prompt=ex.prompt, width=64, height=64, steps=1, seed=0,
+                                                 cfg=4 if negative else 1))
                 x0 = pipe.image_tokens(plan, ex.target)
                 noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))
                 cond = pipe.encode(plan)
-                outs.append(pipe.velocity(plan, cond.positive, cond.extra)(0.2 * x0 + 0.8 * noise,
-                                                                          torch.tensor([0.8])))
+                branch = cond.negative if negative else cond.positive
+                outs.append(pipe.velocity(plan, branch, cond.extra)(0.2 * x0 + 0.8 * noise, torch.tensor([0.8])))
             total += float(((outs[0] - outs[1]) ** 2).mean())
     return total
 
@@ -176,26 +178,6 @@ def test_preserved_examples_keep_the_base_models_output(ref21, tmp_path):
         TrainOptions(data=data, out=tmp_path / "x.safetensors", preserve=keep, preserve_share=1.0)
 
 
-def negative_drift(base, tuned, folder) -> float:
-    """How far the tuned model's velocity under the default negative prompt moves from the base model's."""
-    from qimg.adapters.train import read_examples
-    from qimg.options import GenerateOptions
-
-    total = 0.0
-    with torch.no_grad():
-        for i, ex in enumerate(read_examples(folder)):
-            outs = []
-            for pipe in (base, tuned):
-                plan = pipe.plan(GenerateOptions(prompt=ex.prompt, width=64, height=64, steps=1, seed=0, cfg=4))
-                cond = pipe.encode(plan)
-                x0 = pipe.image_tokens(plan, ex.target)
-                noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))
-                outs.append(pipe.velocity(plan, cond.negative, cond.extra)(0.2 * x0 + 0.8 * noise,
-                                                                          torch.tensor([0.8])))
-            total += float(((outs[0] - outs[1]) ** 2).mean())
-    return total
-
-
 def test_preservation_keeps_the_negative_prompt_and_weighs_as_told(ref21, tmp_path):
     """Guidance subtracts the negative prompt's velocity from every picture: with --preserve on a model that guides
     by default, that branch is kept too; a larger preserve_weight keeps the preserved outputs closer."""
@@ -219,7 +201,7 @@ def test_preservation_keeps_the_negative_prompt_and_weighs_as_told(ref21, tmp_pa
                                       preserve_weight=weight, **common))
     tuned = {name: qimg.load(folder, dtype="float32", device="cpu", loras=[tmp_path / f"{name}.safetensors"])
              for name in ("plain", "kept1", "kept20")}
-    assert negative_drift(base, tuned["kept1"], keep) < 0.5 * negative_drift(base, tuned["plain"], keep)
+    assert drift(base, tuned["kept1"], keep, True) < 0.5 * drift(base, tuned["plain"], keep, True)
     assert drift(base, tuned["kept20"], keep) < drift(base, tuned["kept1"], keep)
     with pytest.raises(InputError, match="preserve_weight must be > 0"):
         TrainOptions(data=data, out=tmp_path / "x.safetensors", preserve=keep, preserve_weight=0)
