@@ -13,7 +13,7 @@ a training scene) with `qimg lora train`, and measure it.
 3. The model's own eval (`qimg tiny eval` figures for text-to-image and edits, `--eval` held-out scenes each)
    without and with the LoRA: what it costs on what the model already knew.
 Prints a table and writes bench/results/lora_concept.json (the LoRA itself goes to `--out`). The README's recipe:
-`--preserve --targets txt_in --lr 1e-3 --minutes 15 --preserve-weight 40 --steps 100000`.
+`--preserve --targets txt_in,transformer_blocks --lr 5e-4 --minutes 15 --preserve-weight 40 --steps 100000`.
 """
 
 from __future__ import annotations
