@@ -145,3 +145,18 @@ def test_training_resumes_from_an_export(short_run, tmp_path):
     shipped = qimg.load(out).vae.state_dict()
     assert all(torch.allclose(v, shipped[k].float()) for k, v in L.load_vae(tmp_path).state_dict().items())
     assert not L.resume_from_export(out, tmp_path)  # never overwrites a work folder
+
+
+def test_a_lengthened_schedule_resumes_and_warms_up_again(short_run, tmp_path, monkeypatch):
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(short_run / "work", work)
+    first = torch.load(work / "state-dit.pt", weights_only=False)
+    for name, value in (("VAE_STEPS", 2), ("POOL_SCENES", 32), ("DECODER_STEPS", 2), ("CAPTION_STEPS", 2),
+                        ("DIT_STEPS", 3)):
+        monkeypatch.setattr(L, name, value)
+    assert L.run(10, work, tmp_path / "out")
+    again = torch.load(work / "state-dit.pt", weights_only=False)
+    assert first["step"] == first["total"] == 2 and first["warm_from"] == 0
+    assert again["step"] == again["total"] == 3 and again["warm_from"] == 2  # resumed, rate warmed up from there
