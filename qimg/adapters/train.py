@@ -355,9 +355,9 @@ def null_space_projectors(pipe, transformer: nn.Module, layers: list[str], items
     return projectors, free
 
 
-def _encode(pipe, ex: Example, resolution: int, mask_weight: float, cfg: float = 1.0) -> tuple:
-    """(plan, conditioning, target tokens, token weights) of one example; with `cfg` > 1 the conditioning holds the
-    default negative prompt's too."""
+def _encode(pipe, ex: Example, resolution: int, mask_weight: float, cfg: float | None = 1.0) -> tuple:
+    """(plan, conditioning, target tokens, token weights) of one example; with `cfg` > 1 (None: the model's default
+    for such a request, as generating settles it) the conditioning holds the default negative prompt's too."""
     from qimg.options import GenerateOptions
 
     size = {} if ex.source is not None else dict(zip(("width", "height"), fit_area(
@@ -370,8 +370,7 @@ def _encode(pipe, ex: Example, resolution: int, mask_weight: float, cfg: float =
 def _encode_kept(pipe, ex: Example, resolution: int, mask_weight: float) -> list[tuple]:
     """A preserved example, and, where the model guides such requests by default, the same picture under the
     default negative prompt: guidance subtracts that branch, so a LoRA that moved it would move every picture."""
-    cfg = pipe.defaults.edit_cfg if ex.source is not None and pipe.defaults.edit_cfg is not None else pipe.defaults.cfg
-    plan, cond, x0, weight = _encode(pipe, ex, resolution, mask_weight, cfg=cfg)
+    plan, cond, x0, weight = _encode(pipe, ex, resolution, mask_weight, cfg=None)
     items = [(plan, replace(cond, negative=None), x0, weight)]
     if cond.negative is not None:
         items.append((plan, replace(cond, positive=cond.negative, negative=None), x0, weight))

@@ -33,10 +33,25 @@ def rgba_tensor(arrays) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-def cosine_lr(base: float, step: int, total: int, warmup: int, floor: float = 0.05) -> float:
-    """Linear warm-up, then cosine decay to `floor * base` at `total` steps."""
+REWARM_STEPS = 200  # a resumed schedule of another length warms its rate up again over this many steps
+
+
+def cosine_lr(base: float, step: int, total: int, warmup: int, floor: float = 0.05,
+              rewarm_from: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to `floor * base` at `total` steps; with `rewarm_from` (see `rewarm_start`)
+    the rate also warms up over REWARM_STEPS from that step."""
     decay = 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
-    return base * min(1.0, (step + 1) / warmup) * (decay * (1 - floor) + floor)
+    again = 1.0 if rewarm_from is None else min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
+    return base * min(1.0, (step + 1) / warmup) * (decay * (1 - floor) + floor) * again
+
+
+def rewarm_start(state: dict, step: int, total: int) -> int:
+    """Where the rate last warmed up from (0: the start): the resumed step when the checkpoint `state` was saved on a
+    schedule of another length (the cosine now ends elsewhere: its rate at this step may be far above the last one).
+    Checkpoints record `total` and this value as `warm_from`."""
+    if state and state.get("total") != total:
+        return step
+    return state.get("warm_from", 0)
 
 
 def sample_sigmas(n: int, shift: float = 0.0) -> torch.Tensor:

@@ -24,8 +24,8 @@ from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from qimg.models.vae21 import VAE21, VAE21Config
 from qimg.tiny import world
 from qimg.tiny.fit import (user_dir, SEED, _save, cosine_lr, decoder_steps, export_weights, fit_autoencoder, fit_decoder,
-                           load_trained_vae, log, optimizer_step, patch_any, resume_state, rgba_tensor, run_stages,
-                           sample_sigmas, seed_vae_from_export, step_seed, work_seed, write_export)
+                           load_trained_vae, log, optimizer_step, patch_any, resume_state, rewarm_start, rgba_tensor,
+                           run_stages, sample_sigmas, seed_vae_from_export, step_seed, work_seed, write_export)
 
 IMAGE_TOKENS = 64  # 128x128 at 16x
 VAE_STEPS = 2500
@@ -33,7 +33,6 @@ DECODER_STEPS = 1200
 DIT_STEPS = 20000
 # a run resumed with a fresh optimizer (from an export), or whose schedule was lengthened since its checkpoint, warms
 # its rate up again over this many steps
-REWARM_STEPS = 200
 POOL_PAIRS = 12000  # edit pairs; sources and targets also serve text-to-image
 VAE = dict(base_dim=8, decoder_base_dim=16, z_dim=32, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
            temperal_downsample=(False, True, True, True), in_channels=4, out_channels=4)
@@ -354,9 +353,7 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32, de
     ema = {k: v.to(device) for k, v in state["ema"].items()} if state.get("ema") else \
         {k: v.detach().clone() for k, v in _all_state(model, text_encoder).items()}
     step, rng = state.get("step", 0), state.get("rng", random.Random(seed + 2))
-    warm_from = state.get("warm_from", 0)
-    if state and state.get("total") != DIT_STEPS:
-        warm_from = step  # the cosine now ends elsewhere: its rate at this step may be far above the last one
+    warm_from = rewarm_start(state, step, DIT_STEPS)
     if step >= DIT_STEPS:
         return True
     cond = Conditioning(processor, text_encoder)
@@ -372,7 +369,7 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32, de
 
     while step < DIT_STEPS and time.time() < deadline:
         step_seed(seed + 2, step)
-        lr = cosine_lr(5e-4, step, DIT_STEPS, 500) * min(1.0, (step - warm_from + 1) / REWARM_STEPS)
+        lr = cosine_lr(5e-4, step, DIT_STEPS, 500, rewarm_from=warm_from)
         for group in opt.param_groups:
             group["lr"] = lr
         task = "edit" if rng.random() < 0.4 else "t2i"

@@ -27,10 +27,9 @@ from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
 from qimg.tiny import world
 from qimg.tiny.fit import (user_dir, SEED, _save, cosine_lr, decoder_steps, export_weights, fit_autoencoder, fit_decoder,
-                           load_trained_vae, log, optimizer_step, patch_any, resume_state, rgba_tensor, run_stages,
-                           sample_sigmas, seed_vae_from_export, step_seed, work_seed, write_export)
-from qimg.tiny.train import (REWARM_STEPS, _mask_words, cached_tokenizer, curriculum_scene, vision_token_ids,
-                             widen_embeddings)
+                           load_trained_vae, log, optimizer_step, patch_any, resume_state, rewarm_start, rgba_tensor,
+                           run_stages, sample_sigmas, seed_vae_from_export, step_seed, work_seed, write_export)
+from qimg.tiny.train import (_mask_words, cached_tokenizer, curriculum_scene, vision_token_ids, widen_embeddings)
 
 NAME = "qimg-tiny-layered"
 VAE_STEPS = 2000
@@ -332,17 +331,20 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8) -> 
     state = resume_state(path, model, opt)
     ema = state.get("ema") or {k: v.detach().clone() for k, v in model.state_dict().items()}
     step, rng = state.get("step", 0), state.get("rng", random.Random(seed + 2))
-    warm_from = state.get("warm_from", 0)
-    if state and state.get("total") != DIT_STEPS:
-        warm_from = step  # the cosine now ends elsewhere: its rate at this step may be far above the last one
+    warm_from = rewarm_start(state, step, DIT_STEPS)
     if step >= DIT_STEPS:
         return True
     log(f"layered dit: step {step}/{DIT_STEPS}, {sum(p.numel() for p in model.parameters()):,} parameters")
     losses, started = [], time.time()
+
+    def save():
+        _save(path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step, rng=rng, warm_from=warm_from,
+              total=DIT_STEPS)
+
     while step < DIT_STEPS and time.time() < deadline:
         step_seed(seed + 2, step)
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(DIT_LR, step, DIT_STEPS, 200) * min(1.0, (step - warm_from + 1) / REWARM_STEPS)
+            group["lr"] = cosine_lr(DIT_LR, step, DIT_STEPS, 200, rewarm_from=warm_from)
         first = rng.randrange(len(latents))
         group_ids = by_frames[latents[first].shape[0]]
         idx = [first] + [rng.choice(group_ids) for _ in range(batch - 1)]
@@ -363,10 +365,8 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8) -> 
             log(f"layered dit: step {step}/{DIT_STEPS} loss {np.mean(losses):.4f} {rate:.2f} it/s")
             losses = []
         if step % 250 == 0:
-            _save(path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step, rng=rng,
-                  warm_from=warm_from, total=DIT_STEPS)
-    _save(path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step, rng=rng, warm_from=warm_from,
-          total=DIT_STEPS)
+            save()
+    save()
     return step >= DIT_STEPS
 
 
