@@ -191,6 +191,10 @@ def test_tiny_eval_command_writes_scores_and_a_grid(tmp_path, capsys):
                   layers["mean_alpha_iou"]):
         assert 0 <= value <= 1
     assert edit["untouched_psnr"] > 5 and layers["composite_psnr"] > 5
+    kinds = t2i["shape_by_kind"]  # per size and shape: right, of, and what the misses were read as
+    assert set(kinds) <= {f"{z} {s}" for z in world.SIZES for s in world.SHAPES}
+    assert all(k["right"] + sum(k["read_as"].values()) == k["of"] for k in kinds.values())
+    assert sum(k["right"] for k in kinds.values()) == round(t2i["shape"] * sum(k["of"] for k in kinds.values()))
     by_count = [v for v in layers["mean_alpha_iou_by_objects"].values() if v is not None]
     assert by_count and min(by_count) - 1e-9 <= layers["mean_alpha_iou"] <= max(by_count) + 1e-9
     assert all(data[task]["seconds_per_image"] > 0 for task in ("t2i", "edit", "layers"))

@@ -401,6 +401,7 @@ def _score_object(r: CellReading, o: W.Obj) -> dict:
         "colour": found and r.colour == o.colour,
         "shape": found and r.shape == o.shape,
         "size": found and r.size == o.size,
+        "read_as": r.shape if found else r.kind,  # what the checker saw in the cell (a shape, "empty", "word")
     }
     out["correct"] = out["position"] and out["colour"] and out["shape"] and out["size"]
     return out

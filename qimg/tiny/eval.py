@@ -52,11 +52,26 @@ def eval_t2i(pipe, scenes, sampling: dict, progress=None) -> tuple[dict, list]:
         "shape": mean(o["shape"] for o in objects),
         "size": mean(o["size"] for o in objects),
         "position": mean(o["position"] for o in objects),
+        "shape_by_kind": shapes_by_kind(rows, scenes),
         "background": mean(r["background"] for r in rows),
         "word_exact": mean(r["word_exact"] for r in rows),
         "words": sum(r["word_exact"] is not None for r in rows),
         "seconds_per_image": mean(seconds),
     }, samples
+
+
+def shapes_by_kind(rows: list, scenes) -> dict:
+    """Per size and shape ("small square"): how many were drawn in that shape, of how many, and what the checker
+    read the rest as (another shape, "empty", "word")."""
+    out: dict = {}
+    for row, scene in zip(rows, scenes):
+        for score, obj in zip(row["objects"], scene.objects):
+            entry = out.setdefault(f"{obj.size} {obj.shape}", {"right": 0, "of": 0, "read_as": {}})
+            entry["of"] += 1
+            entry["right"] += bool(score["shape"])
+            if not score["shape"]:
+                entry["read_as"][score["read_as"]] = entry["read_as"].get(score["read_as"], 0) + 1
+    return dict(sorted(out.items()))
 
 
 def eval_first_command(pipe, sampling: dict, seeds=range(10)) -> dict:

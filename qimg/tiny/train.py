@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from qimg.models.vae21 import VAE21, VAE21Config
@@ -30,7 +29,7 @@ from qimg.tiny.fit import (user_dir, SEED, _save, cosine_lr, decoder_steps, expo
 IMAGE_TOKENS = 64  # 128x128 at 16x
 VAE_STEPS = 2500
 DECODER_STEPS = 1200
-DIT_STEPS = 20000
+DIT_STEPS = 29000
 # a run resumed with a fresh optimizer (from an export), or whose schedule was lengthened since its checkpoint, warms
 # its rate up again over this many steps
 POOL_PAIRS = 12000  # edit pairs; sources and targets also serve text-to-image
