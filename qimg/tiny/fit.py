@@ -33,7 +33,9 @@ def rgba_tensor(arrays) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-REWARM_STEPS = 200  # a resumed schedule of another length warms its rate up again over this many steps
+# a run resumed with a fresh optimizer (from an export), or on a schedule of another length than its checkpoint's,
+# warms its rate up again over this many steps
+REWARM_STEPS = 200
 
 
 def cosine_lr(base: float, step: int, total: int, warmup: int, floor: float = 0.05,

@@ -22,16 +22,15 @@ import torch
 from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from qimg.models.vae21 import VAE21, VAE21Config
 from qimg.tiny import world
-from qimg.tiny.fit import (user_dir, SEED, _save, cosine_lr, decoder_steps, export_weights, fit_autoencoder, fit_decoder,
+from qimg.tiny.fit import (SEED, _save, cosine_lr, decoder_steps, export_weights, fit_autoencoder, fit_decoder,
                            load_trained_vae, log, optimizer_step, patch_any, resume_state, rewarm_start, rgba_tensor,
-                           run_stages, sample_sigmas, seed_vae_from_export, step_seed, work_seed, write_export)
+                           run_stages, sample_sigmas, seed_vae_from_export, step_seed, user_dir, work_seed,
+                           write_export)
 
 IMAGE_TOKENS = 64  # 128x128 at 16x
 VAE_STEPS = 2500
 DECODER_STEPS = 1200
 DIT_STEPS = 29000
-# a run resumed with a fresh optimizer (from an export), or whose schedule was lengthened since its checkpoint, warms
-# its rate up again over this many steps
 POOL_PAIRS = 12000  # edit pairs; sources and targets also serve text-to-image
 VAE = dict(base_dim=8, decoder_base_dim=16, z_dim=32, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
            temperal_downsample=(False, True, True, True), in_channels=4, out_channels=4)

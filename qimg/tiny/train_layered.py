@@ -26,9 +26,10 @@ from qimg.models.latents import pack
 from qimg.models.qwenimage import QwenImageConfig, QwenImageTransformer
 from qimg.models.vae import VAE, VAEConfig
 from qimg.tiny import world
-from qimg.tiny.fit import (user_dir, SEED, _save, cosine_lr, decoder_steps, export_weights, fit_autoencoder, fit_decoder,
+from qimg.tiny.fit import (SEED, _save, cosine_lr, decoder_steps, export_weights, fit_autoencoder, fit_decoder,
                            load_trained_vae, log, optimizer_step, patch_any, resume_state, rewarm_start, rgba_tensor,
-                           run_stages, sample_sigmas, seed_vae_from_export, step_seed, work_seed, write_export)
+                           run_stages, sample_sigmas, seed_vae_from_export, step_seed, user_dir, work_seed,
+                           write_export)
 from qimg.tiny.train import (_mask_words, cached_tokenizer, curriculum_scene, vision_token_ids, widen_embeddings)
 
 NAME = "qimg-tiny-layered"
