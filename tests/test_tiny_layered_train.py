@@ -160,3 +160,21 @@ def test_a_lengthened_schedule_resumes_and_warms_up_again(short_run, tmp_path, m
     again = torch.load(work / "state-dit.pt", weights_only=False)
     assert first["step"] == first["total"] == 2 and first["warm_from"] == 0
     assert again["step"] == again["total"] == 3 and again["warm_from"] == 2  # resumed, rate warmed up from there
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_transformer_stage_trains_on_cuda(short_run, tmp_path, monkeypatch):
+    """`--device cuda`: the stage trains under bf16 autocast, its checkpoint holds CPU tensors (it resumes anywhere)
+    and the export loads."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(short_run / "work", work)
+    monkeypatch.setattr(L, "DIT_STEPS", 4)
+    assert L.train_dit(work, time.time() + 600, batch=16, device="cuda")
+    state = torch.load(work / "state-dit.pt", weights_only=False)
+    assert state["step"] == 4
+    assert all(v.device.type == "cpu" for v in (*state["model"].values(), *state["ema"].values()))
+    assert all(torch.isfinite(v).all() for v in state["ema"].values())
+    pipe = qimg.load(L.export(work, tmp_path / "out"))
+    assert pipe.describe()["pipeline"] == "QwenImageLayeredPipeline"

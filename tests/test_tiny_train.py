@@ -283,6 +283,8 @@ def test_train_refuses_a_device_it_cannot_use(tmp_path, capsys):
     assert main([*base, "--device", "cuda"]) == 2
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err
     assert main([*base, "--device", "cuda", "--model", "layered"]) == 2
-    assert "train --model layered without --device" in capsys.readouterr().err
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+    assert main([*base, "--device", "mps"]) == 2
+    assert "expected cpu or cuda[:N]" in capsys.readouterr().err
     assert main([*base, "--batch", "0"]) == 2
     assert "--batch must be at least 1, got 0" in capsys.readouterr().err

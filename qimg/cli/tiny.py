@@ -18,10 +18,10 @@ def register(sub) -> None:
                        "run starts from the embedded model's weights)")
     train.add_argument("--work", type=Path, default=None, help="checkpoints and caches (default: runs/tiny, "
                        "runs/tiny-layered)")
-    train.add_argument("--device", default="cpu", help="where qimg-tiny's transformer stage trains: cpu or cuda[:N] "
-                       "(bf16 autocast); the other stages and qimg-tiny-layered train on the CPU")
-    train.add_argument("--batch", type=int, default=32, help="qimg-tiny transformer stage: scenes per step (default "
-                       "32; a GPU takes 256 or more)")
+    train.add_argument("--device", default="cpu", help="where the transformer stage trains: cpu or cuda[:N] (bf16 "
+                       "autocast); the other stages are short and train on the CPU")
+    train.add_argument("--batch", type=int, default=None, help="transformer stage: scenes per step (default 32 for "
+                       "qimg-tiny, 8 for qimg-tiny-layered; a GPU takes 8x that or more)")
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     train.add_argument("--seed", type=int, default=None,
                        help="fixes the whole run: model init, data, noise (default 1234; a --work folder keeps the "
@@ -59,9 +59,6 @@ def run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device != "cpu":
-        if args.model == "layered":
-            raise InputError(f"--device {args.device}: only qimg-tiny's transformer stage trains off the CPU; "
-                             f"train --model layered without --device")
         if not args.device.startswith("cuda") or not torch.cuda.is_available():
             raise InputError(f"--device {args.device}: expected cpu or cuda[:N] with a CUDA device present "
                              f"(torch.cuda.is_available() is {torch.cuda.is_available()})")
@@ -74,9 +71,9 @@ def run_train(args) -> int:
     shipped = embedded_model_path(name)
     source = out if (out / "model_index.json").is_file() else shipped
     work = args.work or Path("runs/tiny" if args.model == "tiny" else "runs/tiny-layered")
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
-    extra = {"device": args.device, "batch": args.batch} if args.model == "tiny" else {}
+    extra = {"device": args.device, **({"batch": args.batch} if args.batch else {})}
     index = out / "model_index.json"
     before = index.stat().st_mtime_ns if index.is_file() else None
     done = run(args.minutes, work, out, seed=SEED if args.seed is None else args.seed, source=source, **extra)

@@ -44,7 +44,8 @@ def qwen_tokenizer(vocab: dict[str, int], merges: list[str]):
     """Wrap a BPE vocabulary as transformers' `Qwen2Tokenizer` with Qwen's specials appended."""
     from transformers import Qwen2Tokenizer
 
-    tok = Qwen2Tokenizer(vocab=dict(vocab), merges=[tuple(m.split(" ")) for m in merges], eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = Qwen2Tokenizer(vocab=dict(vocab), merges=[tuple(m.split(" ")) for m in merges], eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]})
     tok.chat_template = CHAT_TEMPLATE
     return tok

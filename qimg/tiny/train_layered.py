@@ -38,7 +38,7 @@ VAE_LR = 6e-4  # 2e-3 (what the 2.x VAE takes) stalls this one at ~15 dB
 POOL_SCENES = 4000
 CAPTION_STEPS = 500
 DECODER_STEPS = 1200
-DIT_STEPS = 27500
+DIT_STEPS = 38500
 DIT_LR = 5e-4
 Z = 16
 VAE_CFG = dict(base_dim=16, z_dim=Z, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temperal_downsample=(False, True, True),
@@ -300,47 +300,56 @@ def encode_prompts(tokenizer, model, prompts: list[str]) -> tuple[torch.Tensor, 
     padded, and their mask."""
     states = []
     for p in prompts:
-        ids = tokenizer([T2I_TEMPLATE.format(p)], return_tensors="pt")
+        ids = tokenizer([T2I_TEMPLATE.format(p)], return_tensors="pt").to(model.device)
         states.append(model.model(**ids, output_hidden_states=True).hidden_states[-1][0, T2I_DROP:])
     n = max(s.shape[0] for s in states)
-    out = torch.zeros(len(states), n, states[0].shape[-1])
-    mask = torch.zeros(len(states), n, dtype=torch.bool)
+    out = torch.zeros(len(states), n, states[0].shape[-1], dtype=states[0].dtype, device=states[0].device)
+    mask = torch.zeros(len(states), n, dtype=torch.bool, device=states[0].device)
     for i, s in enumerate(states):
         out[i, : s.shape[0]], mask[i, : s.shape[0]] = s, True
     return out, mask
 
 
 # -- stage: transformer -----------------------------------------------------------------------------------------
-def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8) -> bool:
+def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8, device: str = "cpu") -> bool:
+    """The transformer stage; on `device` (bf16 autocast on CUDA). Noise and noise levels are drawn on the CPU, so a
+    seed draws the same batches on every device."""
     path = work / "state-dit.pt"
     pool = torch.load(work / "pool.pt", weights_only=False)
     stats = json.loads((work / "latent-stats.json").read_text())
     mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
-    scenes, latents = pool["scenes"], [(z.float() - mean) / std for z in pool["latents"]]
-    empty = (pool["empty"].float()[None] - mean) / std
+    scenes, latents = pool["scenes"], [((z.float() - mean) / std).to(device) for z in pool["latents"]]
+    empty = ((pool["empty"].float()[None] - mean) / std).to(device)
     by_frames: dict[int, list[int]] = {}
     for i, z in enumerate(latents):
         by_frames.setdefault(z.shape[0], []).append(i)
     tokenizer, text_encoder = load_text_encoder(work)
+    text_encoder.to(device)
     torch.manual_seed(seed)
     model = QwenImageTransformer(QwenImageConfig(**DIT)).train()
     with torch.no_grad():
         model.proj_out.weight.zero_()
         model.proj_out.bias.zero_()
+    state = resume_state(path, model)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01, betas=(0.9, 0.99))
-    state = resume_state(path, model, opt)
-    ema = state.get("ema") or {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if state.get("opt") is not None:
+        opt.load_state_dict(state["opt"])
+    ema = {k: v.to(device) for k, v in state["ema"].items()} if state.get("ema") else \
+        {k: v.detach().clone() for k, v in model.state_dict().items()}
     step, rng = state.get("step", 0), state.get("rng", random.Random(seed + 2))
     warm_from = rewarm_start(state, step, DIT_STEPS)
     if step >= DIT_STEPS:
         return True
-    log(f"layered dit: step {step}/{DIT_STEPS}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    log(f"layered dit: step {step}/{DIT_STEPS} on {device}, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters")
     losses, started = [], time.time()
 
     def save():
-        _save(path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step, rng=rng, warm_from=warm_from,
-              total=DIT_STEPS)
+        cpu = lambda sd: {k: v.cpu() for k, v in sd.items()}  # noqa: E731
+        _save(path, model=cpu(model.state_dict()), opt=opt.state_dict(), ema=cpu(ema), step=step, rng=rng,
+              warm_from=warm_from, total=DIT_STEPS)
 
     while step < DIT_STEPS and time.time() < deadline:
         step_seed(seed + 2, step)
@@ -352,7 +361,8 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8) -> 
         x0 = torch.stack([latents[i] for i in idx])  # [B, F, z, h, w]
         if rng.random() < EXTRA_LAYER_P:
             x0 = torch.cat([x0, empty[None].expand(len(idx), -1, -1, -1, -1)], dim=1)
-        loss = layered_loss(model, tokenizer, text_encoder, x0, [scenes[i] for i in idx], rng)
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+            loss = layered_loss(model, tokenizer, text_encoder, x0, [scenes[i] for i in idx], rng)
         optimizer_step(opt, loss, list(model.parameters()))
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
@@ -392,18 +402,18 @@ def layered_loss(model, tokenizer, text_encoder, x0: torch.Tensor, scenes, rng: 
         states, mask = encode_prompts(tokenizer, text_encoder, prompts)
     tokens = pack(x0.flatten(0, 1), 2).reshape(b, frames * TOKENS, -1)
     cond = pack(x0[:, 0], 2)
-    sigma = sample_sigmas(b)
-    noise = torch.randn_like(tokens)
+    sigma = sample_sigmas(b).to(tokens.device)
+    noise = torch.randn(tokens.shape).to(tokens.device)
     xt = (1 - sigma[:, None, None]) * tokens + sigma[:, None, None] * noise
     shapes = [(1, 8, 8)] * frames + [(1, 8, 8)]
-    flag = torch.zeros(b, dtype=torch.long)
+    flag = torch.zeros(b, dtype=torch.long, device=tokens.device)
     v = model(torch.cat([xt, cond], dim=1), states, sigma, shapes, text_mask=mask, additional_t_cond=flag)
-    err = (v[:, : xt.shape[1]] - (noise - tokens)).pow(2).mean(-1).reshape(b, frames, TOKENS)
-    weight = torch.ones(frames)
+    err = (v[:, : xt.shape[1]].float() - (noise - tokens)).pow(2).mean(-1).reshape(b, frames, TOKENS)
+    weight = torch.ones(frames, device=err.device)
     weight[2:] = LAYER_WEIGHT
     if not LAYER_OBJECT_WEIGHT:
         return (err.mean(dim=(0, 2)) * weight).sum() / weight.sum()
-    tokens_weight = 1 + LAYER_OBJECT_WEIGHT * torch.stack([layer_tokens(s, frames) for s in scenes])
+    tokens_weight = 1 + LAYER_OBJECT_WEIGHT * torch.stack([layer_tokens(s, frames) for s in scenes]).to(err.device)
     per_frame = (err * tokens_weight).sum(dim=(0, 2)) / tokens_weight.sum(dim=(0, 2))
     return (per_frame * weight).sum() / weight.sum()
 
@@ -466,11 +476,14 @@ STAGES = ("vae", "latents", "decoder", "caption", "dit", "export")
 
 
 def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int = SEED,
-        source: Path | None = None) -> bool:
+        source: Path | None = None, device: str = "cpu", batch: int = 8) -> bool:
     """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
     whole run (a work folder keeps the one it was started with). An empty work folder is seeded from the export
-    at `source` (default: `out`) when there is one."""
+    at `source` (default: `out`) when there is one. `device` runs the transformer stage there (bf16 autocast on
+    CUDA; `batch` scenes per step); the others stay on the CPU."""
+    import functools
+
     fits = [("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder), ("caption", train_caption),
-            ("dit", train_dit)]
+            ("dit", functools.partial(train_dit, device=device, batch=batch))]
     return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export,
                       source)
