@@ -38,7 +38,7 @@ VAE_LR = 6e-4  # 2e-3 (what the 2.x VAE takes) stalls this one at ~15 dB
 POOL_SCENES = 4000
 CAPTION_STEPS = 500
 DECODER_STEPS = 1200
-DIT_STEPS = 38500
+DIT_STEPS = 37500
 DIT_LR = 5e-4
 Z = 16
 VAE_CFG = dict(base_dim=16, z_dim=Z, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temperal_downsample=(False, True, True),
