@@ -175,6 +175,8 @@ def test_the_transformer_stage_trains_on_cuda(short_run, tmp_path, monkeypatch):
     state = torch.load(work / "state-dit.pt", weights_only=False)
     assert state["step"] == 4
     assert all(v.device.type == "cpu" for v in (*state["model"].values(), *state["ema"].values()))
+    assert all(t.device.type == "cpu" for s in state["opt"]["state"].values() for t in s.values()
+               if isinstance(t, torch.Tensor))  # the optimizer state too: it resumes without a GPU
     assert all(torch.isfinite(v).all() for v in state["ema"].values())
     pipe = qimg.load(L.export(work, tmp_path / "out"))
     assert pipe.describe()["pipeline"] == "QwenImageLayeredPipeline"

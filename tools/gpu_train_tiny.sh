@@ -8,8 +8,8 @@ set -euo pipefail
 MINUTES=${1:-8}
 MODEL=${3:-tiny}
 case "$MODEL" in
-  tiny) NAME=qimg-tiny; WORK=runs/tiny; BATCH=${2:-256} ;;
-  layered) NAME=qimg-tiny-layered; WORK=runs/tiny-layered; BATCH=${2:-64} ;;
+  tiny) NAME=qimg-tiny; BATCH=${2:-256} ;;
+  layered) NAME=qimg-tiny-layered; BATCH=${2:-64} ;;
   *) echo "MODEL must be tiny or layered, got $MODEL" >&2; exit 2 ;;
 esac
 OUT=${OUT:-out}
@@ -17,5 +17,5 @@ mkdir -p "$OUT"
 pip install -q -e . >/dev/null 2>&1 || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python -m qimg.cli tiny train --model "$MODEL" --device cuda --batch "$BATCH" --minutes "$MINUTES" \
-  --work "$WORK" --out "$OUT/$NAME" 2>&1 | tee "$OUT/train.log"
+  --out "$OUT/$NAME" 2>&1 | tee "$OUT/train.log"  # work folder: the CLI's default, runs/tiny or runs/tiny-layered
 grep -o "[0-9.]* it/s" "$OUT/train.log" | tail -5 | tee "$OUT/steps-per-s.txt"

@@ -181,9 +181,21 @@ def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: 
                    batch_loss=batch_loss, name=name, seed=seed, save_every=300)
 
 
+def _on_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
 def _save(path: Path, **state) -> None:
+    """Write a checkpoint atomically, every tensor (weights, EMA, optimizer state) on the CPU, so a run trained on a
+    GPU resumes on a machine without one."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save(_on_cpu(state), tmp)
     tmp.replace(path)
 
 

@@ -361,9 +361,8 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32, de
     started = time.time()
 
     def save():
-        cpu = lambda sd: {k: v.cpu() for k, v in sd.items()}  # noqa: E731
-        _save(path, model=cpu(model.state_dict()), text_encoder=cpu(text_encoder.state_dict()), opt=opt.state_dict(),
-              ema=cpu(ema), step=step, rng=rng, warm_from=warm_from, total=DIT_STEPS)
+        _save(path, model=model.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(), ema=ema,
+              step=step, rng=rng, warm_from=warm_from, total=DIT_STEPS)
 
     while step < DIT_STEPS and time.time() < deadline:
         step_seed(seed + 2, step)
