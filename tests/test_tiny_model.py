@@ -106,18 +106,18 @@ def test_edit_keeps_the_picture(tiny):
 
 
 def test_guidance_and_steps_default_per_task(tiny):
-    """qimg-tiny generates at 3 steps and cfg 2 and edits at 2 steps and cfg 1 unless asked (measured best for
+    """qimg-tiny generates at 5 steps and cfg 2 and edits at 2 steps and cfg 1 unless asked (measured best for
     each); a checkpoint without `default_edit_cfg` / `default_edit_steps` uses its one value for both."""
     from qimg.pipelines.base import Defaults
 
     described = tiny.describe()
     assert (described["default_cfg"], described["default_edit_cfg"]) == (2.0, 1.0)
-    assert (described["default_steps"], described["default_edit_steps"]) == (3, 2)
+    assert (described["default_steps"], described["default_edit_steps"]) == (5, 2)
     picture = tiny.generate("a large red circle in the center on a blue background", seed=0)[0]
     edited = tiny.generate("change the background to green", images=[picture], seed=0)[0]
     asked = tiny.generate("change the background to green", images=[picture], seed=0, steps=1, cfg=3.0)[0]
     assert [x.info["qimg"]["cfg"] for x in (picture, edited, asked)] == [2.0, 1.0, 3.0]
-    assert [x.info["qimg"]["steps"] for x in (picture, edited, asked)] == [3, 2, 1]
+    assert [x.info["qimg"]["steps"] for x in (picture, edited, asked)] == [5, 2, 1]
     plain = Defaults.read({"_qimg": {"default_cfg": 4, "default_steps": 6}}, Defaults(resolution=64, steps=8))
     assert plain.cfg_for(True) == plain.cfg_for(False) == 4.0
     assert plain.steps_for(True) == plain.steps_for(False) == 6
