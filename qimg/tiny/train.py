@@ -56,9 +56,6 @@ DEFAULTS = {"default_resolution": 128, "default_steps": 5, "default_cfg": 2.0, "
 # token it changes) this much more, times (0.5 + sigma) (0: plain MSE). Most of a frame is flat background that is
 # easy to predict; the objects are what the prompt is about, and at high noise only the prompt lays them out.
 DIT_OBJECT_WEIGHT = 8.0
-# ...and the tokens of small squares and small triangles this many times more again: a few corner pixels are all
-# that tells them from a small circle, and they were most of the shape errors (README, "The embedded tiny models")
-HARD_SHAPE_WEIGHT = 3.0
 
 
 # -- data ----------------------------------------------------------------------------------------------------
@@ -474,15 +471,8 @@ def _dit_step(model, cond, rng, task, pool: LatentPool, batch, progress) -> torc
 
 
 def object_tokens(scene: world.Scene) -> torch.Tensor:
-    """`[tokens]` 1.0 where a latent token's patch holds any pixel of an object or word, HARD_SHAPE_WEIGHT where it
-    holds a pixel of a small square or small triangle, else 0.0."""
-    weights = patch_any(foreground(scene, world.render_array(scene)))
-    hard = np.zeros((world.CANVAS, world.CANVAS), bool)
-    for o in scene.objects:
-        if o.size == "small" and o.shape in ("square", "triangle"):
-            x0, y0, alpha = world.shape_alpha(o.shape, o.size, o.cell)
-            hard[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] |= alpha > 0
-    return torch.where(patch_any(hard) > 0, torch.full_like(weights, HARD_SHAPE_WEIGHT), weights)
+    """`[tokens]` 1.0 where a latent token's patch holds any pixel of an object or word, else 0.0."""
+    return patch_any(foreground(scene, world.render_array(scene)))
 
 
 def foreground(scene: world.Scene, img: np.ndarray) -> np.ndarray:
