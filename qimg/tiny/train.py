@@ -30,7 +30,7 @@ from qimg.tiny.fit import (SEED, _save, cosine_lr, decoder_steps, export_weights
 IMAGE_TOKENS = 64  # 128x128 at 16x
 VAE_STEPS = 2500
 DECODER_STEPS = 1200
-DIT_STEPS = 30500
+DIT_STEPS = 40000
 POOL_PAIRS = 12000  # edit pairs; sources and targets also serve text-to-image
 VAE = dict(base_dim=8, decoder_base_dim=16, z_dim=32, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
            temperal_downsample=(False, True, True, True), in_channels=4, out_channels=4)
