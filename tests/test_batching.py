@@ -61,7 +61,7 @@ def test_what_cannot_share_a_batch_runs_alone(pipe):
     batched = pipe.generate_batch([GenerateOptions(**r) for r in requests])
     assert all(same(a, b) for a, b in zip(alone, batched))
     batches = [out[0].info["qimg"].get("batch", 1) for out in batched]
-    assert batches == [2, 1, 1, 1, 2]  # only the two 128x128 3-step Euler requests shared one
+    assert batches == [2, 1, 1, 1, 2]  # only the two 128x128 default-step Euler requests shared one
 
 
 def test_a_cancelled_or_refused_request_leaves_the_others(pipe):
@@ -76,7 +76,8 @@ def test_a_cancelled_or_refused_request_leaves_the_others(pipe):
                 GenerateOptions(prompt=PROMPTS[2], seed=3, width=8, height=8),  # refused by the model
                 GenerateOptions(prompt=PROMPTS[3], seed=4)]
     out = pipe.generate_batch(requests)
-    assert isinstance(out[1], Cancelled) and "after 1 of 3 steps" in str(out[1])
+    steps = pipe.describe()["default_steps"]
+    assert isinstance(out[1], Cancelled) and f"after 1 of {steps} steps" in str(out[1])
     assert isinstance(out[2], InputError)
     assert same(out[0], pipe.generate(PROMPTS[0], seed=1)) and same(out[3], pipe.generate(PROMPTS[3], seed=4))
     assert out[0][0].info["qimg"]["batch"] == 3
