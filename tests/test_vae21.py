@@ -18,7 +18,6 @@ What tiling can and cannot promise (measured on the tiny config below, random we
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -159,7 +159,8 @@ def _open(folder: Path, base_name: str | None) -> tuple[dict[str, torch.Tensor],
     return sd, owner
 
 
-def open_state_dict(folder: str | os.PathLike, base_name: str | None = "diffusion_pytorch_model") -> dict[str, torch.Tensor]:
+def open_state_dict(folder: str | os.PathLike,
+                    base_name: str | None = "diffusion_pytorch_model") -> dict[str, torch.Tensor]:
     """Map the safetensors weights of a component folder: `{base}.safetensors` or a sharded
     `{base}.safetensors.index.json`; base names `diffusion_pytorch_model` and `model` are auto-detected.
 
@@ -243,7 +244,8 @@ def load_module(
     return module.eval().requires_grad_(False)
 
 
-def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (temporary file beside `path`, then rename)."""
     from safetensors.torch import save_file
 

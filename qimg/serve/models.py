@@ -97,7 +97,8 @@ class ModelRegistry:
                 raise bad_request(f"model {name!r} is not served here; available: {', '.join(self._entries)}",
                                   param="model", code="model_not_found")
             if entry.tasks is not None and task not in entry.tasks:
-                raise bad_request(f"model {name!r} does not do {task!r} (it does: {', '.join(entry.tasks) or 'nothing'})",
+                does = ", ".join(entry.tasks) or "nothing"
+                raise bad_request(f"model {name!r} does not do {task!r} (it does: {does})",
                                   param="model", code="unsupported_task")
             return name
         known = [e for e in self._entries.values() if e.tasks is not None and task in e.tasks]
