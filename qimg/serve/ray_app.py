@@ -179,7 +179,8 @@ class RayDispatcher:
                     raise RuntimeError("the replica's event stream ended before the job did")
                 except Exception as err:  # noqa: BLE001 - the replica died (RayActorError) or the call failed
                     log.warning("job %s: replica call failed: %s: %s", job_id, type(err).__name__, err)
-                    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                    message = str(err).strip()
+                    first = message.splitlines()[0][:200] if message else ""
                     why = f"stopped ({type(err).__name__}: {first})"
                     again = await asyncio.to_thread(svc.store.take_back, job_id, why, svc.settings.max_attempts)
                     job = await asyncio.to_thread(svc.store.get, job_id)
