@@ -78,7 +78,7 @@ def test_dit_loss_falls(tmp_path):
         instruction, tgt = world.random_edit(src, rng)
         pairs.append((src, instruction, tgt))
     z = T.VAE["z_dim"]
-    src, tgt = torch.randn(16, z, 8, 8), torch.randn(16, z, 8, 8)
+    src, tgt = torch.randn(16, z, T.GRID, T.GRID), torch.randn(16, z, T.GRID, T.GRID)
     params = list(model.parameters()) + list(cond.model.parameters())
     opt = torch.optim.AdamW(params, lr=2e-3)
     for task in ("t2i", "edit"):
@@ -97,15 +97,15 @@ def test_object_tokens_mark_the_objects_and_words_only():
     rng = random.Random(5)
     for _ in range(20):
         scene = world.random_scene(rng, word_prob=0.5)
-        marked = T.object_tokens(scene).view(8, 8)
+        marked = T.object_tokens(scene).view(T.GRID, T.GRID)
         items = [o.cell for o in scene.objects] + ([scene.word.cell] if scene.word else [])
         for cell in items:  # the token under each item's centre is marked
             cx, cy = world.cell_centre(cell)
-            assert marked[int(cy // 16), int(cx // 16)] == 1
+            assert marked[int(cy // T.SCALE), int(cx // T.SCALE)] == 1
         for cell in set(range(9)) - set(items):  # no token lying wholly inside an empty cell is
             x0, y0, x1, y1 = world.cell_box(cell)
-            for ty in range(-(-y0 // 16), y1 // 16):
-                for tx in range(-(-x0 // 16), x1 // 16):
+            for ty in range(-(-y0 // T.SCALE), y1 // T.SCALE):
+                for tx in range(-(-x0 // T.SCALE), x1 // T.SCALE):
                     assert marked[ty, tx] == 0, (world.prompt(scene), cell, ty, tx)
 
 
@@ -118,7 +118,7 @@ def test_object_weighted_dit_loss(tmp_path, monkeypatch):
     rng = random.Random(0)
     pairs = [(s, *world.random_edit(s, rng)) for s in (world.random_scene(rng) for _ in range(8))]
     z = T.VAE["z_dim"]
-    src, tgt = torch.randn(8, z, 8, 8), torch.randn(8, z, 8, 8)
+    src, tgt = torch.randn(8, z, T.GRID, T.GRID), torch.randn(8, z, T.GRID, T.GRID)
 
     def loss(weight, task="t2i", tokens=None):
         monkeypatch.setattr(T, "DIT_OBJECT_WEIGHT", weight)
@@ -131,7 +131,7 @@ def test_object_weighted_dit_loss(tmp_path, monkeypatch):
 
     for task in ("t2i", "edit"):
         plain = loss(0.0, task)
-        assert loss(8.0, task, lambda *a: torch.zeros(64)) == pytest.approx(plain, rel=1e-5)
+        assert loss(8.0, task, lambda *a: torch.zeros(T.GRID ** 2)) == pytest.approx(plain, rel=1e-5)
         monkeypatch.undo()
         assert abs(loss(8.0, task) - plain) > 1e-4 * plain
 
@@ -144,11 +144,11 @@ def test_edit_weight_mask_marks_what_the_edit_changes():
         scene = world.random_scene(rng, n_objects=2)
         instruction, target = world.random_edit(scene, rng, kind="remove")
         pool = T.LatentPool(None, None, [(scene, instruction, target)])
-        mask = pool.weight_mask(0, "edit", True).view(8, 8)
+        mask = pool.weight_mask(0, "edit", True).view(T.GRID, T.GRID)
         gone = [o for o in scene.objects if o not in target.objects]
         cx, cy = world.cell_centre(gone[0].cell)
-        assert mask[int(cy // 16), int(cx // 16)] == 1
-        assert pool.weight_mask(0, "t2i", True).view(8, 8)[int(cy // 16), int(cx // 16)] == 0
+        assert mask[int(cy // T.SCALE), int(cx // T.SCALE)] == 1
+        assert pool.weight_mask(0, "t2i", True).view(T.GRID, T.GRID)[int(cy // T.SCALE), int(cx // T.SCALE)] == 0
         checked += 1
 
 
@@ -288,3 +288,43 @@ def test_train_refuses_a_device_it_cannot_use(tmp_path, capsys):
     assert "expected cpu or cuda[:N]" in capsys.readouterr().err
     assert main([*base, "--batch", "0"]) == 2
     assert "--batch must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_vae_crops_keep_an_object_or_word_in_view_and_weight_it():
+    for seed in range(3):
+        frames, masks = T._vae_crops(random.Random(seed))
+        assert len(frames) == len(masks) == 16
+        for frame, mask in zip(frames, masks):
+            assert frame.shape[:2] == mask.shape == (64, 64)
+            assert mask.sum() >= 40  # a whole small object or word, not a sliver at the edge
+            assert len(np.unique(frame[~mask].reshape(-1, frame.shape[-1]), axis=0)) <= 1  # the rest: background
+    mask = np.zeros((1, 16, 16), bool)
+    mask[0, 8, 8] = True
+    weight = fit.pixel_weight(mask)[0, 0]
+    assert weight[6:11, 6:11].eq(1 + fit.OBJECT_WEIGHT).all() and weight.sum() == 256 + 25 * fit.OBJECT_WEIGHT
+
+
+def test_an_export_of_another_vae_lends_its_encoder_and_blocks(tmp_path, monkeypatch, capsys):
+    """When the recipe's VAE differs from the export's, no stage is resumed but the transformer stage starts from
+    the export's condition encoder and transformer blocks, with fresh latent-facing layers."""
+    from qimg.loading.weights import open_state_dict
+    from qimg.loading.files import default_model_path
+
+    monkeypatch.setattr(T, "VAE", {**T.VAE, "z_dim": 64})
+    monkeypatch.setattr(T, "DIT", {**T.DIT, "in_channels": 64, "out_channels": 64})
+    shipped = default_model_path()
+    assert T.resume_from_export(shipped, tmp_path)
+    assert "its VAE is not this recipe's" in capsys.readouterr().out
+    assert not (tmp_path / "state-vae.pt").exists() and not (tmp_path / "latent-stats.json").exists()
+    state = torch.load(tmp_path / "state-dit.pt", weights_only=False)
+    assert state["step"] == 0 and state["opt"] is None
+    blocks = open_state_dict(shipped / "transformer", "diffusion_pytorch_model")
+    model = QwenImage21Transformer(QwenImage21Config(**T.DIT))
+    model.load_state_dict(state["model"])
+    assert model.img_in.weight.shape[1] == 64 and model.proj_out.weight.abs().sum() == 0  # fresh, zero output
+    for key in ("transformer_blocks.0.attn.to_q.weight", "txt_in.in_layer.weight", "norm_out.linear.weight"):
+        assert state["model"][key].equal(blocks[key].float()), key
+    te = T.build_text_encoder(T._load_or_build_tokenizer(tmp_path))
+    te.load_state_dict(state["text_encoder"])  # the export's tokenizer came along, so its encoder fits
+    assert (tmp_path / "tokenizer.json").read_text() == (shipped / "tokenizer-bpe.json").read_text()
+    assert not T.resume_from_export(shipped, tmp_path)  # never overwrites a work folder

@@ -142,17 +142,30 @@ def fit_vae(vae, params: list, path: Path, deadline: float, *, steps: int, lr: f
 
 def fit_autoencoder(vae, path: Path, deadline: float, *, steps: int, lr: float, warmup: int, floor: float,
                     crops, name: str, seed: int) -> bool:
-    """Reconstruction training (L1 + MSE, a light latent penalty) on batches `crops(rng)` of uint8 RGBA arrays."""
+    """Reconstruction training (L1 + MSE, a light latent penalty) on batches `crops(rng) -> (uint8 RGBA arrays, bool
+    masks of their object and word pixels, or None)`; masked pixels (and 2 px around them) weigh OBJECT_WEIGHT more."""
 
     def batch_loss(rng):
-        x = rgba_tensor(crops(rng))
+        frames, masks = crops(rng)
+        x = rgba_tensor(frames)
         z = vae._encode(x)
         out = vae._decode(z)
-        mse = F.mse_loss(out, x)
-        return F.l1_loss(out, x) + mse + 1e-4 * z.pow(2).mean(), mse.item()
+        err = (out - x).abs() + (out - x).pow(2)
+        if masks is None:
+            rec = err.mean()
+        else:
+            weight = pixel_weight(masks)
+            rec = (err * weight).sum() / (weight.sum() * x.shape[1])
+        return rec + 1e-4 * z.pow(2).mean(), F.mse_loss(out, x).item()
 
     return fit_vae(vae, list(vae.parameters()), path, deadline, steps=steps, lr=lr, warmup=warmup, floor=floor,
                    batch_loss=batch_loss, name=name, seed=seed, save_every=500)
+
+
+def pixel_weight(masks) -> torch.Tensor:
+    """`[B, 1, H, W]` loss weights: 1 + OBJECT_WEIGHT on masked pixels and 2 px around them."""
+    mask = torch.from_numpy(np.stack(masks)).float()[:, None]
+    return 1 + OBJECT_WEIGHT * F.max_pool2d(mask, 5, stride=1, padding=2)
 
 
 def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: str, seed: int) -> bool:
@@ -168,8 +181,7 @@ def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: 
     def batch_loss(rng):
         frames, masks = batches(rng)
         x = rgba_tensor(frames)
-        mask = torch.from_numpy(np.stack(masks)).float()[:, None]
-        weight = 1 + OBJECT_WEIGHT * F.max_pool2d(mask, 5, stride=1, padding=2)
+        weight = pixel_weight(masks)
         with torch.no_grad():
             z = vae._encode(x)
             z = z + 0.1 * torch.rand(len(z), 1, 1, 1) * std * torch.randn_like(z)
@@ -265,16 +277,21 @@ def _write_config(folder: Path, class_name: str, cfg) -> None:
     (folder / "config.json").write_text(json.dumps(data, indent=2))
 
 
-def seed_vae_from_export(out: Path, work: Path, vae_steps: int, decoder_steps: int) -> dict | None:
-    """First half of resuming from an export: unless `work` already has a VAE stage (or `out` is no export), write
-    the export's VAE (float32, as a finished stage; also as the finished decoder stage when the export's decoder
-    was refined), latent statistics and BPE tokenizer into `work` and return its `_qimg` metadata; else None."""
+def seed_vae_from_export(out: Path, work: Path, vae_steps: int, decoder_steps: int, recipe: dict) -> dict | None:
+    """First half of resuming from an export: unless `work` already has a VAE stage, or `out` is no export, or its VAE
+    differs from the `recipe`'s VAE config (then every stage trains afresh), write the export's VAE (float32, as a
+    finished stage; also as the finished decoder stage when the export's decoder was refined), latent statistics
+    and BPE tokenizer into `work` and return its `_qimg` metadata; else None."""
     from qimg.loading.files import read_json
 
     if (work / "state-vae.pt").exists() or not (out / "model_index.json").exists():
         return None
-    meta = read_json(out / "model_index.json").get("_qimg", {})
     vcfg = read_json(out / "vae" / "config.json")
+    differs = {k: vcfg.get(k) for k, v in recipe.items() if _plain(vcfg.get(k)) != _plain(v)}
+    if differs:
+        log(f"not resuming from {out}: its VAE ({differs}) is not this recipe's; every stage trains afresh")
+        return None
+    meta = read_json(out / "model_index.json").get("_qimg", {})
     (work / "latent-stats.json").write_text(json.dumps({"mean": vcfg["latents_mean"], "std": vcfg["latents_std"]}))
     (work / "tokenizer.json").write_text((out / "tokenizer-bpe.json").read_text())
     weights = export_weights(out / "vae")
@@ -282,6 +299,10 @@ def seed_vae_from_export(out: Path, work: Path, vae_steps: int, decoder_steps: i
     if meta.get("decoder_steps") and not (work / "state-decoder.pt").exists():
         _save(work / "state-decoder.pt", model=weights, opt=None, step=decoder_steps, rng=random.Random(SEED + 4))
     return meta
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def export_weights(folder: Path, base_name: str = "diffusion_pytorch_model") -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +21,22 @@ import torch
 from qimg.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from qimg.models.vae21 import VAE21, VAE21Config
 from qimg.tiny import world
+from qimg.tiny.conditioning import Conditioning, equal_length_batch
 from qimg.tiny.fit import (SEED, _save, cosine_lr, decoder_steps, export_weights, fit_autoencoder, fit_decoder,
                            load_trained_vae, log, optimizer_step, patch_any, resume_state, rewarm_start, rgba_tensor,
                            run_stages, sample_sigmas, seed_vae_from_export, step_seed, user_dir, work_seed,
                            write_export)
 
-IMAGE_TOKENS = 64  # 128x128 at 16x
 VAE_STEPS = 2500
 DECODER_STEPS = 1200
 DIT_STEPS = 40000
 POOL_PAIRS = 12000  # edit pairs; sources and targets also serve text-to-image
 VAE = dict(base_dim=8, decoder_base_dim=16, z_dim=32, dim_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
            temperal_downsample=(False, True, True, True), in_channels=4, out_channels=4)
-DIT = dict(num_layers=6, attention_head_dim=32, num_attention_heads=6, axes_dims_rope=(8, 12, 12), in_channels=32,
-           out_channels=32, context_in_dim=128, mlp_ratio=3)
+SCALE = 2 ** len(VAE["temperal_downsample"])  # pixels per latent token along each side
+GRID = world.CANVAS // SCALE  # latent tokens along each side of a 128x128 frame
+DIT = dict(num_layers=6, attention_head_dim=32, num_attention_heads=6, axes_dims_rope=(8, 12, 12),
+           in_channels=VAE["z_dim"], out_channels=VAE["z_dim"], context_in_dim=128, mlp_ratio=3)
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, mrope=[8, 4, 4])
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
@@ -155,13 +156,27 @@ def vae_config(mean=None, std=None) -> VAE21Config:
 
 
 # -- stage: VAE -----------------------------------------------------------------------------------------------
-def _vae_crops(rng: random.Random) -> list[np.ndarray]:
-    crops = []
-    for _ in range(16):
-        img = world.render_array(world.random_scene(rng))
-        y, x = rng.randrange(0, 65, 16), rng.randrange(0, 65, 16)
-        crops.append(img[y:y + 64, x:x + 64])
-    return crops
+def _vae_crops(rng: random.Random) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """16 64x64 crops of world renders and their object/word pixels; every other crop holds a word when its scene
+    has one (7 in 10 of those scenes do), the rest an object, so strokes and corners are always in view."""
+    frames, masks = [], []
+    for i in range(16):
+        scene = world.random_scene(rng, word_prob=0.7 if i % 2 == 0 else 0.3)
+        while world.is_held_out(scene):
+            scene = world.random_scene(rng, word_prob=0.7 if i % 2 == 0 else 0.3)
+        img = world.render_array(scene)
+        on_word = i % 2 == 0 and scene.word is not None
+        cell = scene.word.cell if on_word else rng.choice([o.cell for o in scene.objects])
+        y, x = (_crop_start(rng, (cell // 3 + 0.5) * world.CELL), _crop_start(rng, (cell % 3 + 0.5) * world.CELL))
+        frames.append(img[y:y + 64, x:x + 64])
+        masks.append(foreground(scene, img)[y:y + 64, x:x + 64])
+    return frames, masks
+
+
+def _crop_start(rng: random.Random, centre: float) -> int:
+    """A random crop start on the latent grid whose 64 px keep 22 px either side of `centre` (a cell's middle)."""
+    starts = [v for v in range(0, world.CANVAS - 63, SCALE) if v <= centre - 22 and v + 64 >= centre + 22]
+    return rng.choice(starts) if starts else min(world.CANVAS - 64, max(0, int(centre - 32) // SCALE * SCALE))
 
 
 def train_vae(work: Path, deadline: float, seed: int = SEED) -> bool:
@@ -236,62 +251,6 @@ def build_pool(work: Path, deadline: float, seed: int = SEED) -> bool:
 
 
 # -- stage: transformer + condition encoder ---------------------------------------------------------------------
-class Conditioning:
-    """Batched, equal-length condition encoding for training (the inference path encodes one prompt at a time)."""
-
-    def __init__(self, processor, text_encoder):
-        from qimg.models.conditioner import SYSTEM_21, Qwen3VLConditioner
-
-        self.processor, self.model = processor, text_encoder
-        self.template = Qwen3VLConditioner.template
-        sys_tokens = processor.apply_chat_template(
-            [{"role": "system", "content": [{"type": "text", "text": SYSTEM_21}]}], tokenize=True, return_dict=False)
-        self.drop_idx = len(sys_tokens[0])
-        self.pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.norm = text_encoder.model.language_model.norm
-
-    def length(self, prompt: str, n_images: int) -> int:
-        return len(self.processor.tokenizer(self.template(n_images).format(prompt)).input_ids)
-
-    def __call__(self, prompts: list[str], images=None):
-        kwargs = {"text": [self.template(1 if images else 0).format(p) for p in prompts], "padding": True,
-                  "return_tensors": "pt"}
-        if images:
-            kwargs["images"] = images
-        inputs = self.processor(**kwargs)
-        if not bool(inputs.attention_mask.all()):
-            raise ValueError("training batches must hold prompts of equal token length")
-        captured = {}
-        handle = self.norm.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0]))
-        try:
-            device = self.norm.weight.device  # the processor's tensors are on the CPU; the encoder may not be
-            fwd = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                                                     "mm_token_type_ids") if k in inputs}
-            self.model.model(**fwd)
-        finally:
-            handle.remove()
-        states = captured["x"][:, self.drop_idx:]
-        slots = inputs.input_ids[0, self.drop_idx:] == self.pad_id
-        return states, slots
-
-
-def equal_length_batch(cond: Conditioning, draw, size: int, n_images: int, max_tries: int) -> list:
-    """Candidates (prompt first) all of one token length: the length of a first natural draw, then further draws
-    of that length, so lengths keep their natural frequencies while a batch needs no padding."""
-    first = draw()
-    while first is None:
-        first = draw()
-    length = cond.length(first[0], n_images)
-    chosen = [first]
-    for _ in range(max_tries):
-        if len(chosen) == size:
-            break
-        cand = draw()
-        if cand is not None and cond.length(cand[0], n_images) == length:
-            chosen.append(cand)
-    return chosen
-
-
 class LatentPool:
     """The cached edit pairs as normalised latents (on the training device) with their scenes, and the
     loss-weight masks of each pair's scenes, computed once (rendering them is a tenth of a CPU step)."""
@@ -325,7 +284,8 @@ class LatentPool:
             scene = tgt if task == "edit" or use_target else src
             mask = object_tokens(scene)
             if task == "edit":
-                mask = torch.maximum(mask, patch_any((world.render_array(tgt) != world.render_array(src)).any(-1)))
+                changed = (world.render_array(tgt) != world.render_array(src)).any(-1)
+                mask = torch.maximum(mask, patch_any(changed, SCALE))
             self._masks[key] = mask
         return self._masks[key]
 
@@ -456,14 +416,14 @@ def _dit_step(model, cond, rng, task, pool: LatentPool, batch, progress) -> torc
     else:
         x0 = pool.tgt[idx]
         states, slots = cond(prompts, [world.render(pairs[i][0]) for i in idx])
-        cond_tokens, cond_shapes = [pool.src[idx].flatten(2).transpose(1, 2)], [(8, 8)]
+        cond_tokens, cond_shapes = [pool.src[idx].flatten(2).transpose(1, 2)], [(GRID, GRID)]
     b = x0.shape[0]
     x0 = x0.flatten(2).transpose(1, 2)
     sigma = sample_sigmas(b, SIGMA_SHIFT).to(device)
     noise = torch.randn(x0.shape).to(device)  # drawn on the CPU: the same noise on every device for one seed
     xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
     prefix = model.encode_prefix(states, slots.to(device), cond_tokens, cond_shapes)
-    v = model.denoise(xt, sigma, prefix, (8, 8)).float()
+    v = model.denoise(xt, sigma, prefix, (GRID, GRID)).float()
     mask = torch.stack([pool.weight_mask(i, task, c[2]) for c, i in zip(chosen, idx)]).to(device)
     # objects weigh more at high noise, where the prompt alone lays them out: OBJECT_WEIGHT x (0.5 + sigma)
     weight = 1 + DIT_OBJECT_WEIGHT * (0.5 + sigma[:, None]) * mask
@@ -472,7 +432,7 @@ def _dit_step(model, cond, rng, task, pool: LatentPool, batch, progress) -> torc
 
 def object_tokens(scene: world.Scene) -> torch.Tensor:
     """`[tokens]` 1.0 where a latent token's patch holds any pixel of an object or word, else 0.0."""
-    return patch_any(foreground(scene, world.render_array(scene)))
+    return patch_any(foreground(scene, world.render_array(scene)), SCALE)
 
 
 def foreground(scene: world.Scene, img: np.ndarray) -> np.ndarray:
@@ -507,24 +467,60 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
 
 def resume_from_export(out: Path, work: Path) -> bool:
     """Seed an empty work folder from a shipped export (weights only; optimizer state starts fresh), so training
-    resumes on a machine that only has the repository. Returns True when it did."""
-    meta = seed_vae_from_export(out, work, VAE_STEPS, DECODER_STEPS)
+    resumes on a machine that only has the repository. An export whose VAE is not this recipe's lends its condition
+    encoder, tokenizer and transformer blocks to a run that trains every stage afresh. Returns True when it did."""
+    meta = seed_vae_from_export(out, work, VAE_STEPS, DECODER_STEPS, VAE)
     if meta is None:
-        return False
+        return _transplant(out, work)
     if meta.get("encoder_init") != ENCODER_INIT:
         log(f"resumed the VAE from {out}; its transformer and encoder predate {ENCODER_INIT} and start afresh")
         return True
+    dit_sd, te_sd = _export_dit_and_encoder(out, work)
+    _seed_dit(work, dit_sd, te_sd, int(meta.get("trained_steps", 0)))
+    log(f"resumed from {out} at step {meta.get('trained_steps', 0)} (optimizer state starts fresh)")
+    return True
+
+
+def _export_dit_and_encoder(out: Path, work: Path) -> tuple[dict, dict]:
     dit_sd = export_weights(out / "transformer")
     te_sd = export_weights(out / "text_encoder", "model")
-    tokenizer = _load_or_build_tokenizer(work)
-    te_keys = build_text_encoder(tokenizer).state_dict().keys()
+    te_keys = build_text_encoder(_load_or_build_tokenizer(work)).state_dict().keys()
     te_sd = {k: te_sd[k] if k in te_sd else te_sd[k.replace("lm_head", "model.language_model.embed_tokens")]
              for k in te_keys}
+    return dit_sd, te_sd
+
+
+def _seed_dit(work: Path, dit_sd: dict, te_sd: dict, step: int) -> None:
     ema = {**{f"dit.{k}": v.clone() for k, v in dit_sd.items()}, **{f"te.{k}": v.clone() for k, v in te_sd.items()}}
-    _save(work / "state-dit.pt", model=dit_sd, text_encoder=te_sd, opt=None, ema=ema,
-          step=int(meta.get("trained_steps", 0)), rng=random.Random(SEED + 2),
-          warm_from=int(meta.get("trained_steps", 0)))
-    log(f"resumed from {out} at step {meta.get('trained_steps', 0)} (optimizer state starts fresh)")
+    _save(work / "state-dit.pt", model=dit_sd, text_encoder=te_sd, opt=None, ema=ema, step=step,
+          rng=random.Random(SEED + 2), warm_from=step)
+
+
+def _transplant(out: Path, work: Path) -> bool:
+    """For an export of another VAE (an empty work folder, a current encoder): its tokenizer, condition encoder and
+    transformer blocks start this run's transformer stage at step 0; the layers that read and write latents
+    (`img_in`, `proj_out`) start afresh, as every VAE stage does."""
+    from qimg.loading.files import read_json
+
+    if any((work / f).exists() for f in ("state-vae.pt", "state-dit.pt", "tokenizer.json")) or \
+            not (out / "model_index.json").exists():
+        return False
+    meta = read_json(out / "model_index.json").get("_qimg", {})
+    if meta.get("encoder_init") != ENCODER_INIT or not (out / "tokenizer-bpe.json").exists():
+        return False
+    (work / "tokenizer.json").write_text((out / "tokenizer-bpe.json").read_text())
+    dit_sd, te_sd = _export_dit_and_encoder(out, work)
+    torch.manual_seed(SEED)
+    fresh = QwenImage21Transformer(QwenImage21Config(**DIT))
+    _init_dit(fresh)
+    fresh_sd = fresh.state_dict()
+    if set(dit_sd) != set(fresh_sd):
+        raise ValueError(f"{out}: transformer keys differ from this recipe's: {sorted(set(dit_sd) ^ set(fresh_sd))}")
+    kept = {k: v for k, v in dit_sd.items()
+            if v.shape == fresh_sd[k].shape and not k.startswith(("img_in.", "proj_out."))}
+    _seed_dit(work, {**fresh_sd, **kept}, te_sd, 0)
+    log(f"started from {out}'s condition encoder and transformer blocks ({len(kept)} of {len(fresh_sd)} tensors); "
+        "its VAE is not this recipe's, so every stage trains afresh")
     return True
 
 
@@ -548,7 +544,3 @@ def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int =
             ("dit", functools.partial(train_dit, device=device, batch=batch))]
     return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export,
                       source)
-
-
-def length_histogram(cond: Conditioning, texts: list[str]) -> Counter:
-    return Counter(cond.length(t, 0) for t in texts)

@@ -156,15 +156,15 @@ def load_vae(work: Path, refined: bool = True) -> VAE:
 
 
 # -- stage: VAE -----------------------------------------------------------------------------------------------
-def _vae_crops(rng: random.Random) -> list[np.ndarray]:
-    """64x64 crops: 30% of composites, the rest single layers (mostly transparent)."""
+def _vae_crops(rng: random.Random) -> tuple[list[np.ndarray], None]:
+    """64x64 crops: 30% of composites, the rest single layers (mostly transparent); no pixel weights."""
     crops = []
     for _ in range(16):
         frames = frames_of(world.random_scene(rng))
         img = frames[0] if rng.random() < 0.3 else frames[rng.randrange(1, len(frames))]
         y, x = rng.randrange(0, 65, 8), rng.randrange(0, 65, 8)
         crops.append(img[y:y + 64, x:x + 64])
-    return crops
+    return crops, None
 
 
 def train_vae(work: Path, deadline: float, seed: int = SEED) -> bool:
@@ -451,7 +451,7 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
 
 def resume_from_export(out: Path, work: Path) -> bool:
     """Seed an empty work folder from a shipped export (weights only; optimizers start fresh)."""
-    meta = seed_vae_from_export(out, work, VAE_STEPS, DECODER_STEPS)
+    meta = seed_vae_from_export(out, work, VAE_STEPS, DECODER_STEPS, VAE_CFG)
     if meta is None:
         return False
     from transformers import Qwen2_5_VLForConditionalGeneration
