@@ -18,8 +18,9 @@ def register(sub) -> None:
                        "run starts from the embedded model's weights)")
     train.add_argument("--work", type=Path, default=None, help="checkpoints and caches (default: runs/tiny, "
                        "runs/tiny-layered)")
-    train.add_argument("--device", default="cpu", help="where the transformer stage trains: cpu or cuda[:N] (bf16 "
-                       "autocast); the other stages are short and train on the CPU")
+    train.add_argument("--device", default="cpu", help="where training runs: cpu or cuda[:N] (the transformer "
+                       "stage with bf16 autocast); qimg-tiny trains every stage there, qimg-tiny-layered its "
+                       "transformer stage (its other stages are short and stay on the CPU)")
     train.add_argument("--batch", type=int, default=None, help="transformer stage: scenes per step (default 32 for "
                        "qimg-tiny, 8 for qimg-tiny-layered; a GPU takes 8x that or more)")
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")

@@ -110,15 +110,17 @@ def resume_state(path: Path, module, opt=None) -> dict:
 
 
 def fit_vae(vae, params: list, path: Path, deadline: float, *, steps: int, lr: float, warmup: int, floor: float,
-            batch_loss, name: str, seed: int, save_every: int) -> bool:
+            batch_loss, name: str, seed: int, save_every: int, device: str = "cpu") -> bool:
     """The VAE stages' loop: AdamW on `params` with a cosine rate, `batch_loss(rng) -> (loss, plain pixel MSE)` per
-    step, progress (loss and PSNR) every 100 steps, resumable from `path`; returns True once `steps` are done."""
+    step, progress (loss and PSNR) every 100 steps, resumable from `path`; returns True once `steps` are done. The
+    VAE trains on `device` (batches are drawn on the CPU; checkpoints are saved there)."""
+    vae.to(device)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     state = resume_state(path, vae, opt)
     step, rng = state.get("step", 0), state.get("rng", random.Random(seed))
     if step >= steps:
         return True
-    log(f"{name}: step {step}/{steps}, {sum(p.numel() for p in params):,} parameters")
+    log(f"{name}: step {step}/{steps} on {device}, {sum(p.numel() for p in params):,} parameters")
     losses, errors = [], []
     while step < steps and time.time() < deadline:
         step_seed(seed, step)
@@ -141,25 +143,25 @@ def fit_vae(vae, params: list, path: Path, deadline: float, *, steps: int, lr: f
 
 
 def fit_autoencoder(vae, path: Path, deadline: float, *, steps: int, lr: float, warmup: int, floor: float,
-                    crops, name: str, seed: int) -> bool:
+                    crops, name: str, seed: int, device: str = "cpu") -> bool:
     """Reconstruction training (L1 + MSE, a light latent penalty) on batches `crops(rng) -> (uint8 RGBA arrays, bool
     masks of their object and word pixels, or None)`; masked pixels (and 2 px around them) weigh OBJECT_WEIGHT more."""
 
     def batch_loss(rng):
         frames, masks = crops(rng)
-        x = rgba_tensor(frames)
+        x = rgba_tensor(frames).to(device)
         z = vae._encode(x)
         out = vae._decode(z)
         err = (out - x).abs() + (out - x).pow(2)
         if masks is None:
             rec = err.mean()
         else:
-            weight = pixel_weight(masks)
+            weight = pixel_weight(masks).to(device)
             rec = (err * weight).sum() / (weight.sum() * x.shape[1])
         return rec + 1e-4 * z.pow(2).mean(), F.mse_loss(out, x).item()
 
     return fit_vae(vae, list(vae.parameters()), path, deadline, steps=steps, lr=lr, warmup=warmup, floor=floor,
-                   batch_loss=batch_loss, name=name, seed=seed, save_every=500)
+                   batch_loss=batch_loss, name=name, seed=seed, save_every=500, device=device)
 
 
 def pixel_weight(masks) -> torch.Tensor:
@@ -168,7 +170,8 @@ def pixel_weight(masks) -> torch.Tensor:
     return 1 + OBJECT_WEIGHT * F.max_pool2d(mask, 5, stride=1, padding=2)
 
 
-def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: str, seed: int) -> bool:
+def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: str, seed: int,
+                device: str = "cpu") -> bool:
     """Fine-tune a trained VAE's decoder with its encoder frozen, on whole frames `batches(rng) -> (uint8 arrays,
     bool masks of their object and word pixels)`. The latents (the pool, their statistics, the transformer trained
     on them) stay valid while what the decoder draws sharpens. The latents get a little noise, as the
@@ -176,21 +179,21 @@ def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: 
     params = [p for key, p in vae.named_parameters() if key.startswith(("decoder.", "post_quant_conv."))]
     for p in params:
         p.requires_grad_(True)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(device)
 
     def batch_loss(rng):
         frames, masks = batches(rng)
-        x = rgba_tensor(frames)
-        weight = pixel_weight(masks)
+        x = rgba_tensor(frames).to(device)
+        weight = pixel_weight(masks).to(device)
         with torch.no_grad():
             z = vae._encode(x)
-            z = z + 0.1 * torch.rand(len(z), 1, 1, 1) * std * torch.randn_like(z)
+            z = z + 0.1 * (torch.rand(len(z), 1, 1, 1) * torch.randn(z.shape)).to(device) * std
         out = vae._decode(z)
         err = (out - x).abs() + (out - x).pow(2)
         return (err * weight).sum() / (weight.sum() * x.shape[1]), F.mse_loss(out, x).item()
 
     return fit_vae(vae, params, path, deadline, steps=steps, lr=DECODER_LR, warmup=50, floor=0.05,
-                   batch_loss=batch_loss, name=name, seed=seed, save_every=300)
+                   batch_loss=batch_loss, name=name, seed=seed, save_every=300, device=device)
 
 
 def _on_cpu(obj):

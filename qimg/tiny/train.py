@@ -179,11 +179,11 @@ def _crop_start(rng: random.Random, centre: float) -> int:
     return rng.choice(starts) if starts else min(world.CANVAS - 64, max(0, int(centre - 32) // SCALE * SCALE))
 
 
-def train_vae(work: Path, deadline: float, seed: int = SEED) -> bool:
+def train_vae(work: Path, deadline: float, seed: int = SEED, device: str = "cpu") -> bool:
     torch.manual_seed(seed)
     vae = VAE21(vae_config()).train()
     return fit_autoencoder(vae, work / "state-vae.pt", deadline, steps=VAE_STEPS, lr=2e-3, warmup=200, floor=0.1,
-                           crops=_vae_crops, name="vae", seed=seed)
+                           crops=_vae_crops, name="vae", seed=seed, device=device)
 
 
 def _decoder_batch(rng: random.Random, n: int = 6) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -197,9 +197,9 @@ def _decoder_batch(rng: random.Random, n: int = 6) -> tuple[list[np.ndarray], li
     return frames, masks
 
 
-def refine_decoder(work: Path, deadline: float, seed: int = SEED) -> bool:
+def refine_decoder(work: Path, deadline: float, seed: int = SEED, device: str = "cpu") -> bool:
     return fit_decoder(load_vae(work, refined=False), work / "state-decoder.pt", deadline, steps=DECODER_STEPS,
-                       batches=_decoder_batch, name="decoder", seed=seed + 4)
+                       batches=_decoder_batch, name="decoder", seed=seed + 4, device=device)
 
 
 def load_vae(work: Path, refined: bool = True) -> VAE21:
@@ -208,13 +208,13 @@ def load_vae(work: Path, refined: bool = True) -> VAE21:
 
 
 # -- stage: latent pool -----------------------------------------------------------------------------------------
-def build_pool(work: Path, deadline: float, seed: int = SEED) -> bool:
+def build_pool(work: Path, deadline: float, seed: int = SEED, device: str = "cpu") -> bool:
     path = work / "pool.pt"
     if path.exists():
         return True
     if time.time() >= deadline:  # the pool is built in one go: do not start it past the deadline
         return False
-    vae = load_vae(work)
+    vae = load_vae(work).to(device)
     rng = random.Random(seed + 1)
     pairs, sources, targets = [], [], []
     log(f"latents: encoding {POOL_PAIRS} edit pairs")
@@ -230,7 +230,7 @@ def build_pool(work: Path, deadline: float, seed: int = SEED) -> bool:
                 batch_pairs.append((src, instruction, tgt))
             imgs = [world.render_array(s) for s, _, _ in batch_pairs]
             imgs += [world.render_array(t) for _, _, t in batch_pairs]
-            z = vae._encode(rgba_tensor(imgs))
+            z = vae._encode(rgba_tensor(imgs).to(device)).cpu()
             sources.append(z[:64].half())
             targets.append(z[64:].half())
             pairs.extend(batch_pairs)
@@ -536,11 +536,12 @@ def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int =
         source: Path | None = None, device: str = "cpu", batch: int = 32) -> bool:
     """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
     whole run (a work folder keeps the one it was started with). An empty work folder is seeded from the export
-    at `source` (default: `out`) when there is one. `device` runs the transformer stage there (bf16 autocast on
-    CUDA; `batch` scenes per step); the others are short and stay on the CPU."""
+    at `source` (default: `out`) when there is one. Every stage trains on `device` (the transformer stage with bf16
+    autocast on CUDA and `batch` scenes per step); batches are drawn on the CPU."""
     import functools
 
-    fits = [("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder),
-            ("dit", functools.partial(train_dit, device=device, batch=batch))]
+    fits = [(name, functools.partial(fit, device=device))
+            for name, fit in (("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder))]
+    fits.append(("dit", functools.partial(train_dit, device=device, batch=batch)))
     return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export,
                       source)
