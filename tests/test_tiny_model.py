@@ -129,11 +129,19 @@ def test_main_command_on_the_default(tmp_path, capsys):
     assert str(out.resolve()) in capsys.readouterr().out
 
 
-def test_training_resumes_from_the_shipped_export(tmp_path):
+def test_training_resumes_from_the_shipped_export(tmp_path, monkeypatch):
+    """A recipe whose VAE is the shipped one's resumes every stage from the export (a recipe with another VAE only
+    borrows its encoder and blocks: tests/test_tiny_train.py)."""
+    import json
+
     import torch
 
     import qimg.tiny.train as T
 
+    shipped_vae = json.loads((default_model_path() / "vae" / "config.json").read_text())
+    monkeypatch.setattr(T, "VAE", {k: shipped_vae[k] for k in T.VAE})
+    z = shipped_vae["z_dim"]
+    monkeypatch.setattr(T, "DIT", {**T.DIT, "in_channels": z, "out_channels": z})
     assert T.resume_from_export(default_model_path(), tmp_path)
     assert T.load_vae(tmp_path).config.latents_std == tuple(qimg.load().vae.config.latents_std)
     if qimg.load().info.folder.joinpath("model_index.json").read_text().count(T.ENCODER_INIT) == 0:
