@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Continue an embedded tiny model's training on a lent GPU in one call (the `device` tool runs it from the repository
-# root): resumes from the shipped export (or the work folder when present), checkpoints every 500 (qimg-tiny) or 250
+# root): resumes from the shipped export (or the work folder when present; qimg-tiny's recipe has a new VAE, so it
+# trains every stage anew from the export's encoder and transformer blocks), checkpoints every 500 (qimg-tiny) or 250
 # (layered) steps, exports what it has when the minutes run out, and copies the export, the log and the steps/s
 # into $OUT. Usage:
 #   tools/gpu_train_tiny.sh [MINUTES=8] [BATCH=256 for tiny, 64 for layered] [MODEL=tiny|layered]
