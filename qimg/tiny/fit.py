@@ -152,13 +152,7 @@ def fit_autoencoder(vae, path: Path, deadline: float, *, steps: int, lr: float, 
         x = rgba_tensor(frames).to(device)
         z = vae._encode(x)
         out = vae._decode(z)
-        err = (out - x).abs() + (out - x).pow(2)
-        if masks is None:
-            rec = err.mean()
-        else:
-            weight = pixel_weight(masks).to(device)
-            rec = (err * weight).sum() / (weight.sum() * x.shape[1])
-        return rec + 1e-4 * z.pow(2).mean(), F.mse_loss(out, x).item()
+        return reconstruction_loss(out, x, masks) + 1e-4 * z.pow(2).mean(), F.mse_loss(out, x).item()
 
     return fit_vae(vae, list(vae.parameters()), path, deadline, steps=steps, lr=lr, warmup=warmup, floor=floor,
                    batch_loss=batch_loss, name=name, seed=seed, save_every=500, device=device)
@@ -168,6 +162,15 @@ def pixel_weight(masks) -> torch.Tensor:
     """`[B, 1, H, W]` loss weights: 1 + OBJECT_WEIGHT on masked pixels and 2 px around them."""
     mask = torch.from_numpy(np.stack(masks)).float()[:, None]
     return 1 + OBJECT_WEIGHT * F.max_pool2d(mask, 5, stride=1, padding=2)
+
+
+def reconstruction_loss(out: torch.Tensor, x: torch.Tensor, masks) -> torch.Tensor:
+    """L1 + MSE per pixel, averaged with `pixel_weight(masks)` (plainly when `masks` is None)."""
+    err = (out - x).abs() + (out - x).pow(2)
+    if masks is None:
+        return err.mean()
+    weight = pixel_weight(masks).to(out.device)
+    return (err * weight).sum() / (weight.sum() * x.shape[1])
 
 
 def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: str, seed: int,
@@ -184,13 +187,11 @@ def fit_decoder(vae, path: Path, deadline: float, *, steps: int, batches, name: 
     def batch_loss(rng):
         frames, masks = batches(rng)
         x = rgba_tensor(frames).to(device)
-        weight = pixel_weight(masks).to(device)
         with torch.no_grad():
             z = vae._encode(x)
             z = z + 0.1 * (torch.rand(len(z), 1, 1, 1) * torch.randn(z.shape)).to(device) * std
         out = vae._decode(z)
-        err = (out - x).abs() + (out - x).pow(2)
-        return (err * weight).sum() / (weight.sum() * x.shape[1]), F.mse_loss(out, x).item()
+        return reconstruction_loss(out, x, masks), F.mse_loss(out, x).item()
 
     return fit_vae(vae, params, path, deadline, steps=steps, lr=DECODER_LR, warmup=50, floor=0.05,
                    batch_loss=batch_loss, name=name, seed=seed, save_every=300, device=device)
