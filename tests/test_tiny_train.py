@@ -223,8 +223,7 @@ def test_short_run_exports_loads_and_resumes(tmp_path, monkeypatch, capsys):
     assert image.size == (128, 128) and image.mode == "RGBA"
     first = torch.load(work / "state-dit.pt", weights_only=False)
     capsys.readouterr()
-    monkeypatch.setattr(T, "DIT_STEPS", 3)
-    assert T.run(10, work, out)
+    assert T.run(10, work, out, steps=3)  # `qimg tiny train --steps 3`
     again = torch.load(work / "state-dit.pt", weights_only=False)
     assert again["step"] == 3 and first["step"] == 2
     # the lengthened schedule warms its rate up again from where it resumed; an unchanged one does not
@@ -288,6 +287,8 @@ def test_train_refuses_a_device_it_cannot_use(tmp_path, capsys):
     assert "expected cpu or cuda[:N]" in capsys.readouterr().err
     assert main([*base, "--batch", "0"]) == 2
     assert "--batch must be at least 1, got 0" in capsys.readouterr().err
+    assert main([*base, "--steps", "-5"]) == 2
+    assert "--steps must be at least 1, got -5" in capsys.readouterr().err
 
 
 def test_vae_crops_keep_an_object_or_word_in_view_and_weight_it():

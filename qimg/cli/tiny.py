@@ -23,6 +23,10 @@ def register(sub) -> None:
                        "transformer stage (its other stages are short and stay on the CPU)")
     train.add_argument("--batch", type=int, default=None, help="transformer stage: scenes per step (default 32 for "
                        "qimg-tiny, 8 for qimg-tiny-layered; a GPU takes 8x that or more)")
+    train.add_argument("--steps", type=int, default=None,
+                       help="transformer stage: length of its schedule in steps (default 40,000 for qimg-tiny, 37,500 "
+                            "for qimg-tiny-layered); a work folder saved on another length warms its rate up again "
+                            "and decays it to this one")
     train.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     train.add_argument("--seed", type=int, default=None,
                        help="fixes the whole run: model init, data, noise (default 1234; a --work folder keeps the "
@@ -74,7 +78,10 @@ def run_train(args) -> int:
     work = args.work or Path("runs/tiny" if args.model == "tiny" else "runs/tiny-layered")
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
-    extra = {"device": args.device, **({"batch": args.batch} if args.batch else {})}
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    extra = {"device": args.device, **({"batch": args.batch} if args.batch else {}),
+             **({"steps": args.steps} if args.steps else {})}
     index = out / "model_index.json"
     before = index.stat().st_mtime_ns if index.is_file() else None
     done = run(args.minutes, work, out, seed=SEED if args.seed is None else args.seed, source=source, **extra)

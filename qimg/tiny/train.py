@@ -294,8 +294,9 @@ class LatentPool:
         return self._masks[key]
 
 
-def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32, device: str = "cpu") -> bool:
-    path = work / "state-dit.pt"
+def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32, device: str = "cpu",
+              steps: int | None = None) -> bool:
+    path, steps = work / "state-dit.pt", steps or DIT_STEPS
     pool = LatentPool.load(work, device)
     tokenizer = _load_or_build_tokenizer(work)
     processor = build_processor(tokenizer)
@@ -315,27 +316,27 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32, de
     ema = {k: v.to(device) for k, v in state["ema"].items()} if state.get("ema") else \
         {k: v.detach().clone() for k, v in _all_state(model, text_encoder).items()}
     step, rng = state.get("step", 0), state.get("rng", random.Random(seed + 2))
-    warm_from = rewarm_start(state, step, DIT_STEPS)
-    if step >= DIT_STEPS:
+    warm_from = rewarm_start(state, step, steps)
+    if step >= steps:
         return True
     cond = Conditioning(processor, text_encoder)
-    log(f"dit: step {step}/{DIT_STEPS} on {device}, {sum(p.numel() for p in model.parameters()):,} transformer "
+    log(f"dit: step {step}/{steps} on {device}, {sum(p.numel() for p in model.parameters()):,} transformer "
         f"and {sum(p.numel() for p in text_encoder.parameters()):,} encoder parameters")
     losses: dict[str, list] = {"t2i": [], "edit": []}
     started = time.time()
 
     def save():
         _save(path, model=model.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(), ema=ema,
-              step=step, rng=rng, warm_from=warm_from, total=DIT_STEPS)
+              step=step, rng=rng, warm_from=warm_from, total=steps)
 
-    while step < DIT_STEPS and time.time() < deadline:
+    while step < steps and time.time() < deadline:
         step_seed(seed + 2, step)
-        lr = cosine_lr(5e-4, step, DIT_STEPS, 500, rewarm_from=warm_from)
+        lr = cosine_lr(5e-4, step, steps, 500, rewarm_from=warm_from)
         for group in opt.param_groups:
             group["lr"] = lr
         task = "edit" if rng.random() < 0.4 else "t2i"
         with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
-            loss = _dit_step(model, cond, rng, task, pool, batch, step / DIT_STEPS)
+            loss = _dit_step(model, cond, rng, task, pool, batch, step / steps)
         optimizer_step(opt, loss, params)
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
@@ -347,13 +348,13 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 32, de
         if step % 50 == 0:
             rate = 50 / max(time.time() - started, 1e-6)
             started = time.time()
-            log(f"dit: step {step}/{DIT_STEPS} t2i {np.mean(losses['t2i'] or [0]):.4f} "
+            log(f"dit: step {step}/{steps} t2i {np.mean(losses['t2i'] or [0]):.4f} "
                 f"edit {np.mean(losses['edit'] or [0]):.4f} lr {lr:.2e} {rate:.2f} it/s")
             losses = {"t2i": [], "edit": []}
         if step % 500 == 0:
             save()
     save()
-    return step >= DIT_STEPS
+    return step >= steps
 
 
 def _init_dit(model: QwenImage21Transformer) -> None:
@@ -537,7 +538,8 @@ STAGES = ("vae", "latents", "decoder", "dit", "export")
 
 
 def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int = SEED,
-        source: Path | None = None, device: str = "cpu", batch: int = 32) -> bool:
+        source: Path | None = None, device: str = "cpu", batch: int = 32,
+        steps: int | None = None) -> bool:
     """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
     whole run (a work folder keeps the one it was started with). An empty work folder is seeded from the export
     at `source` (default: `out`) when there is one. Every stage trains on `device` (the transformer stage with bf16
@@ -546,6 +548,6 @@ def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int =
 
     fits = [(name, functools.partial(fit, device=device))
             for name, fit in (("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder))]
-    fits.append(("dit", functools.partial(train_dit, device=device, batch=batch)))
+    fits.append(("dit", functools.partial(train_dit, device=device, batch=batch, steps=steps)))
     return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export,
                       source)

@@ -311,10 +311,11 @@ def encode_prompts(tokenizer, model, prompts: list[str]) -> tuple[torch.Tensor, 
 
 
 # -- stage: transformer -----------------------------------------------------------------------------------------
-def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8, device: str = "cpu") -> bool:
+def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8, device: str = "cpu",
+              steps: int | None = None) -> bool:
     """The transformer stage; on `device` (bf16 autocast on CUDA). Noise and noise levels are drawn on the CPU, so a
     seed draws the same batches on every device."""
-    path = work / "state-dit.pt"
+    path, steps = work / "state-dit.pt", steps or DIT_STEPS
     pool = torch.load(work / "pool.pt", weights_only=False)
     stats = json.loads((work / "latent-stats.json").read_text())
     mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
@@ -339,21 +340,21 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8, dev
     ema = {k: v.to(device) for k, v in state["ema"].items()} if state.get("ema") else \
         {k: v.detach().clone() for k, v in model.state_dict().items()}
     step, rng = state.get("step", 0), state.get("rng", random.Random(seed + 2))
-    warm_from = rewarm_start(state, step, DIT_STEPS)
-    if step >= DIT_STEPS:
+    warm_from = rewarm_start(state, step, steps)
+    if step >= steps:
         return True
-    log(f"layered dit: step {step}/{DIT_STEPS} on {device}, {sum(p.numel() for p in model.parameters()):,} "
+    log(f"layered dit: step {step}/{steps} on {device}, {sum(p.numel() for p in model.parameters()):,} "
         f"parameters")
     losses, started = [], time.time()
 
     def save():
         _save(path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step, rng=rng, warm_from=warm_from,
-              total=DIT_STEPS)
+              total=steps)
 
-    while step < DIT_STEPS and time.time() < deadline:
+    while step < steps and time.time() < deadline:
         step_seed(seed + 2, step)
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(DIT_LR, step, DIT_STEPS, 200, rewarm_from=warm_from)
+            group["lr"] = cosine_lr(DIT_LR, step, steps, 200, rewarm_from=warm_from)
         first = rng.randrange(len(latents))
         group_ids = by_frames[latents[first].shape[0]]
         idx = [first] + [rng.choice(group_ids) for _ in range(batch - 1)]
@@ -372,12 +373,12 @@ def train_dit(work: Path, deadline: float, seed: int = SEED, batch: int = 8, dev
         if step % 50 == 0:
             rate = 50 / max(time.time() - started, 1e-6)
             started = time.time()
-            log(f"layered dit: step {step}/{DIT_STEPS} loss {np.mean(losses):.4f} {rate:.2f} it/s")
+            log(f"layered dit: step {step}/{steps} loss {np.mean(losses):.4f} {rate:.2f} it/s")
             losses = []
         if step % 250 == 0:
             save()
     save()
-    return step >= DIT_STEPS
+    return step >= steps
 
 
 def layered_loss(model, tokenizer, text_encoder, x0: torch.Tensor, scenes, rng: random.Random) -> torch.Tensor:
@@ -475,7 +476,8 @@ STAGES = ("vae", "latents", "decoder", "caption", "dit", "export")
 
 
 def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int = SEED,
-        source: Path | None = None, device: str = "cpu", batch: int = 8) -> bool:
+        source: Path | None = None, device: str = "cpu", batch: int = 8,
+        steps: int | None = None) -> bool:
     """Run the stages in order for at most `minutes`; returns True when training is complete. One `seed` fixes the
     whole run (a work folder keeps the one it was started with). An empty work folder is seeded from the export
     at `source` (default: `out`) when there is one. `device` runs the transformer stage there (bf16 autocast on
@@ -483,6 +485,6 @@ def run(minutes: float, work: Path, out: Path | None, stages=STAGES, seed: int =
     import functools
 
     fits = [("vae", train_vae), ("latents", build_pool), ("decoder", refine_decoder), ("caption", train_caption),
-            ("dit", functools.partial(train_dit, device=device, batch=batch))]
+            ("dit", functools.partial(train_dit, device=device, batch=batch, steps=steps))]
     return run_stages(minutes, work, out or default_out(), stages, seed, fits, resume_from_export, export,
                       source)
