@@ -126,7 +126,7 @@ def main() -> None:
             rows.append({"offload": offload, "side": side, "steps": args.steps, **run(pipe, side, args.steps, device)})
             print(rows[-1], flush=True)
         placement.release()
-    print(f"weights (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in sizes.items()))
+    print("weights (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in sizes.items()))
     print(f"{'offload':>8} {'image':>10} {'steps':>5} {'seconds':>8} {'peak GiB':>9} {'resident GiB':>12}")
     for r in rows:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"

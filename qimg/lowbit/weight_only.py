@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import nn
 
-from qimg.errors import InputError
+from qimg.errors import InputError, first_line
 from qimg.lowbit.layers import chunked_linear
 
 KINDS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
@@ -81,7 +81,7 @@ class ScaledLinear(nn.Module):
                 if self.fp8_matmul:
                     raise
                 self.fp8_matmul = False
-                warnings.warn(f"fp8 matmul unavailable here ({str(err).splitlines()[0]}); this layer dequantises "
+                warnings.warn(f"fp8 matmul unavailable here ({first_line(err)}); this layer dequantises "
                               f"its fp8 weight instead", RuntimeWarning, stacklevel=2)
         return chunked_linear(x, self.rows, self.out_features, self.bias)
 

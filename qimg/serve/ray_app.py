@@ -26,6 +26,7 @@ import shlex
 import threading
 from dataclasses import dataclass
 
+from qimg.errors import first_line
 from qimg.serve.settings import Settings
 
 log = logging.getLogger("qimg.serve")
@@ -179,9 +180,7 @@ class RayDispatcher:
                     raise RuntimeError("the replica's event stream ended before the job did")
                 except Exception as err:  # noqa: BLE001 - the replica died (RayActorError) or the call failed
                     log.warning("job %s: replica call failed: %s: %s", job_id, type(err).__name__, err)
-                    message = str(err).strip()
-                    first = message.splitlines()[0][:200] if message else ""
-                    why = f"stopped ({type(err).__name__}: {first})"
+                    why = f"stopped ({type(err).__name__}: {first_line(str(err))})"
                     again = await asyncio.to_thread(svc.store.take_back, job_id, why, svc.settings.max_attempts)
                     job = await asyncio.to_thread(svc.store.get, job_id)
                     if job is None or job.terminal:

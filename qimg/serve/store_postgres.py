@@ -11,6 +11,7 @@ import json
 import threading
 import time
 
+from qimg.errors import first_line
 from qimg.serve.store import (CANCELLED, FAILED, OUTPUT_ROLES, QUEUED, RUNNING, TERMINAL, FileRecord, Job,
                               SharedJobStore, storable)
 from qimg.serve.store_sqlite import RESTART_QUEUED, RESTART_RUNNING
@@ -76,7 +77,7 @@ def connect(url: str):
         return psycopg.connect(url, autocommit=True)
     except psycopg.Error as err:
         where = url.split("@")[-1]  # never the password
-        raise RuntimeError(f"cannot open the job store at {where}: {str(err).strip().splitlines()[0]}") from None
+        raise RuntimeError(f"cannot open the job store at {where}: {first_line(err)}") from None
 
 
 def default_owner() -> str:
