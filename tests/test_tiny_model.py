@@ -223,3 +223,18 @@ def test_tiny_eval_command_writes_scores_and_a_grid(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["tiny", "eval", "--n", "0", "--out", str(tmp_path)]) == 2
     assert "--n must be at least 1" in capsys.readouterr().err
+    # per-scene rows: the prompt, the verdict and what the checker read, in the order of the held-out scenes
+    rows = t2i["scenes"]
+    assert [r["prompt"] for r in rows] == [world.prompt(s) for s in world.held_out(3)]
+    assert sum(r["exact"] for r in rows) == round(3 * t2i["exact"]) and all(r["detected"] for r in rows)
+    assert [len(r["objects"]) for r in rows] == [len(s.objects) for s in world.held_out(3)]
+    assert sum(r["satisfied"] for r in edit["scenes"]) == round(3 * edit["satisfied"])
+    assert all(world.parse_edit(r["instruction"]).kind == r["kind"] for r in edit["scenes"])
+    assert len(layers["scenes"]) == 3
+    again = tmp_path / "again"  # the same scenes, fewer steps: compared scene by scene
+    assert main(["tiny", "eval", "--n", "3", "--steps", "1", "--tasks", "t2i,edit", "--quiet", "--out", str(again),
+                 "--against", str(tmp_path / "eval.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"t2i against {tmp_path / 'eval.json'}: passed in both" in out and "sign test p =" in out
+    assert main(["tiny", "eval", "--n", "4", "--out", str(again), "--against", str(tmp_path / "eval.json")]) == 2
+    assert "scored 3 held-out scenes, this run --n 4" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def register(sub) -> None:
     ev.add_argument("--tasks", default="t2i,edit,layers", help="comma-separated: t2i, edit, layers")
     ev.add_argument("--cache", default=None, metavar="NAME[:THRESHOLD]", help="a step cache, e.g. fbcache:0.2")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--against", type=Path, default=None, metavar="EVAL_JSON",
+                    help="another model's eval.json on the same scenes (same --n): scene-by-scene wins and losses, "
+                         "with a sign test")
     ev.set_defaults(handler=run_eval)
 
 
@@ -94,10 +98,20 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     import qimg
     from qimg.errors import InputError
-    from qimg.tiny.eval import evaluate
+    from qimg.tiny.eval import compare, evaluate
 
     if args.n < 1:
         raise InputError(f"--n must be at least 1, got {args.n}")
+    other = None
+    if args.against is not None:
+        try:
+            other = json.loads(args.against.read_text())
+        except (OSError, ValueError) as err:
+            raise InputError(f"--against {args.against}: not a readable eval.json ({err})") from None
+        scored = other.get("held_out_scenes") if isinstance(other, dict) else None
+        if scored != args.n:
+            raise InputError(f"--against {args.against}: scored {scored} held-out scenes, this run --n {args.n}; "
+                             "compare evaluations of the same scenes")
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     unknown = set(tasks) - {"t2i", "edit", "layers"}
     if unknown or not tasks:
@@ -125,6 +139,11 @@ def run_eval(args) -> int:
               f"exact")
     for task in ("t2i", "edit", "layers"):
         if task in result:
-            print(task, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[task].items()})
+            print(task, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[task].items()
+                         if k != "scenes"})
+    if other is not None:
+        for task, c in compare(result, other).items():
+            print(f"{task} against {args.against}: passed in both {c['both']} of {c['n']}, only here "
+                  f"{c['only_ours']}, only there {c['only_theirs']} (sign test p = {c['sign_test_p']:.3f})")
     print(f"wrote {args.out / 'eval.json'} and {args.out / 'samples.png'}")
     return 0

@@ -57,6 +57,10 @@ def eval_t2i(pipe, scenes, sampling: dict, progress=None) -> tuple[dict, list]:
         "word_exact": mean(r["word_exact"] for r in rows),
         "words": sum(r["word_exact"] is not None for r in rows),
         "seconds_per_image": mean(seconds),
+        "scenes": [{"prompt": text, "exact": r["exact"], "detected": r["detected"], "word_read": r["word_read"],
+                    "objects": [{k: o[k] for k in ("cell", "colour", "shape", "size", "position", "read_as")}
+                                for o in r["objects"]]}
+                   for (_, text, _), r in zip(samples, rows)],
     }, samples
 
 
@@ -104,6 +108,9 @@ def eval_edits(pipe, scenes, rng: random.Random, sampling: dict, progress=None) 
         "satisfied_by_kind": by_kind,
         "untouched_psnr": mean(r["untouched_psnr"] for r in rows),
         "seconds_per_image": mean(seconds),
+        "scenes": [{"instruction": text, "kind": kind, "satisfied": r["satisfied"],
+                    "untouched_psnr": r["untouched_psnr"], "detected": r["target"]["detected"]}
+                   for (_, text, _), kind, r in zip(samples, kinds, rows)],
     }, samples
 
 
@@ -133,6 +140,7 @@ def eval_layers(pipe, scenes, sampling: dict, progress=None) -> tuple[dict, list
         "rgb_l1": mean(r["rgb_l1"] for r in rows),
         "composite_psnr": mean(r["composite_psnr"] for r in rows),
         "seconds_per_image": mean(seconds),
+        "scenes": [{k: r[k] for k in ("mean_alpha_iou", "rgb_l1", "composite_psnr")} for r in rows],
     }, samples
 
 
@@ -204,3 +212,42 @@ def evaluate(pipe, n: int = 200, out: Path = Path("eval"), steps=None, cfg=None,
         json.dump(result, handle, indent=2)
     grid(samples, out / "samples.png")
     return result
+
+
+PASSED = {"t2i": ("prompt", "exact"), "edit": ("instruction", "satisfied")}
+
+
+def compare(ours: dict, theirs: dict) -> dict:
+    """Scene by scene, two `evaluate` results on the same held-out scenes: per task, how many scenes pass in both,
+    only in `ours`, only in `theirs`, and the two-sided sign test's p-value of the split (how likely so uneven a
+    split is if the two models were equally good)."""
+    from qimg.errors import InputError
+
+    out = {}
+    for task, (key, passed) in PASSED.items():
+        if task not in ours or task not in theirs:
+            continue
+        a, b = ours[task].get("scenes"), theirs[task].get("scenes")
+        if a is None or b is None:
+            raise InputError(f"{task}: an eval.json without per-scene rows (written before they were kept) cannot "
+                             "be compared scene by scene")
+        if [r[key] for r in a] != [r[key] for r in b]:
+            raise InputError(f"{task}: the two evaluations did not see the same scenes ({len(a)} and {len(b)}; "
+                             "--n and the held-out seed must match)")
+        only_ours = sum(bool(x[passed]) and not y[passed] for x, y in zip(a, b))
+        only_theirs = sum(bool(y[passed]) and not x[passed] for x, y in zip(a, b))
+        out[task] = {"n": len(a), "both": sum(bool(x[passed] and y[passed]) for x, y in zip(a, b)),
+                     "only_ours": only_ours, "only_theirs": only_theirs,
+                     "sign_test_p": sign_test(only_ours, only_theirs)}
+    return out
+
+
+def sign_test(k: int, m: int) -> float:
+    """Two-sided exact sign test: P(a split at least as uneven as k:m | each discordant scene a fair coin)."""
+    import math
+
+    n = k + m
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, m) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
