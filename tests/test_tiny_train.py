@@ -329,3 +329,14 @@ def test_an_export_of_another_vae_lends_its_encoder_and_blocks(tmp_path, monkeyp
     te.load_state_dict(state["text_encoder"])  # the export's tokenizer came along, so its encoder fits
     assert (tmp_path / "tokenizer.json").read_text() == (shipped / "tokenizer-bpe.json").read_text()
     assert not T.resume_from_export(shipped, tmp_path)  # never overwrites a work folder
+    # the fresh layers are the ones a run of that seed draws: another seed, other layers and another data stream
+    torch.manual_seed(T.SEED)
+    fresh = QwenImage21Transformer(QwenImage21Config(**T.DIT))
+    T._init_dit(fresh)
+    assert state["model"]["img_in.weight"].equal(fresh.img_in.weight)
+    (tmp_path / "seed7").mkdir()
+    assert T.resume_from_export(shipped, tmp_path / "seed7", seed=7)
+    other = torch.load(tmp_path / "seed7" / "state-dit.pt", weights_only=False)
+    assert not other["model"]["img_in.weight"].equal(state["model"]["img_in.weight"])
+    assert other["model"]["txt_in.in_layer.weight"].equal(state["model"]["txt_in.in_layer.weight"])
+    assert other["rng"].random() != state["rng"].random()

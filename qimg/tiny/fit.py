@@ -281,7 +281,8 @@ def _write_config(folder: Path, class_name: str, cfg) -> None:
     (folder / "config.json").write_text(json.dumps(data, indent=2))
 
 
-def seed_vae_from_export(out: Path, work: Path, vae_steps: int, decoder_steps: int, recipe: dict) -> dict | None:
+def seed_vae_from_export(out: Path, work: Path, vae_steps: int, decoder_steps: int, recipe: dict,
+                         seed: int = SEED) -> dict | None:
     """First half of resuming from an export: unless `work` already has a VAE stage, or `out` is no export, or its VAE
     differs from the `recipe`'s VAE config (then every stage trains afresh), write the export's VAE (float32, as a
     finished stage; also as the finished decoder stage when the export's decoder was refined), latent statistics
@@ -299,9 +300,9 @@ def seed_vae_from_export(out: Path, work: Path, vae_steps: int, decoder_steps: i
     (work / "latent-stats.json").write_text(json.dumps({"mean": vcfg["latents_mean"], "std": vcfg["latents_std"]}))
     (work / "tokenizer.json").write_text((out / "tokenizer-bpe.json").read_text())
     weights = export_weights(out / "vae")
-    _save(work / "state-vae.pt", model=weights, opt=None, step=vae_steps, rng=random.Random(SEED))
+    _save(work / "state-vae.pt", model=weights, opt=None, step=vae_steps, rng=random.Random(seed))
     if meta.get("decoder_steps") and not (work / "state-decoder.pt").exists():
-        _save(work / "state-decoder.pt", model=weights, opt=None, step=decoder_steps, rng=random.Random(SEED + 4))
+        _save(work / "state-decoder.pt", model=weights, opt=None, step=decoder_steps, rng=random.Random(seed + 4))
     return meta
 
 
@@ -331,10 +332,11 @@ def run_stages(minutes: float, work: Path, out: Path, stages, seed: int, fits: l
                source: Path | None = None) -> bool:
     """The stage runner both tiny trainers share. `fits` are (name, fit(work, deadline, seed) -> finished) in
     order; every stage must finish before the next starts, except the last (the transformer), which is exported
-    from its latest checkpoint even when the deadline stops it."""
+    from its latest checkpoint even when the deadline stops it. `resume(source, work, seed)` first seeds an empty
+    work folder from an export."""
     work.mkdir(parents=True, exist_ok=True)
     record_seed(work, seed)
-    resume(source or out, work)
+    resume(source or out, work, seed)
     deadline = time.time() + minutes * 60
     *before, (last, fit_last) = fits
     for name, fit in before:  # a finished stage returns at once, so a run past its deadline still exports

@@ -470,18 +470,18 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
         ("transformer", dit_sd, QwenImage21Config(**DIT)), ("vae", vae.state_dict(), vae.config)])
 
 
-def resume_from_export(out: Path, work: Path) -> bool:
+def resume_from_export(out: Path, work: Path, seed: int = SEED) -> bool:
     """Seed an empty work folder from a shipped export (weights only; optimizer state starts fresh), so training
     resumes on a machine that only has the repository. An export whose VAE is not this recipe's lends its condition
     encoder, tokenizer and transformer blocks to a run that trains every stage afresh. Returns True when it did."""
-    meta = seed_vae_from_export(out, work, VAE_STEPS, DECODER_STEPS, VAE)
+    meta = seed_vae_from_export(out, work, VAE_STEPS, DECODER_STEPS, VAE, seed)
     if meta is None:
-        return _transplant(out, work)
+        return _transplant(out, work, seed)
     if meta.get("encoder_init") != ENCODER_INIT:
         log(f"resumed the VAE from {out}; its transformer and encoder predate {ENCODER_INIT} and start afresh")
         return True
     dit_sd, te_sd = _export_dit_and_encoder(out, work)
-    _seed_dit(work, dit_sd, te_sd, int(meta.get("trained_steps", 0)))
+    _seed_dit(work, dit_sd, te_sd, int(meta.get("trained_steps", 0)), seed)
     log(f"resumed from {out} at step {meta.get('trained_steps', 0)} (optimizer state starts fresh)")
     return True
 
@@ -495,13 +495,13 @@ def _export_dit_and_encoder(out: Path, work: Path) -> tuple[dict, dict]:
     return dit_sd, te_sd
 
 
-def _seed_dit(work: Path, dit_sd: dict, te_sd: dict, step: int) -> None:
+def _seed_dit(work: Path, dit_sd: dict, te_sd: dict, step: int, seed: int) -> None:
     ema = {**{f"dit.{k}": v.clone() for k, v in dit_sd.items()}, **{f"te.{k}": v.clone() for k, v in te_sd.items()}}
     _save(work / "state-dit.pt", model=dit_sd, text_encoder=te_sd, opt=None, ema=ema, step=step,
-          rng=random.Random(SEED + 2), warm_from=step)
+          rng=random.Random(seed + 2), warm_from=step)
 
 
-def _transplant(out: Path, work: Path) -> bool:
+def _transplant(out: Path, work: Path, seed: int) -> bool:
     """For an export of another VAE (an empty work folder, a current encoder): its tokenizer, condition encoder and
     transformer blocks start this run's transformer stage at step 0; the layers that read and write latents
     (`img_in`, `proj_out`) start afresh, as every VAE stage does."""
@@ -515,7 +515,7 @@ def _transplant(out: Path, work: Path) -> bool:
         return False
     (work / "tokenizer.json").write_text((out / "tokenizer-bpe.json").read_text())
     dit_sd, te_sd = _export_dit_and_encoder(out, work)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)  # as train_dit draws a fresh transformer
     fresh = QwenImage21Transformer(QwenImage21Config(**DIT))
     _init_dit(fresh)
     fresh_sd = fresh.state_dict()
@@ -523,7 +523,7 @@ def _transplant(out: Path, work: Path) -> bool:
         raise ValueError(f"{out}: transformer keys differ from this recipe's: {sorted(set(dit_sd) ^ set(fresh_sd))}")
     kept = {k: v for k, v in dit_sd.items()
             if v.shape == fresh_sd[k].shape and not k.startswith(("img_in.", "proj_out."))}
-    _seed_dit(work, {**fresh_sd, **kept}, te_sd, 0)
+    _seed_dit(work, {**fresh_sd, **kept}, te_sd, 0, seed)
     log(f"started from {out}'s condition encoder and transformer blocks ({len(kept)} of {len(fresh_sd)} tensors); "
         "its VAE is not this recipe's, so every stage trains afresh")
     return True

@@ -450,19 +450,19 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
     return write_export(out, work, index, SCHEDULER, text_encoder, build_processor(tokenizer), weights, tokenizer)
 
 
-def resume_from_export(out: Path, work: Path) -> bool:
+def resume_from_export(out: Path, work: Path, seed: int = SEED) -> bool:
     """Seed an empty work folder from a shipped export (weights only; optimizers start fresh)."""
-    meta = seed_vae_from_export(out, work, VAE_STEPS, DECODER_STEPS, VAE_CFG)
+    meta = seed_vae_from_export(out, work, VAE_STEPS, DECODER_STEPS, VAE_CFG, seed)
     if meta is None:
         return False
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     te = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out / "text_encoder"), dtype=torch.float32)
     te_sd = {k: v.clone() for k, v in te.state_dict().items()}  # the saved file uses the checkpoint key layout
-    _save(work / "state-caption.pt", model=te_sd, opt=None, step=CAPTION_STEPS, rng=random.Random(SEED + 3))
+    _save(work / "state-caption.pt", model=te_sd, opt=None, step=CAPTION_STEPS, rng=random.Random(seed + 3))
     dit_sd = export_weights(out / "transformer")
     _save(work / "state-dit.pt", model=dit_sd, opt=None, ema={k: v.clone() for k, v in dit_sd.items()},
-          step=int(meta.get("trained_steps", 0)), rng=random.Random(SEED + 2))
+          step=int(meta.get("trained_steps", 0)), rng=random.Random(seed + 2))
     log(f"resumed from {out} at step {meta.get('trained_steps', 0)} (optimizer state starts fresh)")
     return True
 
