@@ -308,12 +308,15 @@ def test_vae_crops_keep_an_object_or_word_in_view_and_weight_it():
 def test_an_export_of_another_vae_lends_its_encoder_and_blocks(tmp_path, monkeypatch, capsys):
     """When the recipe's VAE differs from the export's, no stage is resumed but the transformer stage starts from
     the export's condition encoder and transformer blocks, with fresh latent-facing layers."""
+    import json
+
     from qimg.loading.weights import open_state_dict
     from qimg.loading.files import default_model_path
 
-    monkeypatch.setattr(T, "VAE", {**T.VAE, "z_dim": 64})
-    monkeypatch.setattr(T, "DIT", {**T.DIT, "in_channels": 64, "out_channels": 64})
     shipped = default_model_path()
+    z = 16 if json.loads((shipped / "vae" / "config.json").read_text())["z_dim"] != 16 else 32  # not the export's
+    monkeypatch.setattr(T, "VAE", {**T.VAE, "z_dim": z})
+    monkeypatch.setattr(T, "DIT", {**T.DIT, "in_channels": z, "out_channels": z})
     assert T.resume_from_export(shipped, tmp_path)
     assert "its VAE is not this recipe's" in capsys.readouterr().out
     assert not (tmp_path / "state-vae.pt").exists() and not (tmp_path / "latent-stats.json").exists()
@@ -322,7 +325,7 @@ def test_an_export_of_another_vae_lends_its_encoder_and_blocks(tmp_path, monkeyp
     blocks = open_state_dict(shipped / "transformer", "diffusion_pytorch_model")
     model = QwenImage21Transformer(QwenImage21Config(**T.DIT))
     model.load_state_dict(state["model"])
-    assert model.img_in.weight.shape[1] == 64 and model.proj_out.weight.abs().sum() == 0  # fresh, zero output
+    assert model.img_in.weight.shape[1] == z and model.proj_out.weight.abs().sum() == 0  # fresh, zero output
     for key in ("transformer_blocks.0.attn.to_q.weight", "txt_in.in_layer.weight", "norm_out.linear.weight"):
         assert state["model"][key].equal(blocks[key].float()), key
     te = T.build_text_encoder(T._load_or_build_tokenizer(tmp_path))
