@@ -84,8 +84,7 @@ def run_train(args) -> int:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
-    extra = {"device": args.device, **({"batch": args.batch} if args.batch else {}),
-             **({"steps": args.steps} if args.steps else {})}
+    extra = {"device": args.device, "steps": args.steps, **({"batch": args.batch} if args.batch else {})}
     index = out / "model_index.json"
     before = index.stat().st_mtime_ns if index.is_file() else None
     done = run(args.minutes, work, out, seed=SEED if args.seed is None else args.seed, source=source, **extra)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -234,10 +235,9 @@ def compare(ours: dict, theirs: dict) -> dict:
         if [r[key] for r in a] != [r[key] for r in b]:
             raise InputError(f"{task}: the two evaluations did not see the same scenes ({len(a)} and {len(b)}; "
                              "--n and the held-out seed must match)")
-        only_ours = sum(bool(x[passed]) and not y[passed] for x, y in zip(a, b))
-        only_theirs = sum(bool(y[passed]) and not x[passed] for x, y in zip(a, b))
-        out[task] = {"n": len(a), "both": sum(bool(x[passed] and y[passed]) for x, y in zip(a, b)),
-                     "only_ours": only_ours, "only_theirs": only_theirs,
+        splits = Counter((bool(x[passed]), bool(y[passed])) for x, y in zip(a, b))
+        only_ours, only_theirs = splits[True, False], splits[False, True]
+        out[task] = {"n": len(a), "both": splits[True, True], "only_ours": only_ours, "only_theirs": only_theirs,
                      "sign_test_p": sign_test(only_ours, only_theirs)}
     return out
 
