@@ -109,6 +109,36 @@ def test_object_tokens_mark_the_objects_and_words_only():
                     assert marked[ty, tx] == 0, (world.prompt(scene), cell, ty, tx)
 
 
+def test_word_tokens_cover_the_word_and_nothing_else():
+    rng = random.Random(9)
+    seen = 0
+    while seen < 10:
+        scene = world.random_scene(rng, word_prob=1.0)
+        if scene.word is None or not scene.objects:
+            continue
+        words, items = T.word_tokens(scene), T.object_tokens(scene)
+        cx, cy = world.cell_centre(scene.word.cell)
+        grid = words.view(T.GRID, T.GRID)
+        assert grid[int(cy // T.SCALE), int(cx // T.SCALE)] == 1
+        for o in scene.objects:  # an object's centre token holds no ink of the word (they sit in other cells)
+            ox, oy = world.cell_centre(o.cell)
+            assert grid[int(oy // T.SCALE), int(ox // T.SCALE)] == 0
+        assert bool((words <= items).all())  # the word's tokens are among the foreground tokens
+        assert T.word_tokens(world.Scene(scene.background, scene.objects, None)).sum() == 0
+        seen += 1
+
+
+def test_text_to_image_frames_show_a_word_word_share_of_the_time():
+    rng = random.Random(4)
+    pairs = [(s, *world.random_edit(s, rng)) for s in (world.random_scene(rng, word_prob=0.2) for _ in range(400))]
+    pool = T.LatentPool(None, None, pairs)
+    frames = [pool.draw_frame(rng) for _ in range(4000)]
+    shown = [pairs[i][2] if use_t else pairs[i][0] for i, use_t in frames]
+    share = sum(s.word is not None for s in shown) / len(shown)
+    natural = len(pool.word_frames) / (2 * len(pairs))
+    assert natural < 0.3 and abs(share - (T.WORD_SHARE + (1 - T.WORD_SHARE) * natural)) < 0.03, (share, natural)
+
+
 def test_object_weighted_dit_loss(tmp_path, monkeypatch):
     """With no token weighted up the object-weighted loss is the plain loss; with the object masks it differs."""
     tokenizer = T._load_or_build_tokenizer(tmp_path)
@@ -122,9 +152,11 @@ def test_object_weighted_dit_loss(tmp_path, monkeypatch):
 
     def loss(weight, task="t2i", tokens=None):
         monkeypatch.setattr(T, "DIT_OBJECT_WEIGHT", weight)
+        monkeypatch.setattr(T, "DIT_WORD_WEIGHT", weight)
         pool = T.LatentPool(src, tgt, pairs)
         if tokens is not None:
             monkeypatch.setattr(pool, "weight_mask", tokens)
+            monkeypatch.setattr(pool, "word_mask", tokens)
         torch.manual_seed(1)
         with torch.no_grad():
             return T._dit_step(model, cond, random.Random(3), task, pool, 4, progress=1.0).item()
