@@ -1,0 +1,66 @@
+"""How close qimg-tiny's drawn words are to legible, before the checker reads any of them right.
+
+    python bench/tiny_word_rank.py [MODEL ...] [--n 200] [--others 300]
+
+For each held-out scene with a word (the `qimg tiny eval` scenes and seeds), the word's soft alpha in its colour is
+cut from the generated picture over the checker's read window, and the true word's render distance (the checker's
+aligned L1) is ranked among `--others` random words of the same length: rank 0 means the true word is the closest,
+0.5 is chance. Prints a row per model and writes bench/results/tiny_word_rank.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+import qimg
+from qimg.tiny import checker, world
+
+
+def word_ranks(pipe, n: int, others: int) -> dict:
+    rng = random.Random(0)
+    ranks, closest, inkless = [], 0, 0
+    for i, scene in enumerate(world.held_out(n, seed=0)):
+        if scene.word is None:
+            continue
+        img = checker.to_array(pipe.generate(world.prompt(scene), seed=i)[0])
+        _, _, alphas = checker.explain(img, checker.PALETTE_NAMES.index(scene.background))
+        x0, y0, x1, y1 = checker.read_window(scene.word.cell)
+        item = alphas[y0:y1, x0:x1, checker.PALETTE_NAMES.index(scene.word.colour)]
+        item = np.where(item >= 0.2, item, 0.0)
+        if (item >= 0.5).sum() < 10:
+            inkless += 1
+            continue
+        text = scene.word.text
+        rivals = {"".join(rng.choice(world.LETTERS) for _ in text) for _ in range(others)} - {text}
+        mine = checker._render_distance(item, text, scene.word.cell)
+        theirs = np.array([checker._render_distance(item, r, scene.word.cell) for r in rivals])
+        ranks.append(float((theirs < mine).mean()))
+        closest += bool((theirs >= mine).all())
+    return {"word_scenes": len(ranks) + inkless, "no_ink": inkless, "mean_rank": float(np.mean(ranks)),
+            "median_rank": float(np.median(ranks)), "true_word_closest": closest}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=["qimg-tiny"])
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--others", type=int, default=300)
+    args = parser.parse_args()
+    rows = {}
+    print(f"{'model':<40} {'words':>5} {'no ink':>6} {'mean rank':>9} {'median':>7} {'closest':>7}")
+    for name in args.models:
+        r = rows[name] = word_ranks(qimg.load(name), args.n, args.others)
+        print(f"{name:<40} {r['word_scenes']:>5} {r['no_ink']:>6} {r['mean_rank']:>9.3f} {r['median_rank']:>7.3f} "
+              f"{r['true_word_closest']:>7}")
+    out = Path(__file__).parent / "results" / "tiny_word_rank.json"
+    out.write_text(json.dumps({"held_out_scenes": args.n, "others": args.others, "models": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
