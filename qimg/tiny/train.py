@@ -293,8 +293,7 @@ class LatentPool:
         key = (i, task, use_target)
         if key not in self._masks:
             src, _, tgt = self.pairs[i]
-            scene = tgt if task == "edit" or use_target else src
-            mask = object_tokens(scene)
+            mask = object_tokens(self.frame(i, task, use_target))
             if task == "edit":
                 changed = (world.render_array(tgt) != world.render_array(src)).any(-1)
                 mask = torch.maximum(mask, patch_any(changed, SCALE))
@@ -305,9 +304,13 @@ class LatentPool:
         """`[tokens]` 1.0 on the tokens the word of the frame being denoised touches (all 0.0 without a word)."""
         key = (i, task, use_target, "word")
         if key not in self._masks:
-            src, _, tgt = self.pairs[i]
-            self._masks[key] = word_tokens(tgt if task == "edit" or use_target else src)
+            self._masks[key] = word_tokens(self.frame(i, task, use_target))
         return self._masks[key]
+
+    def frame(self, i: int, task: str, use_target: bool) -> world.Scene:
+        """The scene of the frame being denoised: an edit's target; for text-to-image the pair's source or target."""
+        src, _, tgt = self.pairs[i]
+        return tgt if task == "edit" or use_target else src
 
     def draw_frame(self, rng: random.Random) -> tuple[int, bool]:
         """(pair index, use_target) of a text-to-image frame: one showing a word WORD_SHARE of the time."""
@@ -423,8 +426,7 @@ def _dit_step(model, cond, rng, task, pool: LatentPool, batch, progress) -> torc
         if task == "edit":
             return draw_edit(pool, rng)
         i, use_target = pool.draw_frame(rng)
-        s, instruction, t = pairs[i]
-        scene = t if use_target else s
+        scene = pool.frame(i, task, use_target)
         if len(scene.objects) > 1 and rng.random() > min(1.0, 0.2 + progress / 0.3):
             return None  # curriculum: few multi-object scenes early on
         text = world.prompt(scene) if rng.random() < 0.5 else world.paraphrase(scene, rng)
