@@ -3,7 +3,7 @@
     python bench/tiny_word_rank.py [MODEL ...] [--n 200] [--others 300]
 
 For each held-out scene with a word (the `qimg tiny eval` scenes and seeds), the word's soft alpha in its colour is
-cut from the generated picture over the checker's read window, and the true word's render distance (the checker's
+cut from the generated picture as the checker cuts the item in the word's cell, and the true word's render distance (the checker's
 aligned L1) is ranked among `--others` random words of the same length: rank 0 means the true word is the closest,
 0.5 is chance. Prints a row per model and writes bench/results/tiny_word_rank.json.
 """
@@ -28,17 +28,15 @@ def word_ranks(pipe, n: int, others: int) -> dict:
         if scene.word is None:
             continue
         img = checker.to_array(pipe.generate(world.prompt(scene), seed=i)[0])
-        _, _, alphas = checker.explain(img, checker.PALETTE_NAMES.index(scene.background))
-        x0, y0, x1, y1 = checker.read_window(scene.word.cell)
-        item = alphas[y0:y1, x0:x1, checker.PALETTE_NAMES.index(scene.word.colour)]
-        item = np.where(item >= 0.2, item, 0.0)
-        if (item >= 0.5).sum() < 10:
+        ink = checker.cell_ink(img, scene.word.cell)
+        item = None if ink is None else ink[1]
+        if item is None or (item >= 0.5).sum() < 10:
             inkless += 1
             continue
         text = scene.word.text
         rivals = {"".join(rng.choice(world.LETTERS) for _ in text) for _ in range(others)} - {text}
-        mine = checker._render_distance(item, text, scene.word.cell)
-        theirs = np.array([checker._render_distance(item, r, scene.word.cell) for r in rivals])
+        mine = checker.render_distance(item, text, scene.word.cell)
+        theirs = np.array([checker.render_distance(item, r, scene.word.cell) for r in rivals])
         ranks.append(float((theirs < mine).mean()))
         closest += bool((theirs >= mine).all())
     return {"word_scenes": len(ranks) + inkless, "no_ink": inkless, "mean_rank": float(np.mean(ranks)),

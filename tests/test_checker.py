@@ -120,6 +120,22 @@ def test_mild_noise_and_shift_are_tolerated():
     assert ok >= 0.95 * len(batch)
 
 
+def test_render_distance_ranks_the_drawn_word_first():
+    """A rendered word's ink, cut as the checker cuts a cell's item (the word-rank bench's cut), is closest to its
+    own text: far nearer than every word of its length that differs in one letter."""
+    rng = random.Random(5)
+    for s in [s for s in scenes(80, seed=13) if s.word is not None][:12]:
+        w = s.word
+        colour, item = C.cell_ink(W.render_array(s), w.cell)
+        assert colour == w.colour
+        mine = C.render_distance(item, w.text, w.cell)
+        assert mine < 10.0
+        for _ in range(6):
+            k = rng.randrange(len(w.text))
+            other = w.text[:k] + rng.choice([c for c in W.LETTERS if c != w.text[k]]) + w.text[k + 1:]
+            assert C.render_distance(item, other, w.cell) > mine + 5, (w.text, other)
+
+
 # ----------------------------------------------------------------------------- edits
 
 

@@ -145,14 +145,18 @@ def explain(img: np.ndarray, background: int) -> tuple[np.ndarray, np.ndarray, n
 def analyse(image) -> Detection:
     """Read an image back into a Detection (background, objects, words)."""
     img = to_array(image)
-    labels = nearest_colours(img[::2, ::2])  # a quarter of the pixels settles the mode
-    background = int(np.bincount(labels.ravel(), minlength=len(PALETTE)).argmax())
+    background = _background(img)
     best, alpha, alphas = explain(img, background)
     by_cell = components_by_cell(clean_mask(alpha >= 0.5))
     cells = tuple(_read_cell(c, by_cell[c], best, alpha, alphas) for c in range(9))
     objects = tuple(W.Obj(r.shape, r.size, r.colour, r.cell) for r in cells if r.kind == "object")
     words = tuple(W.Word(r.text, r.colour, r.cell) for r in cells if r.kind == "word")
     return Detection(PALETTE_NAMES[background], cells, objects, words)
+
+
+def _background(img: np.ndarray) -> int:
+    labels = nearest_colours(img[::2, ::2])  # a quarter of the pixels settles the mode
+    return int(np.bincount(labels.ravel(), minlength=len(PALETTE)).argmax())
 
 
 def clean_mask(mask: np.ndarray) -> np.ndarray:
@@ -236,14 +240,9 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
 def _read_cell(
     cell: int, cell_mask: np.ndarray, best: np.ndarray, alpha: np.ndarray, alphas: np.ndarray
 ) -> CellReading:
-    x0, y0, x1, y1 = read_window(cell)
-    fg = cell_mask[y0:y1, x0:x1]
-    if fg.sum() < MIN_ITEM_PIXELS:
+    fg, colour, item = _cell_item(cell, cell_mask, best, alpha, alphas)
+    if colour is None:
         return CellReading(cell, "empty", pixels=int(fg.sum()))
-    b, a = best[y0:y1, x0:x1], alpha[y0:y1, x0:x1]
-    colour = int(np.bincount(b[fg], weights=a[fg], minlength=len(PALETTE)).argmax())
-    item = alphas[y0:y1, x0:x1, colour] * _dilate(_dilate(fg))  # this item's soft alpha only
-    item = np.where(item >= 0.2, item, 0.0)  # drop faint noise
     mask = fg & (item >= 0.5)
     segments = column_segments(mask)
     name = PALETTE_NAMES[colour]
@@ -252,6 +251,28 @@ def _read_cell(
     if len(segments) >= 2:
         return CellReading(cell, "word", name, text=read_word(item, segments, cell), pixels=int(mask.sum()))
     return _read_object(cell, name, item, mask)
+
+
+def _cell_item(cell: int, cell_mask: np.ndarray, best: np.ndarray, alpha: np.ndarray, alphas: np.ndarray):
+    """(foreground over ``read_window(cell)``, the item's palette index, its soft alpha) of the cell's item: its
+    majority colour's alpha near its components only, faint noise dropped; (fg, None, None) when too few pixels."""
+    x0, y0, x1, y1 = read_window(cell)
+    fg = cell_mask[y0:y1, x0:x1]
+    if fg.sum() < MIN_ITEM_PIXELS:
+        return fg, None, None
+    b, a = best[y0:y1, x0:x1], alpha[y0:y1, x0:x1]
+    colour = int(np.bincount(b[fg], weights=a[fg], minlength=len(PALETTE)).argmax())
+    item = alphas[y0:y1, x0:x1, colour] * _dilate(_dilate(fg))  # this item's soft alpha only
+    return fg, colour, np.where(item >= 0.2, item, 0.0)
+
+
+def cell_ink(image, cell: int) -> tuple[str, np.ndarray] | None:
+    """(colour, soft alpha over ``read_window(cell)``) of the item the checker reads in `cell`, None when the cell
+    is empty: what ``render_distance`` compares with a word's render."""
+    img = to_array(image)
+    best, alpha, alphas = explain(img, _background(img))
+    fg, colour, item = _cell_item(cell, components_by_cell(clean_mask(alpha >= 0.5))[cell], best, alpha, alphas)
+    return None if colour is None else (PALETTE_NAMES[colour], item)
 
 
 def column_segments(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -340,7 +361,7 @@ def read_word(item: np.ndarray, segments: list[tuple[int, int]], cell: int) -> s
     if all(len(o) == 1 for o in options):
         return best
     candidates = ["".join(p) for p in itertools.product(*options)]
-    return min(candidates, key=lambda text: _render_distance(item, text, cell))
+    return min(candidates, key=lambda text: render_distance(item, text, cell))
 
 
 def _close_letters(scores: np.ndarray) -> list[str]:
@@ -349,7 +370,7 @@ def _close_letters(scores: np.ndarray) -> list[str]:
     return [W.LETTERS[i] for i in order if scores[i] >= scores[order[0]] - VERIFY_MARGIN]
 
 
-def _render_distance(item: np.ndarray, text: str, cell: int) -> float:
+def render_distance(item: np.ndarray, text: str, cell: int) -> float:
     """L1 distance between an observed word alpha (over ``read_window(cell)``) and
     ``text`` rendered in ``cell``, after aligning their ink boxes (so slightly
     shifted words still read)."""

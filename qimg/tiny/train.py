@@ -63,9 +63,10 @@ DEFAULTS = {"default_resolution": 128, "default_steps": 5, "default_cfg": 2.0, "
 DIT_OBJECT_WEIGHT = 8.0
 # Words: their tokens weigh this much more at every noise level (a glyph's strokes are shaped at mid and low noise,
 # where the object weight above has faded), and this share of text-to-image samples shows a word (the pool's
-# scenes hold one 30% of the time). The 7,792-step model drew letter-spaced bars ("II", "III") for every word.
-DIT_WORD_WEIGHT = 8.0
-WORD_SHARE = 0.5
+# scenes hold one 30% of the time). The 7,792-step model drew letter-spaced bars ("II", "III") for every word;
+# 8 and 0.5 until 14,500 steps, then 16 and 0.75 (the word-free scenes were then 136 of 138 exact).
+DIT_WORD_WEIGHT = 16.0
+WORD_SHARE = 0.75
 
 
 # -- data ----------------------------------------------------------------------------------------------------
