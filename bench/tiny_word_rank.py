@@ -1,6 +1,6 @@
 """How close qimg-tiny's drawn words are to legible, before the checker reads any of them right.
 
-    python bench/tiny_word_rank.py [MODEL ...] [--n 200] [--others 300]
+    python bench/tiny_word_rank.py [[LABEL=]MODEL ...] [--n 200] [--others 300]
 
 For each held-out scene with a word (the `qimg tiny eval` scenes and seeds), the word's soft alpha in its colour is
 cut from the generated picture as the checker cuts the item in the word's cell, and the true word's render distance (the checker's
@@ -45,14 +45,17 @@ def word_ranks(pipe, n: int, others: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["qimg-tiny"])
+    parser.add_argument("models", nargs="*", default=["qimg-tiny"],
+                        help="model names or folders, each optionally LABEL=MODEL (the label names its row)")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--others", type=int, default=300)
     args = parser.parse_args()
     rows = {}
     print(f"{'model':<40} {'words':>5} {'no ink':>6} {'mean rank':>9} {'median':>7} {'closest':>7}")
-    for name in args.models:
-        r = rows[name] = word_ranks(qimg.load(name), args.n, args.others)
+    for spec in args.models:
+        name, _, model = spec.rpartition("=")
+        name = name or model
+        r = rows[name] = word_ranks(qimg.load(model), args.n, args.others)
         print(f"{name:<40} {r['word_scenes']:>5} {r['no_ink']:>6} {r['mean_rank']:>9.3f} {r['median_rank']:>7.3f} "
               f"{r['true_word_closest']:>7}")
     out = Path(__file__).parent / "results" / "tiny_word_rank.json"
