@@ -2,10 +2,10 @@
 
     python bench/tiny_word_rank.py [[LABEL=]MODEL ...] [--n 200] [--others 300]
 
-For each held-out scene with a word (the `qimg tiny eval` scenes and seeds), the word's soft alpha in its colour is
-cut from the generated picture as the checker cuts the item in the word's cell, and the true word's render distance (the checker's
-aligned L1) is ranked among `--others` random words of the same length: rank 0 means the true word is the closest,
-0.5 is chance. Prints a row per model and writes bench/results/tiny_word_rank.json.
+For each held-out scene with a word (the `qimg tiny eval` scenes and seeds), the soft alpha of the item in the
+word's cell is cut from the generated picture as the checker cuts it (`checker.cell_ink`), and the true word's
+render distance (the checker's aligned L1) is ranked among `--others` random words of the same length: rank 0
+means the true word is the closest, 0.5 is chance. Prints a row per model and writes bench/results/tiny_word_rank.json.
 """
 
 from __future__ import annotations
