@@ -22,8 +22,7 @@ from qimg.tiny import checker, world
 
 
 def word_ranks(pipe, n: int, others: int) -> dict:
-    rng = random.Random(0)
-    ranks, closest, inkless = [], 0, 0
+    ranks, closest, inkless = [], 0, 0  # ranks: one per word scene, None where no ink was drawn
     for i, scene in enumerate(world.held_out(n, seed=0)):
         if scene.word is None:
             continue
@@ -32,15 +31,18 @@ def word_ranks(pipe, n: int, others: int) -> dict:
         item = None if ink is None else ink[1]
         if item is None or (item >= 0.5).sum() < 10:
             inkless += 1
+            ranks.append(None)
             continue
         text = scene.word.text
+        rng = random.Random(i)  # the same rivals for every model
         rivals = {"".join(rng.choice(world.LETTERS) for _ in text) for _ in range(others)} - {text}
         mine = checker.render_distance(item, text, scene.word.cell)
         theirs = np.array([checker.render_distance(item, r, scene.word.cell) for r in rivals])
         ranks.append(float((theirs < mine).mean()))
         closest += bool((theirs >= mine).all())
-    return {"word_scenes": len(ranks) + inkless, "no_ink": inkless, "mean_rank": float(np.mean(ranks)),
-            "median_rank": float(np.median(ranks)), "true_word_closest": closest}
+    drawn = [r for r in ranks if r is not None]
+    return {"word_scenes": len(ranks), "no_ink": inkless, "mean_rank": float(np.mean(drawn)),
+            "median_rank": float(np.median(drawn)), "true_word_closest": closest, "ranks": ranks}
 
 
 def main() -> None:
