@@ -37,18 +37,18 @@ def word_gap(pipe, n_scenes: int, sigmas: list[float]) -> dict:
     rows = {}
     with torch.inference_mode():
         pixels = torch.cat([to_tensor(world.render(s), vae.image_channels) for s in scenes])
-        x0 = pack(vae.normalize(vae.encode(pixels))).float()
+        latents = vae.normalize(vae.encode(pixels))
+        x0, grid = pack(latents).float(), tuple(latents.shape[-2:])
         masks = [word_tokens(s).bool() for s in scenes]
-        grid = tuple(vae.normalize(vae.encode(pixels[:1])).shape[-2:])
+        prefixes = {kind: [model.encode_prefix(c.states.float(), c.slot_mask, [], [], None, None)
+                           for c in (pipe.condition(world.prompt(s)) for s in batch)]
+                    for kind, batch in (("true", scenes), ("wrong", wrong))}  # the t=0 prefix holds for every sigma
         for sigma in sigmas:
-            errors = {"true": [], "wrong": []}
-            gen = torch.Generator().manual_seed(1)
-            noise = torch.randn(x0.shape, generator=gen)
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
             xt = (1 - sigma) * x0 + sigma * noise
-            for kind, batch in (("true", scenes), ("wrong", wrong)):
-                for i, scene in enumerate(batch):
-                    cond = pipe.condition(world.prompt(scene))
-                    prefix = model.encode_prefix(cond.states.float(), cond.slot_mask, [], [], None, None)
+            errors = {kind: [] for kind in prefixes}
+            for kind, batch_prefixes in prefixes.items():
+                for i, prefix in enumerate(batch_prefixes):
                     v = model.denoise(xt[i:i + 1], torch.tensor([sigma]), prefix, grid).float()[0]
                     errors[kind].append((v - (noise[i] - x0[i])).pow(2).mean(-1)[masks[i]].mean().item())
             true, other = float(np.mean(errors["true"])), float(np.mean(errors["wrong"]))

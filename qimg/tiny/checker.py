@@ -144,19 +144,19 @@ def explain(img: np.ndarray, background: int) -> tuple[np.ndarray, np.ndarray, n
 
 def analyse(image) -> Detection:
     """Read an image back into a Detection (background, objects, words)."""
-    img = to_array(image)
-    background = _background(img)
-    best, alpha, alphas = explain(img, background)
-    by_cell = components_by_cell(clean_mask(alpha >= 0.5))
+    background, best, alpha, alphas, by_cell = _explain_cells(to_array(image))
     cells = tuple(_read_cell(c, by_cell[c], best, alpha, alphas) for c in range(9))
     objects = tuple(W.Obj(r.shape, r.size, r.colour, r.cell) for r in cells if r.kind == "object")
     words = tuple(W.Word(r.text, r.colour, r.cell) for r in cells if r.kind == "word")
     return Detection(PALETTE_NAMES[background], cells, objects, words)
 
 
-def _background(img: np.ndarray) -> int:
+def _explain_cells(img: np.ndarray):
+    """(background index, ``explain``'s three maps, the cleaned foreground's components by cell) of an image."""
     labels = nearest_colours(img[::2, ::2])  # a quarter of the pixels settles the mode
-    return int(np.bincount(labels.ravel(), minlength=len(PALETTE)).argmax())
+    background = int(np.bincount(labels.ravel(), minlength=len(PALETTE)).argmax())
+    best, alpha, alphas = explain(img, background)
+    return background, best, alpha, alphas, components_by_cell(clean_mask(alpha >= 0.5))
 
 
 def clean_mask(mask: np.ndarray) -> np.ndarray:
@@ -269,9 +269,8 @@ def _cell_item(cell: int, cell_mask: np.ndarray, best: np.ndarray, alpha: np.nda
 def cell_ink(image, cell: int) -> tuple[str, np.ndarray] | None:
     """(colour, soft alpha over ``read_window(cell)``) of the item the checker reads in `cell`, None when the cell
     is empty: what ``render_distance`` compares with a word's render."""
-    img = to_array(image)
-    best, alpha, alphas = explain(img, _background(img))
-    fg, colour, item = _cell_item(cell, components_by_cell(clean_mask(alpha >= 0.5))[cell], best, alpha, alphas)
+    _, best, alpha, alphas, by_cell = _explain_cells(to_array(image))
+    _, colour, item = _cell_item(cell, by_cell[cell], best, alpha, alphas)
     return None if colour is None else (PALETTE_NAMES[colour], item)
 
 
