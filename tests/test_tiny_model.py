@@ -106,6 +106,16 @@ def test_draws_the_readme_first_command(tiny):
     assert result["of"] == 10 and result["right"] >= 8, result
 
 
+def test_reads_the_letters_of_a_word(tiny):
+    """Words are not drawn legibly yet (README), but the transformer reads their letters: on the 62 word scenes of
+    the 200 held-out ones, its error on the word's latent tokens at sigma 0.9 is 1.084x higher with a random word in
+    the prompt than with the true one (the 7,792-step model 1.006x: the letters barely mattered to it)."""
+    from qimg.tiny.words import word_gap
+
+    gap = word_gap(tiny, world.held_out(200))
+    assert gap["scenes"] == 62 and gap["sigmas"]["0.9"]["ratio"] >= 1.05, gap
+
+
 def test_edit_keeps_the_picture(tiny):
     """A recolour edit leaves the rest of the picture as it was: the untouched region stays close to the source
     (the shipped model averages 36.4 dB there on 200 held-out edits and 32.1 dB on these 4, the 7,792-step model

@@ -140,8 +140,15 @@ def run_eval(args) -> int:
         if task in result:
             print(task, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[task].items()
                          if k != "scenes"})
+    if "word_gap" in result:
+        gaps = ", ".join(f"{v['ratio']:.3f} at sigma {s}" for s, v in result["word_gap"]["sigmas"].items())
+        print(f"word-token error, a random word over the true one ({result['word_gap']['scenes']} scenes): {gaps}")
     if other is not None:
         for task, c in compare(result, other).items():
+            if task == "word_rank":
+                print(f"drawn words against {args.against}: nearer the true word in {c['nearer']} of {c['n']}, "
+                      f"farther in {c['farther']} (sign test p = {c['sign_test_p']:.3f})")
+                continue
             print(f"{task} against {args.against}: passed in both {c['both']} of {c['n']}, only here "
                   f"{c['only_ours']}, only there {c['only_theirs']} (sign test p = {c['sign_test_p']:.3f})")
     print(f"wrote {args.out / 'eval.json'} and {args.out / 'samples.png'}")

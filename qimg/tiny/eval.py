@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from qimg.atomic import atomic_write
-from qimg.tiny import checker, world
+from qimg.tiny import checker, words, world
 
 
 def mean(values) -> float | None:
@@ -34,7 +34,7 @@ def ticking(items, progress, task: str):
 
 
 def eval_t2i(pipe, scenes, sampling: dict, progress=None) -> tuple[dict, list]:
-    rows, samples, seconds = [], [], []
+    rows, samples, seconds, ranks = [], [], [], []
     for i, scene in enumerate(ticking(scenes, progress, "t2i")):
         text = world.prompt(scene)
         start = time.perf_counter()
@@ -43,6 +43,7 @@ def eval_t2i(pipe, scenes, sampling: dict, progress=None) -> tuple[dict, list]:
         score = checker.score_t2i(image, scene)
         rows.append(score)
         samples.append((image, text, score["exact"]))
+        ranks.append(None if scene.word is None else words.word_rank(image, scene.word, seed=i))
     objects = [o for r in rows for o in r["objects"]]
     by_count = by_objects([r["exact"] for r in rows], scenes)
     return {
@@ -57,11 +58,13 @@ def eval_t2i(pipe, scenes, sampling: dict, progress=None) -> tuple[dict, list]:
         "background": mean(r["background"] for r in rows),
         "word_exact": mean(r["word_exact"] for r in rows),
         "words": sum(r["word_exact"] is not None for r in rows),
+        "word_rank": words.summarize_ranks([r for r, s in zip(ranks, scenes) if s.word is not None]),
         "seconds_per_image": mean(seconds),
         "scenes": [{"prompt": text, "exact": r["exact"], "detected": r["detected"], "word_read": r["word_read"],
                     "objects": [{k: o[k] for k in ("cell", "colour", "shape", "size", "position", "read_as")}
-                                for o in r["objects"]]}
-                   for (_, text, _), r in zip(samples, rows)],
+                                for o in r["objects"]],
+                    **({"word_rank": rank} if scene.word is not None else {})}
+                   for (_, text, _), r, rank, scene in zip(samples, rows, ranks, scenes)],
     }, samples
 
 
@@ -202,6 +205,8 @@ def evaluate(pipe, n: int = 200, out: Path = Path("eval"), steps=None, cfg=None,
     if "t2i" in tasks:
         result["t2i"], s = eval_t2i(pipe, scenes, sampling, progress)
         result["first_command"] = eval_first_command(pipe, sampling)
+        if any(s.word is not None for s in scenes):
+            result["word_gap"] = words.word_gap(pipe, scenes)
         samples += s[:18]
     if "edit" in tasks:
         result["edit"], s = eval_edits(pipe, scenes, random.Random(seed), sampling, progress)
@@ -239,6 +244,13 @@ def compare(ours: dict, theirs: dict) -> dict:
         only_ours, only_theirs = splits[True, False], splits[False, True]
         out[task] = {"n": len(a), "both": splits[True, True], "only_ours": only_ours, "only_theirs": only_theirs,
                      "sign_test_p": sign_test(only_ours, only_theirs)}
+    if "t2i" in out:
+        pairs = [(x.get("word_rank"), y.get("word_rank")) for x, y in zip(ours["t2i"]["scenes"], theirs["t2i"]["scenes"])]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+        if pairs:  # a lower rank is a drawn word nearer the true one
+            nearer, farther = sum(x < y for x, y in pairs), sum(x > y for x, y in pairs)
+            out["word_rank"] = {"n": len(pairs), "nearer": nearer, "farther": farther,
+                                "sign_test_p": sign_test(nearer, farther)}
     return out
 
 
