@@ -30,6 +30,10 @@ def measure(pipe, n: int, sigmas: list[float], pictures: bool) -> dict:
     return out
 
 
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=["qimg-tiny"],
@@ -47,7 +51,6 @@ def main() -> None:
         r = results[label or folder] = measure(qimg.load(folder, device="cpu", dtype="float32"), args.n, sigmas,
                                                not args.no_pictures)
         rank = r.get("word_rank", {})
-        fmt = (lambda v, f: format(v, f) if v is not None else "-")
         print(f"{label or folder:<28} {fmt(rank.get('mean_rank'), '9.3f'):>9} "
               f"{fmt(rank.get('true_word_closest'), 'd'):>7} {fmt(rank.get('no_ink'), 'd'):>6} "
               + " ".join(f"{v['ratio']:>8.3f}" for v in r["word_gap"]["sigmas"].values()))

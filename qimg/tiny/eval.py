@@ -245,7 +245,8 @@ def compare(ours: dict, theirs: dict) -> dict:
         out[task] = {"n": len(a), "both": splits[True, True], "only_ours": only_ours, "only_theirs": only_theirs,
                      "sign_test_p": sign_test(only_ours, only_theirs)}
     if "t2i" in out:
-        pairs = [(x.get("word_rank"), y.get("word_rank")) for x, y in zip(ours["t2i"]["scenes"], theirs["t2i"]["scenes"])]
+        pairs = [(x.get("word_rank"), y.get("word_rank"))
+                 for x, y in zip(ours["t2i"]["scenes"], theirs["t2i"]["scenes"])]
         pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
         if pairs:  # a lower rank is a drawn word nearer the true one
             nearer, farther = sum(x < y for x, y in pairs), sum(x > y for x, y in pairs)
