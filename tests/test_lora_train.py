@@ -277,4 +277,4 @@ def test_orthogonal_lora_teaches_the_shipped_model_a_word_and_leaves_other_promp
              for name in ("plain", "null")}
     assert drift(base, tuned["null"], other) < 0.25 * drift(base, tuned["plain"], other)
     before = fixed_loss(base, data)
-    assert before - fixed_loss(tuned["null"], data) > 0.01 * (before - fixed_loss(tuned["plain"], data)) > 0
+    assert before - fixed_loss(tuned["null"], data) > 0.015 * (before - fixed_loss(tuned["plain"], data)) > 0

@@ -21,10 +21,15 @@ RIVALS = 300
 GAP_SIGMAS = (0.9,)
 
 
+def word_like(text: str, rng: random.Random) -> str:
+    """A random word of `text`'s length."""
+    return "".join(rng.choice(world.LETTERS) for _ in text)
+
+
 def rivals(text: str, n: int, seed: int) -> set[str]:
     """Up to `n` random words of `text`'s length other than it, the same for a given seed."""
     rng = random.Random(seed)
-    return {"".join(rng.choice(world.LETTERS) for _ in text) for _ in range(n)} - {text}
+    return {word_like(text, rng) for _ in range(n)} - {text}
 
 
 def word_rank(image, word: world.Word, n_rivals: int = RIVALS, seed: int = 0) -> float | None:
@@ -59,9 +64,8 @@ def word_gap(pipe, scenes: list[world.Scene], sigmas=GAP_SIGMAS, seed: int = 0) 
         raise ValueError("word_gap needs scenes with a word; none of the given scenes holds one")
     model, vae = pipe.transformer, pipe.vae
     rng = random.Random(seed)
-    wrong = [world.Scene(s.background, s.objects,
-                         world.Word("".join(rng.choice(world.LETTERS) for _ in s.word.text), s.word.colour,
-                                    s.word.cell)) for s in scenes]
+    wrong = [world.Scene(s.background, s.objects, world.Word(word_like(s.word.text, rng), s.word.colour, s.word.cell))
+             for s in scenes]
     rows = {}
     with torch.inference_mode():
         weight = next(vae.parameters())
